@@ -1,0 +1,376 @@
+"""Typed, frozen configuration and the one place where it is validated.
+
+Hydra composes ``conf/`` at the entry point (``megaopsd/train.py``), which turns the result
+into a plain dict and calls ``load_config``. Everything below the entry point receives these
+dataclasses (or one section of them) and never touches OmegaConf.
+
+``validate`` checks every cross-field rule before any process group exists; each failure is
+a ``ConfigError`` whose message is one line naming the field, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+LOSS_KINDS = ("jsd", "forward_kl", "reverse_kl", "topk", "topk_tail", "pg")
+TEACHER_MODES = ("current", "fixed", "ema")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    hf_path: str  # a Hugging Face model directory (config.json, weights, tokenizer)
+    dtype: str = "float32"  # parameter dtype; bfloat16 uses Megatron mixed precision
+    make_vocab_size_divisible_by: int = 128  # Megatron pads the vocabulary to a multiple of this x TP
+    transformer_impl: str = "local"  # local | transformer_engine (GPU, needs TE installed)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    cpu_emulation: bool = True  # CUDA-call emulation for megatron-core on CPU (never used on GPU)
+    cpu_threads: int = 1  # torch intra-op threads per rank on CPU; 0 keeps torch's default
+    seed: int = 1234
+    distributed_timeout_minutes: int = 30
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    kind: str = "jsd"  # jsd | forward_kl | reverse_kl | topk | topk_tail | pg
+    beta: float = 0.5  # JSD mixture weight: 0 = forward KL(p_T || p_S), 1 = reverse KL(p_S || p_T)
+    temperature: float = 1.0  # divides teacher and student logits before the softmax
+    top_k: int = 32  # used by topk and topk_tail
+    clip: float | None = None  # per-token divergence cap (no gradient above it)
+    chunk_tokens: int = 1024  # tokens per chunk in the vocab-parallel loss
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TeacherConfig:
+    mode: str = "fixed"  # current | fixed | ema
+    ema_decay: float = 0.99
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    temperature: float = 1.1
+    top_p: float = 0.95
+    top_k: int = 20  # -1 disables top-k sampling
+    n: int = 1  # responses per prompt
+    max_new_tokens: int = 1024
+    max_model_len: int = 4096
+    kv_cache_gib: float = 1.0
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    train_files: tuple[str, ...] = ()
+    problem_key: str = "problem"
+    solution_key: str = "solution"
+    shuffle_seed: int = 0
+    strict: bool = False
+    max_prompt_tokens: int = 2048
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    max_steps: int = 100
+    prompts_per_step: int = 32
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    dir: str = "outputs/checkpoints"
+    save_interval: int = 50
+    keep_last: int = 2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    tensorboard_dir: str = "outputs/tensorboard"
+    log_interval: int = 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    model: ModelConfig
+    parallel: ParallelConfig = ParallelConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    loss: LossConfig = LossConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    data: DataConfig = DataConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a field annotation; convert lists to tuples and ints to floats."""
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config: {where}={value!r} has the wrong type; expected {annotation}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config: {where}={value!r} must be a list")
+        (item_type, _ellipsis) = typing.get_args(annotation)
+        return tuple(_coerce(item, item_type, f"{where}[{i}]") for i, item in enumerate(value))
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"config: {where}={value!r} must be true or false")
+    if annotation is int and isinstance(value, bool):
+        raise ConfigError(f"config: {where}={value!r} must be an integer")
+    if not isinstance(value, annotation):
+        raise ConfigError(
+            f"config: {where}={value!r} must be of type {annotation.__name__}, not {type(value).__name__}"
+        )
+    return value
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"config: unknown key {prefix}{unknown[0]}; known keys here are {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, field in fields.items():
+        path = f"{where}.{name}" if where else name
+        if name not in data:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"config: {path} is required; set it, e.g. {path}=...")
+            continue
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(data[name], Mapping):
+                raise ConfigError(f"config: {path} must be a section (mapping), got {data[name]!r}")
+            kwargs[name] = _build(annotation, data[name], path)
+        else:
+            kwargs[name] = _coerce(data[name], annotation, path)
+    return cls(**kwargs)
+
+
+def load_config(data: Mapping[str, Any]) -> Config:
+    """Build the typed config from a plain (resolved) dict; keys outside the schema are errors.
+
+    Top-level keys that only serve interpolation in ``conf/`` (``run_name``, ``output_dir``)
+    and Hydra's own section are ignored.
+    """
+    sections = {k: v for k, v in data.items() if k not in ("hydra", "run_name", "output_dir")}
+    return _build(Config, sections, "")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _fail(field: str, value: Any, problem: str, fix: str) -> typing.NoReturn:
+    raise ConfigError(f"config: {field}={value!r} {problem}; {fix}")
+
+
+def read_hf_config(hf_path: str) -> dict[str, Any]:
+    """The model's ``config.json``, with a clear error if the directory is not a model."""
+    config_file = Path(hf_path) / "config.json"
+    if not config_file.is_file():
+        _fail("model.hf_path", hf_path, "has no config.json", "point it at a Hugging Face model directory")
+    return json.loads(config_file.read_text())
+
+
+def _validate_parallel(cfg: Config, world_size: int, hf: Mapping[str, Any]) -> None:
+    par = cfg.parallel
+    tp, pp, vpp = (
+        par.tensor_model_parallel_size,
+        par.pipeline_model_parallel_size,
+        par.virtual_pipeline_model_parallel_size,
+    )
+    if tp < 1:
+        _fail("parallel.tensor_model_parallel_size", tp, "must be >= 1", "use 1 for no tensor parallelism")
+    if pp < 1:
+        _fail(
+            "parallel.pipeline_model_parallel_size", pp, "must be >= 1", "use 1 for no pipeline parallelism"
+        )
+    if world_size % (tp * pp) != 0:
+        _fail(
+            "parallel.tensor_model_parallel_size",
+            tp,
+            f"x pipeline_model_parallel_size={pp} does not divide the world size {world_size}",
+            f"launch a multiple of {tp * pp} processes or change TP/PP",
+        )
+    heads = hf.get("num_attention_heads")
+    groups = hf.get("num_key_value_heads") or heads
+    if heads is not None and heads % tp != 0:
+        _fail(
+            "parallel.tensor_model_parallel_size",
+            tp,
+            f"does not divide num_attention_heads={heads}",
+            "pick a TP that divides the head count",
+        )
+    if groups is not None and groups % tp != 0:
+        _fail(
+            "parallel.tensor_model_parallel_size",
+            tp,
+            f"does not divide num_key_value_heads={groups}",
+            "pick a TP that divides the query-group count",
+        )
+    layers = hf.get("num_hidden_layers")
+    chunks = pp * (vpp or 1)
+    if layers is not None and layers % chunks != 0:
+        _fail(
+            "parallel.pipeline_model_parallel_size",
+            pp,
+            f"x virtual stages {vpp or 1} does not divide num_hidden_layers={layers}",
+            "pick PP (and VPP) so every stage gets the same number of layers",
+        )
+    if vpp is not None and (vpp < 2 or pp < 2):
+        _fail(
+            "parallel.virtual_pipeline_model_parallel_size",
+            vpp,
+            "needs pipeline_model_parallel_size >= 2 and a value >= 2",
+            "set it to null or raise PP",
+        )
+    if par.sequence_parallel and tp == 1:
+        _fail(
+            "parallel.sequence_parallel",
+            True,
+            "needs tensor_model_parallel_size > 1",
+            "set parallel.sequence_parallel=false",
+        )
+
+
+def _validate_algorithm(cfg: Config) -> None:
+    loss, teacher, rollout = cfg.loss, cfg.teacher, cfg.rollout
+    if loss.kind not in LOSS_KINDS:
+        _fail("loss.kind", loss.kind, "is unknown", f"use one of {', '.join(LOSS_KINDS)}")
+    if not 0.0 <= loss.beta <= 1.0:
+        _fail("loss.beta", loss.beta, "is outside [0, 1]", "use 0 (forward KL) .. 1 (reverse KL)")
+    if loss.temperature <= 0:
+        _fail("loss.temperature", loss.temperature, "must be > 0", "use 1.0 for no temperature scaling")
+    if loss.kind in ("topk", "topk_tail") and loss.top_k < 1:
+        _fail(
+            "loss.top_k", loss.top_k, "must be >= 1", "set loss.top_k to the number of teacher tokens to keep"
+        )
+    if loss.clip is not None and loss.clip <= 0:
+        _fail("loss.clip", loss.clip, "must be > 0", "set loss.clip=null to disable clipping")
+    if loss.chunk_tokens < 1:
+        _fail("loss.chunk_tokens", loss.chunk_tokens, "must be >= 1", "use e.g. 1024")
+    if teacher.mode not in TEACHER_MODES:
+        _fail("teacher.mode", teacher.mode, "is unknown", f"use one of {', '.join(TEACHER_MODES)}")
+    if teacher.mode == "ema" and not 0.0 <= teacher.ema_decay < 1.0:
+        _fail("teacher.ema_decay", teacher.ema_decay, "must be in [0, 1)", "use e.g. 0.99")
+    if rollout.temperature <= 0:
+        _fail(
+            "rollout.temperature",
+            rollout.temperature,
+            "must be > 0",
+            "on-policy sampling needs a positive temperature",
+        )
+    if not 0.0 < rollout.top_p <= 1.0:
+        _fail("rollout.top_p", rollout.top_p, "is outside (0, 1]", "use 1.0 to disable nucleus sampling")
+    if rollout.top_k == 0 or rollout.top_k < -1:
+        _fail("rollout.top_k", rollout.top_k, "must be -1 (off) or >= 1", "use -1 to disable top-k sampling")
+    if rollout.n < 1:
+        _fail("rollout.n", rollout.n, "must be >= 1", "sample at least one response per prompt")
+    if rollout.max_new_tokens < 1:
+        _fail("rollout.max_new_tokens", rollout.max_new_tokens, "must be >= 1", "use e.g. 1024")
+
+
+def _validate_training(cfg: Config) -> None:
+    tr, model, runtime = cfg.trainer, cfg.model, cfg.runtime
+    if tr.max_steps < 1:
+        _fail("trainer.max_steps", tr.max_steps, "must be >= 1", "set the number of optimizer steps")
+    if tr.prompts_per_step < 1:
+        _fail("trainer.prompts_per_step", tr.prompts_per_step, "must be >= 1", "use e.g. 32")
+    if tr.lr <= 0:
+        _fail("trainer.lr", tr.lr, "must be > 0", "use e.g. 1e-6")
+    if not 0 <= tr.min_lr <= tr.lr:
+        _fail("trainer.min_lr", tr.min_lr, f"must be in [0, trainer.lr={tr.lr}]", "lower it")
+    if tr.lr_schedule not in ("constant", "cosine"):
+        _fail("trainer.lr_schedule", tr.lr_schedule, "is unknown", "use constant or cosine")
+    if tr.warmup_steps < 0 or tr.warmup_steps > tr.max_steps:
+        _fail(
+            "trainer.warmup_steps",
+            tr.warmup_steps,
+            f"must be in [0, trainer.max_steps={tr.max_steps}]",
+            "shorten the warmup",
+        )
+    if model.dtype not in DTYPES:
+        _fail("model.dtype", model.dtype, "is unknown", f"use one of {', '.join(DTYPES)}")
+    if model.transformer_impl not in ("local", "transformer_engine"):
+        _fail(
+            "model.transformer_impl", model.transformer_impl, "is unknown", "use local or transformer_engine"
+        )
+    if runtime.device not in DEVICES:
+        _fail("runtime.device", runtime.device, "is unknown", f"use one of {', '.join(DEVICES)}")
+    if cfg.checkpoint.keep_last < 1:
+        _fail(
+            "checkpoint.keep_last",
+            cfg.checkpoint.keep_last,
+            "must be >= 1",
+            "keep at least the latest checkpoint",
+        )
+
+
+def validate(cfg: Config, *, world_size: int, hf_config: Mapping[str, Any] | None = None) -> None:
+    """Check every cross-field rule; raise ``ConfigError`` on the first violation.
+
+    Args:
+        cfg: the typed config.
+        world_size: the number of processes the launcher started (no process group needed).
+        hf_config: the model's ``config.json``; read from ``model.hf_path`` when omitted.
+    """
+    hf = read_hf_config(cfg.model.hf_path) if hf_config is None else hf_config
+    _validate_training(cfg)
+    _validate_parallel(cfg, world_size, hf)
+    _validate_algorithm(cfg)
+
+
+def world_size_from_env() -> int:
+    """The number of processes in this launch, read without starting a process group."""
+    from megaopsd.runtime.distributed import read_launch_env
+
+    return read_launch_env(os.environ).world_size

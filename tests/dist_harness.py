@@ -1,0 +1,76 @@
+"""Run a function on N gloo ranks, each a fresh spawned process, and collect what it returns.
+
+The workers see the same environment variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT), so ``megaopsd.runtime`` takes its real torchrun path. A worker
+function must live at module level in an importable module (spawn pickles it by name).
+
+    results = run_ranks(my_worker, world_size=2, args=(x,))   # list, one item per rank
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(fn: Callable, rank: int, world_size: int, port: int, args: tuple, queue) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    try:
+        queue.put((rank, "ok", fn(*args)))
+    except BaseException:
+        queue.put((rank, "error", traceback.format_exc()))
+        raise
+
+
+def run_ranks(fn: Callable, *, world_size: int, args: tuple = (), timeout_s: float = 600) -> list[Any]:
+    """Start ``world_size`` processes running ``fn(*args)``; return their results by rank.
+
+    Raises:
+        RuntimeError: a rank raised (its traceback is in the message) or the run timed out.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(fn, r, world_size, port, args, queue)) for r in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        for _ in range(world_size):
+            rank, status, payload = queue.get(timeout=timeout_s)
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank} failed:\n{payload}")
+                break
+    except Exception as exc:  # queue.Empty on timeout
+        errors.append(f"timed out after {timeout_s} s waiting for ranks ({exc!r})")
+    finally:
+        for proc in procs:
+            proc.join(timeout=5 if errors else 60)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]

@@ -1,0 +1,129 @@
+"""Config: Hydra composition -> typed dataclasses -> one-line validation errors, before any process group."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+from hydra import compose, initialize_config_dir
+
+from megaopsd.config import Config, ConfigError, load_config, validate
+from megaopsd.train import build_config
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose(config_name="config", overrides=overrides)
+
+
+def test_default_tree_composes_into_typed_config(tiny_qwen3, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    raw = compose_config([f"model.hf_path={tiny_qwen3}", "parallel=tp2", "loss.beta=0.25"])
+    cfg = build_config(raw)
+    assert isinstance(cfg, Config)
+    assert cfg.parallel.tensor_model_parallel_size == 2
+    assert cfg.loss.beta == 0.25
+    assert cfg.data.train_files == ("data/demo/train.jsonl",)
+    assert cfg.checkpoint.dir == "outputs/tiny/checkpoints"  # interpolation resolved
+    with pytest.raises(AttributeError):
+        cfg.loss.beta = 0.3  # frozen
+
+
+# (overrides, world size, words the one-line message must contain)
+INVALID = [
+    (
+        ["parallel.tensor_model_parallel_size=3"],
+        3,
+        ["parallel.tensor_model_parallel_size=3", "num_attention_heads=4"],
+    ),
+    (["parallel.tensor_model_parallel_size=4"], 4, ["num_key_value_heads=2"]),
+    (["parallel.tensor_model_parallel_size=2"], 3, ["does not divide the world size 3"]),
+    (["parallel.pipeline_model_parallel_size=3"], 3, ["num_hidden_layers=4"]),
+    (["parallel.virtual_pipeline_model_parallel_size=2"], 1, ["virtual_pipeline_model_parallel_size=2"]),
+    (
+        ["parallel.sequence_parallel=true"],
+        1,
+        ["parallel.sequence_parallel", "tensor_model_parallel_size > 1"],
+    ),
+    (["loss.beta=1.5"], 1, ["loss.beta=1.5", "outside [0, 1]"]),
+    (["loss.kind=kl"], 1, ["loss.kind='kl'", "jsd, forward_kl"]),
+    (["loss.kind=topk", "loss.top_k=0"], 1, ["loss.top_k=0", ">= 1"]),
+    (["loss.temperature=0"], 1, ["loss.temperature=0.0"]),
+    (["loss.clip=-1"], 1, ["loss.clip=-1.0"]),
+    (["teacher.mode=frozen"], 1, ["teacher.mode='frozen'", "current, fixed, ema"]),
+    (["teacher.mode=ema", "teacher.ema_decay=1.0"], 1, ["teacher.ema_decay=1.0"]),
+    (["rollout.temperature=0"], 1, ["rollout.temperature=0.0"]),
+    (["rollout.top_p=1.5"], 1, ["rollout.top_p=1.5"]),
+    (["trainer.max_steps=0"], 1, ["trainer.max_steps=0"]),
+    (["trainer.lr_schedule=linear"], 1, ["trainer.lr_schedule='linear'"]),
+    (["runtime.device=tpu"], 1, ["runtime.device='tpu'"]),
+    (["+loss.gamma=1"], 1, ["unknown key loss.gamma"]),
+    (["parallel.tensor_model_parallel_size=two"], 1, ["parallel.tensor_model_parallel_size='two'", "int"]),
+    (["model.hf_path=/nonexistent/model"], 1, ["model.hf_path='/nonexistent/model'", "no config.json"]),
+]
+
+
+@pytest.mark.parametrize(("overrides", "world_size", "words"), INVALID, ids=lambda v: str(v))
+def test_invalid_config_fails_with_one_line_and_no_process_group(
+    tiny_qwen3, monkeypatch, capsys, overrides, world_size, words
+):
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("RANK", "0")
+    raw = compose_config([f"model.hf_path={tiny_qwen3}", *overrides])
+    with pytest.raises(SystemExit) as exit_info:
+        build_config(raw)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+    assert not dist.is_initialized()
+
+
+def test_cli_prints_resolved_config_and_rejects_bad_config(tiny_qwen3):
+    ok = subprocess.run(
+        [sys.executable, "-m", "megaopsd.train", "--cfg", "job", "parallel.tensor_model_parallel_size=2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "tensor_model_parallel_size: 2" in ok.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "megaopsd.train", f"model.hf_path={tiny_qwen3}", "loss.beta=-0.5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "megaopsd: config: loss.beta=-0.5 is outside [0, 1]; use 0 (forward KL) .. 1 (reverse KL)"
+    ]
+
+
+def test_required_and_typed_fields():
+    with pytest.raises(ConfigError, match=r"model\.hf_path is required"):
+        load_config({"model": {}})
+    cfg = load_config({"model": {"hf_path": "x"}, "loss": {"beta": 1}, "data": {"train_files": "a.jsonl"}})
+    assert cfg.loss.beta == 1.0 and isinstance(cfg.loss.beta, float)
+    assert cfg.data.train_files == ("a.jsonl",)
+    with pytest.raises(ConfigError, match="must be true or false"):
+        load_config({"model": {"hf_path": "x"}, "parallel": {"sequence_parallel": "yes"}})
+
+
+def test_validate_takes_hf_config_without_files():
+    cfg = load_config({"model": {"hf_path": "unused"}, "parallel": {"tensor_model_parallel_size": 8}})
+    hf = {"num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 28}
+    validate(cfg, world_size=16, hf_config=hf)
+    with pytest.raises(ConfigError, match="num_key_value_heads=8"):
+        validate(
+            load_config({"model": {"hf_path": "u"}, "parallel": {"tensor_model_parallel_size": 16}}),
+            world_size=16,
+            hf_config=hf,
+        )

@@ -1,0 +1,233 @@
+"""Make small, deterministic, randomly initialised Hugging Face models for tests and the demo.
+
+Each model directory holds ``config.json``, ``model.safetensors``, ``generation_config.json``
+and a byte-level BPE tokenizer trained here with ``tokenizers`` on a built-in corpus (math word
+problems, LaTeX, chat markup), with ChatML special tokens and a chat template that supports
+``<think>`` blocks and the ``enable_thinking`` switch. Nothing is downloaded.
+
+Families: ``qwen3`` (q/k RMSNorm, GQA, tied embeddings), ``qwen2`` (qkv bias, untied),
+``llama`` (Llama 3.1 rope scaling, untied). The tiny vocabulary (544 + special tokens) is not a
+multiple of 128, so Megatron pads it at every TP size.
+
+    python tools/make_tiny_model.py --family qwen3 --out /tmp/tiny-qwen3
+    python tools/make_tiny_model.py --family qwen3 --preset small --out /tmp/small-qwen3   # ~100M params
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+FAMILIES = ("qwen3", "qwen2", "llama")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+BPE_VOCAB_SIZE = 544  # + 5 special tokens = 549 ids, padded by Megatron to 640 (TP1) / 768 (TP2)
+
+# ChatML with Qwen3-style thinking: with enable_thinking=false the assistant turn starts with
+# an empty think block, so the model answers directly.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+PRESETS = {
+    # hidden 128, 4 heads x head_dim 32 (vLLM's CPU attention rejects head_dim 16), 2 KV groups
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+    ),
+    # ~100M parameters (a few hundred MB in float32) for weight-sync and conversion benchmarks
+    "small": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        head_dim=64,
+        vocab_override=32000,
+    ),
+}
+
+
+def _corpus(seed: int = 0, lines: int = 3000) -> list[str]:
+    """Deterministic training text for the tokenizer: arithmetic problems with worked answers."""
+    rng = random.Random(seed)
+    names = ["Ada", "Ben", "Cleo", "Dan", "Eve", "Finn", "Gia", "Hal"]
+    things = ["apples", "books", "coins", "marbles", "pencils", "stamps", "cards", "shells"]
+    out = [
+        "Problem: Please reason step by step, and put your final answer within \\boxed{}.",
+        "Here is a reference solution to this problem:",
+        "After understanding the reference solution, please try to solve this problem using your own approach.",
+        "\\frac{1}{2} \\sqrt{x} x^2 + y^2 = z^2 \\cdot \\times \\div \\le \\ge \\pi \\infty",
+    ]
+    for _ in range(lines):
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        name, thing = rng.choice(names), rng.choice(things)
+        out.append(
+            f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now? "
+            f"We add {a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."
+        )
+        out.append(f"What is {a} times {b}? {a} \\times {b} = {a * b}, so the answer is \\boxed{{{a * b}}}.")
+    return out
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = BPE_VOCAB_SIZE) -> dict[str, int]:
+    """Train a byte-level BPE tokenizer and write it as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "model_max_length": 4096,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+        "added_tokens_decoder": {
+            str(i): {
+                "content": t,
+                "special": True,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+            }
+            for t, i in ids.items()
+        },
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (out_dir / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, indent=2)
+    )
+    return ids
+
+
+def model_config(family: str, preset: str, vocab_size: int, special: dict[str, int]) -> dict:
+    """The ``config.json`` content for a family and size preset."""
+    shape = dict(PRESETS[preset])
+    shape.pop("vocab_override", None)
+    common = dict(
+        vocab_size=vocab_size,
+        max_position_embeddings=16384,
+        rms_norm_eps=1e-6,
+        hidden_act="silu",
+        initializer_range=0.05,
+        attention_dropout=0.0,
+        use_cache=True,
+        bos_token_id=special["<|endoftext|>"],
+        eos_token_id=special["<|im_end|>"],
+        pad_token_id=special["<|endoftext|>"],
+        torch_dtype="float32",
+        **shape,
+    )
+    if family == "qwen3":
+        return dict(
+            architectures=["Qwen3ForCausalLM"],
+            model_type="qwen3",
+            tie_word_embeddings=True,
+            attention_bias=False,
+            rope_theta=1000000.0,
+            **common,
+        )
+    if family == "qwen2":
+        common.pop("head_dim")  # Qwen2 derives head_dim = hidden / heads
+        return dict(
+            architectures=["Qwen2ForCausalLM"],
+            model_type="qwen2",
+            tie_word_embeddings=False,
+            rope_theta=1000000.0,
+            use_sliding_window=False,
+            **common,
+        )
+    if family == "llama":
+        rope_scaling = dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        )
+        return dict(
+            architectures=["LlamaForCausalLM"],
+            model_type="llama",
+            tie_word_embeddings=False,
+            attention_bias=False,
+            mlp_bias=False,
+            rope_theta=500000.0,
+            rope_scaling=rope_scaling,
+            **common,
+        )
+    raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+
+
+def make_tiny_model(family: str, out: str | Path, *, preset: str = "tiny", seed: int = 0) -> Path:
+    """Write a deterministic random model directory and return its path."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    special = build_tokenizer(out_dir)
+    vocab_size = PRESETS[preset].get("vocab_override") or (BPE_VOCAB_SIZE + len(SPECIAL_TOKENS))
+    config_dict = model_config(family, preset, vocab_size, special)
+    (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
+    config = AutoConfig.from_pretrained(out_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        # Random RMSNorm gains (and biases): an all-ones norm would hide layout bugs in conversion.
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.copy_(0.05 * torch.randn_like(param))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    GenerationConfig(
+        bos_token_id=special["<|endoftext|>"],
+        eos_token_id=special["<|im_end|>"],
+        pad_token_id=special["<|endoftext|>"],
+    ).save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=FAMILIES, required=True)
+    parser.add_argument("--out", required=True, help="output directory (created)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = make_tiny_model(args.family, args.out, preset=args.preset, seed=args.seed)
+    print(f"wrote {args.family} ({args.preset}) to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
