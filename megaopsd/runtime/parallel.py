@@ -50,8 +50,12 @@ class ParallelState:
         return self.pp_rank == self.pp_size - 1
 
 
-def initialize_parallel_state(cfg: ParallelConfig, *, seed: int) -> ParallelState:
-    """Create megatron-core's TP/PP/DP groups and RNG tracker; return them as one object."""
+def initialize_parallel_state(cfg: ParallelConfig, *, seed: int, gloo_side_groups: bool) -> ParallelState:
+    """Create megatron-core's TP/PP/DP groups and RNG tracker; return them as one object.
+
+    ``gloo_side_groups``: also create megatron's gloo copies of the DP groups (used by the
+    distributed optimizer's checkpointing on GPU); on CPU every group is gloo already.
+    """
     from megatron.core import parallel_state as mps
     from megatron.core import tensor_parallel
 
@@ -59,7 +63,7 @@ def initialize_parallel_state(cfg: ParallelConfig, *, seed: int) -> ParallelStat
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
-        create_gloo_process_groups=False,
+        create_gloo_process_groups=gloo_side_groups,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ParallelState(
@@ -111,7 +115,7 @@ class Runtime:
             # torch._C.set_num_threads: vLLM's in-process engine replaces torch.set_num_threads.
             torch._C.set_num_threads(runtime.cpu_threads)
         init_process_group(launch, device, timeout_minutes=runtime.distributed_timeout_minutes)
-        state = initialize_parallel_state(parallel, seed=runtime.seed)
+        state = initialize_parallel_state(parallel, seed=runtime.seed, gloo_side_groups=device.type == "cuda")
         return cls(launch=launch, device=device, parallel=state, cpu_emulation=emulate)
 
     def shutdown(self) -> None:
