@@ -9,12 +9,15 @@ function must live at module level in an importable module (spawn pickles it by 
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 
 def free_port() -> int:
@@ -33,7 +36,11 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, args: tuple, qu
         OMP_NUM_THREADS="1",
     )
     try:
-        queue.put((rank, "ok", fn(*args)))
+        # Serialise results to bytes: tensors put on a queue as-is travel through shared-memory
+        # handles that die with this process, before the parent reads them.
+        buffer = io.BytesIO()
+        torch.save(fn(*args), buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
         raise
@@ -59,12 +66,13 @@ def run_ranks(fn: Callable, *, world_size: int, args: tuple = (), timeout_s: flo
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout_s)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break
-    except Exception as exc:  # queue.Empty on timeout
-        errors.append(f"timed out after {timeout_s} s waiting for ranks ({exc!r})")
+    except Exception as exc:  # queue.Empty on timeout, or a broken pipe if a rank died hard
+        codes = [proc.exitcode for proc in procs]
+        errors.append(f"no result from every rank within {timeout_s} s ({exc!r}); exit codes {codes}")
     finally:
         for proc in procs:
             proc.join(timeout=5 if errors else 60)

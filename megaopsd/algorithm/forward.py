@@ -1,0 +1,84 @@
+"""The paired forward step: teacher and student streams in one megatron-core schedule.
+
+Every pipeline stage runs, for each microbatch, the teacher stream without grad and the
+student stream with grad, and sends both downstream as ONE tensor ``cat([student, teacher])``
+along the sequence dimension (``variable_seq_lengths`` carries the varying lengths). The next
+stage splits it at the student length (``Ls / TP`` with sequence parallel). The teacher half
+is detached, so the gradient that flows upstream through it is exactly zero. The last stage
+holds both vocab-parallel logit tensors, picks the rows that predict response tokens and
+returns the divergence SUM with the token count; megatron's ``calculate_per_token_loss``
+divides the gradients by the global (all microbatches, all DP ranks) token count.
+
+Shapes: S/T stream lengths, B batch, H hidden, V vocab shard (vocab / TP), N response tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+
+import torch
+
+from megaopsd.algorithm.batch import PairedMicrobatch
+from megaopsd.algorithm.teacher import Teacher, unwrap
+
+# The per-token loss the last stage applies: (student_NV, teacher_NV, mask_N, target_N) -> (sum, metrics)
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PairedForward:
+    """A ``forward_step_func`` for ``megatron.core.pipeline_parallel.get_forward_backward_func``."""
+
+    student_chunks: Sequence[torch.nn.Module]  # DDP-wrapped (or plain) student chunks, one per VPP stage
+    teacher: Teacher
+    loss_fn: LossFn
+    sequence_parallel_size: int = 1  # TP size when sequence parallel is on, else 1
+
+    def _chunk_index(self, model: torch.nn.Module) -> int:
+        for index, chunk in enumerate(self.student_chunks):
+            if chunk is model:
+                return index
+        raise ValueError("the schedule passed a model chunk that is not one of the student chunks")
+
+    def __call__(self, data_iterator: Iterator[PairedMicrobatch], model: torch.nn.Module):
+        mb = next(data_iterator)
+        student = unwrap(model)
+        teacher = self.teacher.chunk(self._chunk_index(model))
+        received = student.decoder.input_tensor  # set by the schedule; None on the first stage
+        s_split = mb.student_len // self.sequence_parallel_size
+        t_rows = mb.teacher_len // self.sequence_parallel_size
+        s_input = t_input = None
+        if received is not None:
+            # A mis-sized message is silent in gloo without variable_seq_lengths; fail loudly.
+            if received.shape[0] != s_split + t_rows:
+                raise RuntimeError(
+                    f"received {received.shape[0]} rows, expected {s_split} student + {t_rows} teacher"
+                )
+            s_input, t_input = received[:s_split], received[s_split:].detach()
+        with torch.no_grad():
+            if t_input is not None:
+                teacher.set_input_tensor(t_input)
+            t_out = teacher(mb.teacher_tokens_BL, mb.position_ids(mb.teacher_tokens_BL), None)
+        if s_input is not None:
+            student.set_input_tensor(s_input)
+        s_out = model(mb.student_tokens_BL, mb.position_ids(mb.student_tokens_BL), None)
+        if not student.post_process:
+            return torch.cat([s_out, t_out], dim=0), _never_called
+        return s_out, partial(self._loss, mb, t_out)
+
+    def _loss(self, mb: PairedMicrobatch, teacher_logits_BTV: torch.Tensor, student_logits_BSV: torch.Tensor):
+        vocab = student_logits_BSV.shape[-1]
+        student_NV = student_logits_BSV.reshape(-1, vocab).index_select(0, mb.student_index_T)
+        teacher_NV = teacher_logits_BTV.reshape(-1, vocab).index_select(0, mb.teacher_index_T)
+        loss_sum, metrics = self.loss_fn(student_NV, teacher_NV, mb.loss_mask_T, mb.target_ids_T)
+        num_tokens = mb.loss_mask_T.sum().to(torch.int)
+        reported = {name: value.detach().clone().reshape(()) for name, value in metrics.items()}
+        # clone: the schedule may scale the returned loss in place
+        reported["loss_sum"] = loss_sum.detach().clone()
+        return loss_sum, num_tokens, reported
+
+
+def _never_called(_output: torch.Tensor):
+    raise AssertionError("loss_func runs on the last pipeline stage only")

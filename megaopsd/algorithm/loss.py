@@ -1,0 +1,50 @@
+"""The per-token loss the last pipeline stage applies, bound to the loss config and TP group."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megaopsd.algorithm.forward import LossFn
+from megaopsd.config import LossConfig
+from megaopsd.loss import vocab_parallel_divergence
+
+
+def make_loss_fn(cfg: LossConfig, *, vocab_size: int, tp_group: dist.ProcessGroup | None) -> LossFn:
+    """``(student_NV, teacher_NV, mask_N, target_N) -> (loss_sum, metric sums)`` for ``cfg.kind``.
+
+    Args:
+        cfg: loss kind, beta, temperature, top-k, clip, chunk size.
+        vocab_size: the true vocabulary size (Megatron's padded columns carry no mass).
+        tp_group: the tensor-parallel group the vocabulary is split over.
+    """
+    top_k = cfg.top_k if cfg.kind in ("topk", "topk_tail") else None
+
+    def loss_fn(
+        student_NV: torch.Tensor, teacher_NV: torch.Tensor, mask_N: torch.Tensor, target_N: torch.Tensor
+    ):
+        loss_sum, metrics = vocab_parallel_divergence(
+            student_NV,
+            teacher_NV,
+            mask_N,
+            kind=cfg.kind,
+            beta=cfg.beta,
+            temperature=cfg.temperature,
+            vocab_size=vocab_size,
+            tp_group=tp_group,
+            top_k=top_k,
+            clip=cfg.clip,
+            sampled_ids_T=target_N if cfg.kind == "pg" else None,
+            chunk_tokens=cfg.chunk_tokens,
+        )
+        sums = {
+            "divergence_sum": metrics.divergence_sum,
+            "student_entropy_sum": metrics.student_entropy_sum,
+            "teacher_entropy_sum": metrics.teacher_entropy_sum,
+            "clipped_sum": metrics.clipped_count,
+        }
+        if metrics.teacher_topk_mass_sum is not None:
+            sums["teacher_topk_mass_sum"] = metrics.teacher_topk_mass_sum
+        return loss_sum, sums
+
+    return loss_fn

@@ -1,0 +1,122 @@
+"""One OPSD optimizer step over paired microbatches.
+
+    zero grads -> forward/backward of every microbatch (one schedule, both streams)
+    -> optimizer step (clip, Adam) -> LR schedule -> teacher update
+
+Metrics come back as global token means: every rank returns the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from megaopsd.algorithm.batch import PairedMicrobatch
+from megaopsd.algorithm.forward import LossFn, PairedForward
+from megaopsd.algorithm.optim import TrainableStudent
+from megaopsd.algorithm.teacher import Teacher
+from megaopsd.runtime.parallel import ParallelState
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepResult:
+    loss: float  # token-mean loss over the global batch
+    grad_norm: float
+    lr: float
+    num_tokens: int  # loss tokens in the global batch
+    skipped: bool  # the optimizer skipped the update (non-finite gradients)
+    metrics: dict[str, float]  # other token means reported by the loss (divergence, entropies, ...)
+
+
+def _reduce_metrics(outputs: list[dict[str, torch.Tensor]], parallel: ParallelState) -> dict[str, float]:
+    """Sum per-microbatch metric sums over microbatches and DP ranks, on every pipeline stage.
+
+    Only the last stage has loss outputs; it tells the other stages the metric names first.
+    """
+    names = [sorted(outputs[0]) if outputs else []]
+    if parallel.pp_size > 1:
+        last = dist.get_global_rank(parallel.pp_group, parallel.pp_size - 1)
+        dist.broadcast_object_list(names, src=last, group=parallel.pp_group)
+    names = names[0]
+    sums = torch.zeros(len(names), dtype=torch.float64)
+    for out in outputs:
+        for i, name in enumerate(names):
+            sums[i] += out[name].double()
+    if parallel.pp_size > 1:
+        dist.broadcast(sums, src=last, group=parallel.pp_group)
+    dist.all_reduce(sums, group=parallel.dp_group)
+    return {name: float(sums[i]) for i, name in enumerate(names)}
+
+
+def forward_backward(
+    *,
+    student: TrainableStudent,
+    teacher: Teacher,
+    microbatches: Sequence[PairedMicrobatch],
+    loss_fn: LossFn,
+    parallel: ParallelState,
+    forward_only: bool = False,
+) -> tuple[dict[str, float], int]:
+    """Zero the grads and run every microbatch through one paired schedule.
+
+    Returns the loss outputs summed over microbatches and DP ranks (same on every rank) and
+    the global number of loss tokens. After it, each parameter's ``main_grad`` holds the
+    gradient of the global token-mean loss.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in student.chunks:
+        chunk.zero_grad_buffer()
+    student.optimizer.zero_grad()
+    forward_step = PairedForward(
+        student_chunks=student.chunks,
+        teacher=teacher,
+        loss_fn=loss_fn,
+        sequence_parallel_size=parallel.tp_size if parallel.sequence_parallel else 1,
+    )
+    num_chunks = len(student.chunks)
+    iterators = [iter(microbatches) for _ in range(num_chunks)]
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if num_chunks > 1 else iterators[0],
+        model=student.chunks if num_chunks > 1 else student.chunks[0],
+        num_microbatches=len(microbatches),
+        seq_length=max(mb.student_len + mb.teacher_len for mb in microbatches),
+        micro_batch_size=max(mb.batch_size for mb in microbatches),
+        forward_only=forward_only,
+    )
+    sums = _reduce_metrics(list(outputs), parallel)
+    tokens = torch.tensor(float(sum(mb.num_loss_tokens for mb in microbatches)), dtype=torch.float64)
+    dist.all_reduce(tokens, group=parallel.dp_group)
+    return sums, int(tokens)
+
+
+def train_step(
+    *,
+    student: TrainableStudent,
+    teacher: Teacher,
+    microbatches: Sequence[PairedMicrobatch],
+    loss_fn: LossFn,
+    parallel: ParallelState,
+) -> StepResult:
+    """One optimizer step: paired forward/backward, clip + Adam, LR schedule, teacher update."""
+    sums, num_tokens = forward_backward(
+        student=student, teacher=teacher, microbatches=microbatches, loss_fn=loss_fn, parallel=parallel
+    )
+    ok, grad_norm, _ = student.optimizer.step()
+    if ok:
+        student.scheduler.step(increment=1)
+        teacher.after_optimizer_step()
+    denominator = max(num_tokens, 1)
+    return StepResult(
+        loss=sums.pop("loss_sum", math.nan) / denominator,
+        grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+        lr=student.optimizer.param_groups[0]["lr"],
+        num_tokens=num_tokens,
+        skipped=not ok,
+        metrics={name: value / denominator for name, value in sums.items()},
+    )

@@ -1,0 +1,149 @@
+"""Teacher modes: which weights score the teacher stream.
+
+- ``current``: the student's live weights, run under no_grad (OPSD's default).
+- ``fixed``: a frozen copy of the initial weights (the paper's recommended setting).
+- ``ema``: an exponential moving average of the student, updated after every optimizer
+  step as ``ema = d * ema + (1 - d) * student`` in float32.
+
+A teacher never gets an optimizer, gradients or a DDP wrapper: copies are plain GPTModel
+chunks with ``requires_grad=False``. The training loop only calls ``chunk(i)`` and
+``after_optimizer_step()``; the mode is chosen once, by ``make_teacher``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from megaopsd.config import TeacherConfig
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+class Teacher:
+    """Base: the teacher is the student itself (``current`` mode)."""
+
+    mode = "current"
+
+    def __init__(self, student_chunks: Sequence[torch.nn.Module]):
+        self._student = [unwrap(c) for c in student_chunks]
+
+    def chunk(self, index: int) -> torch.nn.Module:
+        """The module that runs the teacher stream for virtual-pipeline chunk ``index``."""
+        return self._student[index]
+
+    def after_optimizer_step(self) -> None:
+        """Called once after every successful optimizer step."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Teacher weights that are not the student's (empty for ``current``)."""
+        return {}
+
+
+class FrozenTeacher(Teacher):
+    """A copy of the student's weights at construction time, never updated."""
+
+    mode = "fixed"
+
+    def __init__(
+        self, student_chunks: Sequence[torch.nn.Module], build_chunks: Callable[[], list[torch.nn.Module]]
+    ):
+        super().__init__(student_chunks)
+        self._copies = _frozen_copies(self._student, build_chunks)
+
+    def chunk(self, index: int) -> torch.nn.Module:
+        return self._copies[index]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{i}.{k}": v for i, c in enumerate(self._copies) for k, v in c.state_dict().items()}
+
+    @torch.no_grad()
+    def load_chunk_state(
+        self, index: int, state: dict[str, torch.Tensor], *, prefix: str = "teacher."
+    ) -> None:
+        """Load weights saved under ``prefix`` (see ``megaopsd.checkpoint``) into copy ``index``."""
+        stripped = {k.removeprefix(prefix): v for k, v in state.items()}
+        self._copies[index].load_state_dict(stripped, strict=True)
+
+
+class EmaTeacher(FrozenTeacher):
+    """An EMA of the student; the average is kept in float32 whatever the model dtype."""
+
+    mode = "ema"
+
+    def __init__(self, student_chunks, build_chunks, *, decay: float):
+        super().__init__(student_chunks, build_chunks)
+        self.decay = decay
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for teacher, student in zip(self._copies, self._student, strict=True):
+            student_params = dict(student.named_parameters())
+            for name, param in teacher.named_parameters():
+                # On float32 models the average lives in the module itself; otherwise in a
+                # float32 shadow that is cast into the module after each update.
+                average = param.data if param.dtype == torch.float32 else param.data.float()
+                self._pairs.append((average, param.data, student_params[name]))
+
+    @torch.no_grad()
+    def load_chunk_state(
+        self, index: int, state: dict[str, torch.Tensor], *, prefix: str = "teacher."
+    ) -> None:
+        super().load_chunk_state(index, state, prefix=prefix)
+        for average, module_param, _ in self._pairs:
+            if module_param is not average:
+                average.copy_(module_param)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        for average, module_param, student_param in self._pairs:
+            average.mul_(self.decay).add_(student_param.detach().float(), alpha=1.0 - self.decay)
+            if module_param is not average:
+                module_param.copy_(average)
+
+
+def _frozen_copies(student: list[torch.nn.Module], build_chunks: Callable[[], list[torch.nn.Module]]):
+    """Build fresh chunks (without touching the RNG streams) and load the student's weights.
+
+    ``copy.deepcopy`` of a GPTModel fails on its process groups; a second model built from
+    the same spec has the same keys. Building consumes random numbers (weight init), so the
+    CPU/CUDA and megatron tracker states are restored afterwards: adding a teacher must not
+    change the student's run.
+    """
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    tracker_states = tracker.get_states()
+    try:
+        copies = build_chunks()
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        tracker.set_states(tracker_states)
+    for copy, source in zip(copies, student, strict=True):
+        copy.load_state_dict(source.state_dict(), strict=True)
+        copy.requires_grad_(False)
+        copy.eval()
+    return copies
+
+
+def make_teacher(
+    cfg: TeacherConfig,
+    student_chunks: Sequence[torch.nn.Module],
+    build_chunks: Callable[[], list[torch.nn.Module]],
+) -> Teacher:
+    """The teacher for ``cfg.mode``; ``build_chunks`` makes unwrapped chunks like the student's."""
+    if cfg.mode == "current":
+        return Teacher(student_chunks)
+    if cfg.mode == "fixed":
+        return FrozenTeacher(student_chunks, build_chunks)
+    if cfg.mode == "ema":
+        return EmaTeacher(student_chunks, build_chunks, decay=cfg.ema_decay)
+    raise ValueError(f"teacher.mode={cfg.mode!r} is unknown; use current, fixed or ema")
