@@ -1,0 +1,228 @@
+"""Benchmark: vocab-parallel chunked JSD vs the naive full-vocab autograd JSD, TP2 on CPU.
+
+Setup: 2 gloo ranks (spawned here, one CPU thread each), 4096 tokens, vocab 32768 (16384 per
+rank), float32, JSD beta 0.5, temperature 1, forward + backward, every token unmasked.
+
+- ours:  ``megaopsd.loss.vocab_parallel_divergence`` on each rank's [T, V/2] shards.
+- naive: the official OPSD / GKD recipe: all-gather the vocab shards into full-vocab logits
+  [batch=1, T, V] (backward: keep this rank's slice, as Megatron's gather does), log_softmax of
+  both, mixture log-probs by logsumexp over a stack, two ``kl_div``s, plain autograd backward.
+  Each rank computes the whole loss, as a TP rank would.
+
+Method: each variant runs in a FRESH pair of processes. After the inputs exist, a rank reads its
+current RSS and resets the kernel's peak-RSS mark (writing "5" to /proc/self/clear_refs; where
+that is not allowed it falls back to ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, a lifetime
+peak that may include input creation). After one warm-up and ``--repeats`` timed runs it
+reads the peak (VmHWM in /proc/self/status). peak_mb is the larger rank's difference, i.e. the
+extra host memory a forward + backward needs on top of the inputs (the gradient included). Time is the median over repeats of the slower rank's wall time
+(barrier before and after each run). The two variants' losses and gradient norms are printed so
+the comparison is between equal computations.
+
+    .venv/bin/python bench/divergence.py [--tokens 4096 --vocab 32768 --chunk 64 --repeats 3]
+
+The last line is ``RESULT divergence mem_ratio=... time_ratio=... ours_ms=... naive_ms=...
+ours_peak_mb=... naive_peak_mb=...`` (ratios are ours / naive).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import os
+import resource
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megaopsd.loss import vocab_parallel_divergence
+
+TP = 2
+BETA, TAU = 0.5, 1.0
+
+
+class _GatherVocab(torch.autograd.Function):
+    """All-gather vocab shards into full-vocab logits; backward keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x_TW, group):
+        ctx.rank, ctx.width = dist.get_rank(group), x_TW.shape[1]
+        parts = [torch.empty_like(x_TW) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x_TW.contiguous(), group=group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_TV):
+        lo = ctx.rank * ctx.width
+        return grad_TV[:, lo : lo + ctx.width].contiguous(), None
+
+
+def naive_jsd(student_TW, teacher_TW, mask_T, group) -> torch.Tensor:
+    """Generalized JSD the way the official OPSD code computes it, on gathered full-vocab logits."""
+    student_BTV = _GatherVocab.apply(student_TW, group)[None]
+    with torch.no_grad():
+        teacher_BTV = _GatherVocab.apply(teacher_TW, group)[None]
+    logp_s = F.log_softmax(student_BTV / TAU, dim=-1)
+    logp_t = F.log_softmax(teacher_BTV / TAU, dim=-1)
+    log_mix = torch.logsumexp(torch.stack([logp_s + math.log(1 - BETA), logp_t + math.log(BETA)]), dim=0)
+    kl_teacher = F.kl_div(log_mix, logp_t, reduction="none", log_target=True)
+    kl_student = F.kl_div(log_mix, logp_s, reduction="none", log_target=True)
+    jsd_BT = (BETA * kl_teacher + (1 - BETA) * kl_student).sum(-1)
+    return (jsd_BT * mask_T[None]).sum()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb(was_reset: bool) -> float:
+    if was_reset:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rank_main(rank: int, port: int, variant: str, args: argparse.Namespace, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(TP))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    width = args.vocab // TP
+    gen = torch.Generator().manual_seed(1234)
+    # Same full-vocab logits on both ranks; each keeps its shard (generated row block by block).
+    student, teacher = torch.empty(args.tokens, width), torch.empty(args.tokens, width)
+    for r0 in range(0, args.tokens, 512):
+        s_full = 3.0 * torch.randn(min(512, args.tokens - r0), args.vocab, generator=gen)
+        t_full = s_full + torch.randn(s_full.shape, generator=gen)
+        student[r0 : r0 + 512] = s_full[:, rank * width : (rank + 1) * width]
+        teacher[r0 : r0 + 512] = t_full[:, rank * width : (rank + 1) * width]
+    del s_full, t_full
+    student.requires_grad_()
+    mask = torch.ones(args.tokens, dtype=torch.bool)
+    group = dist.group.WORLD
+
+    def step() -> float:
+        student.grad = None
+        if variant == "ours":
+            loss, _ = vocab_parallel_divergence(
+                student,
+                teacher,
+                mask,
+                kind="jsd",
+                beta=BETA,
+                temperature=TAU,
+                vocab_size=args.vocab,
+                tp_group=group,
+                chunk_tokens=args.chunk,
+            )
+        else:
+            loss = naive_jsd(student, teacher, mask, group)
+        loss.backward()
+        return loss.item()
+
+    base_mb, was_reset = _rss_mb(), _reset_peak_rss()
+    times = []
+    for i in range(args.repeats + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = step()
+        dist.barrier()
+        if i:  # the first run is a warm-up
+            times.append(time.perf_counter() - t0)
+    peak_mb = _peak_rss_mb(was_reset) - base_mb
+    grad_sq = dist_sum(student.grad.double().pow(2).sum(), group)
+    queue.put((rank, dict(times=times, peak_mb=peak_mb, loss=loss, grad_norm=math.sqrt(grad_sq))))
+    dist.destroy_process_group()
+
+
+def dist_sum(x: torch.Tensor, group) -> float:
+    dist.all_reduce(x, group=group)
+    return x.item()
+
+
+def _check_memory(variant: str, args: argparse.Namespace) -> None:
+    """Refuse to start a variant that would not fit in the memory available now (shared machines)."""
+    with open("/proc/meminfo") as f:
+        avail_mb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 1024
+    full_mb = args.tokens * args.vocab * 4 / 2**20  # one float32 [tokens, full vocab] tensor
+    # Measured: the naive recipe peaks at ~15 full-vocab tensors per rank; ours at well under 1.
+    need_mb = TP * (16 if variant == "naive" else 2) * full_mb
+    if need_mb > 0.9 * avail_mb:
+        sys.exit(f"{variant}: needs ~{need_mb:.0f} MB, only {avail_mb:.0f} MB available; use fewer --tokens")
+
+
+def run_variant(variant: str, args: argparse.Namespace) -> dict:
+    """Run one variant on TP fresh processes; per-rank medians and peaks combined (max over ranks)."""
+    _check_memory(variant, args)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [ctx.Process(target=_rank_main, args=(r, port, variant, args, queue)) for r in range(TP)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=1800) for _ in range(TP))
+    for p in procs:
+        p.join()
+    per_run = [max(r["times"][i] for r in results.values()) for i in range(args.repeats)]
+    return dict(
+        ms=1000 * statistics.median(per_run),
+        runs_ms=[round(1000 * t) for t in per_run],
+        peak_mb=max(r["peak_mb"] for r in results.values()),
+        loss=results[0]["loss"],
+        grad_norm=results[0]["grad_norm"],
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--chunk", type=int, default=64, help="chunk_tokens of the chunked loss")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["ours", "naive"], help="run one variant (tuning); no RESULT line")
+    args = parser.parse_args()
+    print(
+        f"TP{TP} gloo, {args.tokens} tokens, vocab {args.vocab} ({args.vocab // TP}/rank), float32, "
+        f"JSD beta={BETA}, fwd+bwd, torch {torch.__version__}, {os.cpu_count()} CPUs, chunk {args.chunk}"
+    )
+    if args.only:
+        print(args.only, run_variant(args.only, args))
+        return
+    ours, naive = run_variant("ours", args), run_variant("naive", args)
+    print(f"{'variant':<8} {'median ms':>10} {'runs ms':>28} {'peak MB':>9} {'loss':>14} {'grad norm':>12}")
+    for name, r in (("ours", ours), ("naive", naive)):
+        print(
+            f"{name:<8} {r['ms']:>10.0f} {r['runs_ms']!s:>28} {r['peak_mb']:>9.0f} {r['loss']:>14.6f} "
+            f"{r['grad_norm']:>12.6e}"
+        )
+    print(
+        f"loss rel diff {abs(ours['loss'] - naive['loss']) / abs(naive['loss']):.2e}, "
+        f"grad-norm rel diff {abs(ours['grad_norm'] - naive['grad_norm']) / naive['grad_norm']:.2e}"
+    )
+    mem_ratio, time_ratio = ours["peak_mb"] / naive["peak_mb"], ours["ms"] / naive["ms"]
+    print(
+        f"RESULT divergence mem_ratio={mem_ratio:.3f} time_ratio={time_ratio:.3f} ours_ms={ours['ms']:.0f} "
+        f"naive_ms={naive['ms']:.0f} ours_peak_mb={ours['peak_mb']:.0f} naive_peak_mb={naive['peak_mb']:.0f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

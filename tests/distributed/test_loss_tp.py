@@ -1,0 +1,194 @@
+"""megaopsd.loss at TP2 (two gloo processes) against TP1, and no full-vocab tensor on any rank.
+
+One spawn of two ranks runs every case; the test functions assert on what the ranks returned.
+
+    .venv/bin/python -m pytest tests/distributed/test_loss_tp.py -q
+
+Legend: T = tokens, W = vocab shard width, F = padded full vocab (W x TP), V = true vocab size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from megaopsd.loss import KINDS, vocab_parallel_divergence
+from tests.dist_harness import run_ranks
+
+pytestmark = pytest.mark.distributed
+
+TP, T, F, TOP_K, CHUNK = 2, 29, 256, 6, 8
+W = F // TP
+# (vocab size, beta, temperature, whole-number teacher logits): 203 leaves rank 1 with 75 real
+# columns, 100 leaves it none; whole numbers put ties across shards at the teacher's k-th value.
+SETTINGS = [
+    (203, 0.0, 1.0, False),
+    (203, 0.5, 0.7, False),
+    (203, 1.0, 1.1, False),
+    (203, 0.3, 1.0, True),
+    (100, 0.5, 1.0, False),
+]
+MEM_T, MEM_F, MEM_CHUNK = 64, 512, 16
+
+
+def _inputs(vocab: int, seed: int, tokens: int = T, full: int = F, ties: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    student = 2.0 * torch.randn(tokens, full, generator=g, dtype=torch.float64)
+    teacher = student + 1.5 * torch.randn(tokens, full, generator=g, dtype=torch.float64)
+    if ties:
+        teacher = teacher.round()
+    student[:, vocab:] = 50.0 + torch.rand(tokens, full - vocab, generator=g, dtype=torch.float64)
+    teacher[:, vocab:] = 50.0 + torch.rand(tokens, full - vocab, generator=g, dtype=torch.float64)
+    mask = torch.rand(tokens, generator=g) > 0.2
+    sampled = torch.randint(0, vocab, (tokens,), generator=g)
+    return student, teacher, mask, sampled
+
+
+def _loss_and_grad(student, teacher, group, **kw):
+    s = student.clone().requires_grad_()
+    loss, metrics = vocab_parallel_divergence(s, teacher, tp_group=group, **kw)
+    loss.backward()
+    values = [loss, *(v for v in vars(metrics).values() if v is not None)]
+    return torch.stack([v.detach() for v in values]), s.grad
+
+
+def _compare_tp1_tp2(rank: int) -> list[dict]:
+    lo = rank * W
+    out = []
+    for kind in KINDS:
+        for i, (vocab, beta, tau, ties) in enumerate(SETTINGS):
+            clip = 1.0 if (kind != "pg" and i % 2) else None
+            student, teacher, mask, sampled = _inputs(vocab, seed=i, ties=ties)
+            kw = dict(
+                kind=kind,
+                beta=beta,
+                temperature=tau,
+                vocab_size=vocab,
+                top_k=TOP_K,
+                clip=clip,
+                sampled_ids_T=sampled,
+                chunk_tokens=CHUNK,
+            )
+            vals1, grad1 = _loss_and_grad(student, teacher, None, mask_T=mask, **kw)
+            shard = slice(lo, lo + W)
+            vals2, grad2 = _loss_and_grad(
+                student[:, shard].contiguous(),
+                teacher[:, shard].contiguous(),
+                dist.group.WORLD,
+                mask_T=mask,
+                **kw,
+            )
+            # numpy, not tensors: torch would pass tensors through shared memory that dies with the rank
+            arrays = dict(vals1=vals1, vals2=vals2, grad1=grad1[:, shard], grad2=grad2)
+            out.append(
+                dict(case=f"{kind} V={vocab} beta={beta} tau={tau} clip={clip} ties={ties}")
+                | {k: v.numpy() for k, v in arrays.items()}
+            )
+    return out
+
+
+class _AllocationRecorder(TorchDispatchMode):
+    """Shapes of every tensor an op creates (view ops, which allocate nothing, are skipped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not any(r.alias_info is not None for r in func._schema.returns):
+            self.shapes += [
+                (str(func), tuple(t.shape)) for t in tree_leaves(out) if isinstance(t, torch.Tensor)
+            ]
+        return out
+
+
+def _naive_full_vocab_jsd(student_TW, teacher_TW, group) -> torch.Tensor:
+    """A positive control for the recorder: gathers full-vocab logits like the naive baseline."""
+    parts = [torch.empty_like(student_TW) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, student_TW.detach(), group=group)
+    full_TF = torch.cat(parts, dim=1)
+    return torch.log_softmax(full_TF, dim=-1).sum()
+
+
+def _record_allocations(rank: int) -> dict:
+    student, teacher, mask, sampled = _inputs(MEM_F - 37, seed=11, tokens=MEM_T, full=MEM_F)
+    w = MEM_F // TP
+    shard = slice(rank * w, (rank + 1) * w)
+    s, t = student[:, shard].float().requires_grad_(), teacher[:, shard].float()
+    per_kind = {}
+    for kind in KINDS:
+        with _AllocationRecorder() as rec:
+            loss, _ = vocab_parallel_divergence(
+                s,
+                t,
+                mask,
+                kind=kind,
+                beta=0.5,
+                vocab_size=MEM_F - 37,
+                tp_group=dist.group.WORLD,
+                top_k=TOP_K,
+                sampled_ids_T=sampled,
+                chunk_tokens=MEM_CHUNK,
+            )
+            loss.backward()
+        per_kind[kind] = rec.shapes
+        s.grad = None
+    with _AllocationRecorder() as control:
+        _naive_full_vocab_jsd(s, t, dist.group.WORLD)
+    return dict(per_kind=per_kind, control=control.shapes)
+
+
+def _worker() -> dict:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        rank = dist.get_rank()
+        return dict(compare=_compare_tp1_tp2(rank), allocations=_record_allocations(rank))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_results() -> list[dict]:
+    return run_ranks(_worker, world_size=TP, timeout_s=300)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def test_tp2_equals_tp1_values_grads_and_metrics(rank_results):
+    n_cases = len(KINDS) * len(SETTINGS)
+    for rank, result in enumerate(rank_results):
+        assert len(result["compare"]) == n_cases
+        for r in result["compare"]:
+            r = {k: torch.from_numpy(v) if k != "case" else v for k, v in r.items()}
+            assert r["vals1"][0].item() != 0.0, r["case"]
+            for i, (a, b) in enumerate(zip(r["vals2"], r["vals1"])):
+                assert abs(a - b).item() <= 1e-6 * max(abs(b).item(), 1e-12), (
+                    f"rank {rank} {r['case']} value {i}"
+                )
+            if r["grad1"].abs().max() > 0:
+                assert _rel_err(r["grad2"], r["grad1"]) <= 1e-6, f"rank {rank} {r['case']} grad"
+            else:  # rank 1 with an all-padding shard: nothing to learn there
+                assert torch.count_nonzero(r["grad2"]) == 0, f"rank {rank} {r['case']} grad"
+
+
+def test_no_full_vocab_tensor_on_any_rank(rank_results):
+    full_numel, shard_grad = MEM_T * MEM_F, (MEM_T, MEM_F // TP)
+    chunk_numel = MEM_CHUNK * (MEM_F // TP + 1)
+    for rank, result in enumerate(rank_results):
+        allocs = result["allocations"]
+        # The recorder sees full-vocab tensors when they exist ...
+        assert any(torch.Size(s).numel() >= full_numel for _, s in allocs["control"])
+        for kind, shapes in allocs["per_kind"].items():
+            assert len(shapes) > 50, f"rank {rank} {kind}: recorder saw too little"
+            big = [(op, s) for op, s in shapes if torch.Size(s).numel() >= full_numel]
+            assert not big, f"rank {rank} {kind}: full-vocab tensors {big[:3]}"
+            # ... and beyond chunk-sized buffers only the [T, W] gradient itself is allocated.
+            over_chunk = {s for _, s in shapes if torch.Size(s).numel() > chunk_numel}
+            assert over_chunk == {shard_grad}, f"rank {rank} {kind}: {over_chunk}"
