@@ -81,6 +81,11 @@ class RolloutConfig:
     max_model_len: int = 4096
     kv_cache_gib: float = 1.0
     seed: int = 0
+    in_process: bool | None = None  # None: in-process engine for one trainer process, else its own process
+    dtype: str | None = None  # engine dtype; None follows model.dtype
+    weight_transport: str = "auto"  # auto | memory | directory
+    weight_bucket_mb: int = 512
+    weight_sync_dir: str | None = None  # directory transport; None uses /dev/shm
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,6 +96,9 @@ class DataConfig:
     shuffle_seed: int = 0
     strict: bool = False
     max_prompt_tokens: int = 2048
+    max_teacher_prompt_tokens: int | None = None  # None: same as max_prompt_tokens
+    student_enable_thinking: bool = True
+    teacher_enable_thinking: bool = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -103,6 +111,10 @@ class TrainerConfig:
     lr_schedule: str = "constant"  # constant | cosine
     weight_decay: float = 0.0
     clip_grad: float = 1.0
+    microbatch_tokens: int = 8192  # padded (student + teacher) tokens per microbatch
+    skip_first_tokens: int = 0  # leave the first k response tokens of every rollout out of the loss
+    max_nonfinite_steps: int = 3  # this many non-finite steps in a row: save and stop
+    dry_run: bool = False  # validate, print the layout and a memory estimate, load nothing
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -110,12 +122,14 @@ class CheckpointConfig:
     dir: str = "outputs/checkpoints"
     save_interval: int = 50
     keep_last: int = 2
+    resume: bool = True  # continue from <dir>/latest when it exists
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoggingConfig:
     tensorboard_dir: str = "outputs/tensorboard"
     log_interval: int = 1
+    text_sample_interval: int = 5  # write a rollout text sample every N steps (0: never)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -294,6 +308,8 @@ def _validate_algorithm(cfg: Config) -> None:
         _fail(
             "loss.top_k", loss.top_k, "must be >= 1", "set loss.top_k to the number of teacher tokens to keep"
         )
+    if loss.clip is not None and loss.kind == "pg":
+        _fail("loss.clip", loss.clip, "is not defined for loss.kind=pg", "set loss.clip=null")
     if loss.clip is not None and loss.clip <= 0:
         _fail("loss.clip", loss.clip, "must be > 0", "set loss.clip=null to disable clipping")
     if loss.chunk_tokens < 1:
@@ -317,6 +333,20 @@ def _validate_algorithm(cfg: Config) -> None:
         _fail("rollout.n", rollout.n, "must be >= 1", "sample at least one response per prompt")
     if rollout.max_new_tokens < 1:
         _fail("rollout.max_new_tokens", rollout.max_new_tokens, "must be >= 1", "use e.g. 1024")
+    if rollout.weight_transport not in ("auto", "memory", "directory"):
+        _fail(
+            "rollout.weight_transport",
+            rollout.weight_transport,
+            "is unknown",
+            "use auto, memory or directory",
+        )
+    if rollout.dtype is not None and rollout.dtype not in DTYPES:
+        _fail(
+            "rollout.dtype",
+            rollout.dtype,
+            "is unknown",
+            f"use null (follow model.dtype) or one of {', '.join(DTYPES)}",
+        )
 
 
 def _validate_training(cfg: Config) -> None:
@@ -346,6 +376,17 @@ def _validate_training(cfg: Config) -> None:
         )
     if runtime.device not in DEVICES:
         _fail("runtime.device", runtime.device, "is unknown", f"use one of {', '.join(DEVICES)}")
+    if tr.microbatch_tokens < 2:
+        _fail("trainer.microbatch_tokens", tr.microbatch_tokens, "must be >= 2", "use e.g. 8192")
+    if tr.skip_first_tokens < 0:
+        _fail(
+            "trainer.skip_first_tokens",
+            tr.skip_first_tokens,
+            "must be >= 0",
+            "use 0 to score every response token",
+        )
+    if tr.max_nonfinite_steps < 1:
+        _fail("trainer.max_nonfinite_steps", tr.max_nonfinite_steps, "must be >= 1", "use e.g. 3")
     if cfg.checkpoint.keep_last < 1:
         _fail(
             "checkpoint.keep_last",

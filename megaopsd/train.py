@@ -51,12 +51,47 @@ def build_config(raw: DictConfig) -> Config:
     return cfg
 
 
+def estimate_memory_gib(cfg: Config, world_size: int) -> dict[str, float]:
+    """Rough per-GPU memory of the largest stage: weights, grads, Adam, teacher, logits.
+
+    Activations besides the logits are left out (they depend on recompute and sequence lengths).
+    """
+    hf = read_hf_config(cfg.model.hf_path)
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    dp = world_size // (tp * pp)
+    h, layers, vocab = hf["hidden_size"], hf["num_hidden_layers"], hf["vocab_size"]
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or h // heads
+    kv = hf.get("num_key_value_heads") or heads
+    per_layer = h * head_dim * (2 * heads + 2 * kv) + 3 * h * hf["intermediate_size"] + 2 * h
+    embeddings = vocab * h * (1 if hf.get("tie_word_embeddings") else 2)
+    params = (per_layer * layers / pp + embeddings) / tp  # embeddings counted on the worst stage
+    weight_bytes = 2 if cfg.model.dtype == "bfloat16" else 4
+    adam = 8 + (4 if cfg.model.dtype == "bfloat16" else 0)  # exp_avg + exp_avg_sq (+ fp32 master)
+    gib = 1 << 30
+    estimate = {
+        "weights": params * weight_bytes / gib,
+        "grads (fp32)": params * 4 / gib,
+        "optimizer": params * adam / (dp if cfg.parallel.use_distributed_optimizer else 1) / gib,
+        "teacher copy": params * weight_bytes / gib if cfg.teacher.mode != "current" else 0.0,
+        "logits (both streams)": 2 * cfg.trainer.microbatch_tokens * vocab / tp * 4 / gib,
+    }
+    estimate["total"] = sum(estimate.values())
+    return estimate
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(raw: DictConfig) -> None:
     cfg = build_config(raw)
-    print(describe_layout(cfg, world_size_from_env()))
-    print("config is valid; the OPSD training loop is not part of this build yet", file=sys.stderr)
-    sys.exit(3)
+    world_size = world_size_from_env()
+    if cfg.trainer.dry_run:
+        print(describe_layout(cfg, world_size))
+        for name, value in estimate_memory_gib(cfg, world_size).items():
+            print(f"  {name:<22}{value:8.2f} GiB per GPU")
+        return
+    from megaopsd.trainer import run
+
+    sys.exit(run(cfg))
 
 
 if __name__ == "__main__":

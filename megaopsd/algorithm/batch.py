@@ -39,6 +39,7 @@ class PairedMicrobatch:
     target_ids_T: torch.Tensor  # [T] the response tokens being scored
     loss_mask_T: torch.Tensor  # [T] bool; False for response tokens left out of the loss
     sample_T: torch.Tensor  # [T] index of the rollout (in the step's list) each token belongs to
+    engine_logprobs_T: torch.Tensor | None = None  # [T] the rollout engine's raw logprobs, if known
 
     @property
     def batch_size(self) -> int:
@@ -95,7 +96,7 @@ def build_microbatch(
     batch = len(sample_ids)
     student = torch.full((batch, student_len), pad_id, dtype=torch.long)
     teacher = torch.full((batch, teacher_len), pad_id, dtype=torch.long)
-    student_index, teacher_index, targets, mask, owner = [], [], [], [], []
+    student_index, teacher_index, targets, mask, owner, engine = [], [], [], [], [], []
     for row, sample in enumerate(sample_ids):
         rollout = rollouts[sample]
         response = list(rollout.response_ids)
@@ -109,6 +110,7 @@ def build_microbatch(
         targets.append(torch.tensor(response, dtype=torch.long))
         mask.append(positions >= skip_first_tokens)
         owner.append(torch.full((len(response),), sample, dtype=torch.long))
+        engine.append(getattr(rollout, "engine_logprobs", None))
     return PairedMicrobatch(
         student_tokens_BL=student,
         teacher_tokens_BL=teacher,
@@ -117,6 +119,9 @@ def build_microbatch(
         target_ids_T=torch.cat(targets),
         loss_mask_T=torch.cat(mask),
         sample_T=torch.cat(owner),
+        engine_logprobs_T=None
+        if any(lp is None for lp in engine)
+        else torch.tensor([lp for row in engine for lp in row], dtype=torch.float32),
     )
 
 

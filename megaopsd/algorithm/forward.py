@@ -25,6 +25,8 @@ from megaopsd.algorithm.teacher import Teacher, unwrap
 
 # The per-token loss the last stage applies: (student_NV, teacher_NV, mask_N, target_N) -> (sum, metrics)
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+# Log-probabilities of given tokens at temperature 1: (logits_NV, ids_N) -> logp_N (no grad)
+LogprobFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -35,6 +37,9 @@ class PairedForward:
     teacher: Teacher
     loss_fn: LossFn
     sequence_parallel_size: int = 1  # TP size when sequence parallel is on, else 1
+    # When set, microbatches carrying the engine's logprobs also report the mismatch
+    # sum |engine logprob - student logprob| over loss tokens (``logprob_abs_diff_sum``).
+    logprob_fn: LogprobFn | None = None
 
     def _chunk_index(self, model: torch.nn.Module) -> int:
         for index, chunk in enumerate(self.student_chunks):
@@ -77,6 +82,10 @@ class PairedForward:
         reported = {name: value.detach().clone().reshape(()) for name, value in metrics.items()}
         # clone: the schedule may scale the returned loss in place
         reported["loss_sum"] = loss_sum.detach().clone()
+        if self.logprob_fn is not None and mb.engine_logprobs_T is not None:
+            student_logp = self.logprob_fn(student_NV.detach(), mb.target_ids_T)
+            diff = (student_logp.double() - mb.engine_logprobs_T.double()).abs()
+            reported["logprob_abs_diff_sum"] = (diff * mb.loss_mask_T).sum()
         return loss_sum, num_tokens, reported
 
 

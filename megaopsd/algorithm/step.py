@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megaopsd.algorithm.batch import PairedMicrobatch
-from megaopsd.algorithm.forward import LossFn, PairedForward
+from megaopsd.algorithm.forward import LogprobFn, LossFn, PairedForward
 from megaopsd.algorithm.optim import TrainableStudent
 from megaopsd.algorithm.teacher import Teacher
 from megaopsd.runtime.parallel import ParallelState
@@ -60,6 +60,7 @@ def forward_backward(
     loss_fn: LossFn,
     parallel: ParallelState,
     forward_only: bool = False,
+    logprob_fn: LogprobFn | None = None,
 ) -> tuple[dict[str, float], int]:
     """Zero the grads and run every microbatch through one paired schedule.
 
@@ -77,6 +78,7 @@ def forward_backward(
         teacher=teacher,
         loss_fn=loss_fn,
         sequence_parallel_size=parallel.tp_size if parallel.sequence_parallel else 1,
+        logprob_fn=logprob_fn,
     )
     num_chunks = len(student.chunks)
     iterators = [iter(microbatches) for _ in range(num_chunks)]
@@ -95,6 +97,19 @@ def forward_backward(
     return sums, int(tokens)
 
 
+def _all_finite(student: TrainableStudent, loss_sum: float) -> bool:
+    """Loss and every gradient finite, agreed over all ranks (one all-reduce)."""
+    local = math.isfinite(loss_sum) and all(
+        bool(torch.isfinite(param.main_grad).all())
+        for chunk in student.chunks
+        for param in chunk.parameters()
+        if getattr(param, "main_grad", None) is not None
+    )
+    flag = torch.tensor(1.0 if local else 0.0)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
 def train_step(
     *,
     student: TrainableStudent,
@@ -102,18 +117,31 @@ def train_step(
     microbatches: Sequence[PairedMicrobatch],
     loss_fn: LossFn,
     parallel: ParallelState,
+    logprob_fn: LogprobFn | None = None,
 ) -> StepResult:
-    """One optimizer step: paired forward/backward, clip + Adam, LR schedule, teacher update."""
+    """One optimizer step: paired forward/backward, clip + Adam, LR schedule, teacher update.
+
+    A non-finite loss or gradient skips the update (weights, optimizer state, LR schedule and
+    teacher stay as they were) and returns ``skipped=True``; the caller decides when to stop.
+    """
     sums, num_tokens = forward_backward(
-        student=student, teacher=teacher, microbatches=microbatches, loss_fn=loss_fn, parallel=parallel
+        student=student,
+        teacher=teacher,
+        microbatches=microbatches,
+        loss_fn=loss_fn,
+        parallel=parallel,
+        logprob_fn=logprob_fn,
     )
-    ok, grad_norm, _ = student.optimizer.step()
+    loss_sum = sums.pop("loss_sum", math.nan)
+    grad_norm, ok = math.nan, _all_finite(student, loss_sum)
     if ok:
-        student.scheduler.step(increment=1)
-        teacher.after_optimizer_step()
+        ok, grad_norm, _ = student.optimizer.step()
+        if ok:
+            student.scheduler.step(increment=1)
+            teacher.after_optimizer_step()
     denominator = max(num_tokens, 1)
     return StepResult(
-        loss=sums.pop("loss_sum", math.nan) / denominator,
+        loss=loss_sum / denominator,
         grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
         lr=student.optimizer.param_groups[0]["lr"],
         num_tokens=num_tokens,

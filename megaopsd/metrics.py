@@ -1,0 +1,86 @@
+"""TensorBoard logging, phase timers and the one-line console status.
+
+Only the main rank writes; the others get a writer that drops everything, so call sites do
+not branch on rank. Tags follow ../shared/DESIGN.md (``train/loss``, ``perf/step_time_s``, ...).
+
+    writer = MetricsWriter(cfg.logging.tensorboard_dir, enabled=runtime.is_main)
+    timer = PhaseTimer()
+    with timer.phase("rollout"):
+        ...
+    writer.scalars(step, {"train/loss": 0.3, **timer.as_scalars()})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+
+class MetricsWriter:
+    """A TensorBoard ``SummaryWriter`` on the main rank, a sink elsewhere."""
+
+    def __init__(self, log_dir: str | Path, *, enabled: bool):
+        self._writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        if self._writer is None:
+            return
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, float(value), global_step=step)
+
+    def text(self, step: int, tag: str, body: str) -> None:
+        if self._writer is not None:
+            self._writer.add_text(tag, body, global_step=step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase of one step (``perf/<phase>_time_s``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def as_scalars(self) -> dict[str, float]:
+        return {f"perf/{name}_time_s": value for name, value in self.seconds.items()}
+
+
+def status_line(step: int, max_steps: int, values: Mapping[str, float]) -> str:
+    """``step 3/10 | loss 0.1234 | div 0.1234 | gnorm 1.23 | len 41.0 | 2.31 s``."""
+    parts = [f"step {step}/{max_steps}"]
+    for label, tag, fmt in (
+        ("loss", "train/loss", ".4f"),
+        ("div", "train/divergence", ".4f"),
+        ("gnorm", "train/grad_norm", ".3f"),
+        ("lr", "train/lr", ".2e"),
+        ("len", "rollout/response_length_mean", ".1f"),
+        ("lp-diff", "rollout/logprob_abs_diff", ".1e"),
+        ("tok/s", "perf/train_tokens_per_s", ".0f"),
+    ):
+        if tag in values:
+            parts.append(f"{label} {format(values[tag], fmt)}")
+    if "perf/step_time_s" in values:
+        parts.append(f"{values['perf/step_time_s']:.2f} s")
+    return " | ".join(parts)

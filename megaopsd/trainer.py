@@ -1,0 +1,337 @@
+"""The OPSD training loop.
+
+    prompts -> rollouts (vLLM, rank 0) -> paired step (all ranks) -> optimizer -> teacher update
+    -> weight sync (Megatron export -> engine) -> log -> checkpoint
+
+Every rank builds the same prompts from the same data stream; rank 0 owns the rollout engine
+and broadcasts the rollouts; each data-parallel replica trains on its share of them. The
+student starts from a Hugging Face directory (imported on the fly) and resumes from
+``<checkpoint.dir>/latest`` when it exists. SIGTERM / SIGUSR1 ask for a checkpoint and a clean
+exit at the next step boundary (Slurm preemption).
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megaopsd.algorithm.batch import build_microbatches
+from megaopsd.algorithm.loss import make_loss_fn
+from megaopsd.algorithm.optim import wrap_student
+from megaopsd.algorithm.step import StepResult, train_step
+from megaopsd.algorithm.teacher import make_teacher, unwrap
+from megaopsd.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from megaopsd.config import Config
+from megaopsd.loss.logprobs import token_logprobs
+from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line
+from megaopsd.runtime.parallel import Runtime
+
+MIB = 1 << 20
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient."""
+
+
+class Trainer:
+    """Owns the model, teacher, optimizer, data stream, rollout engine and logs of one run."""
+
+    def __init__(self, cfg: Config, runtime: Runtime):
+        from transformers import AutoTokenizer
+
+        from megaopsd.convert import load_hf_weights
+        from megaopsd.data.prompts import PromptTemplates
+        from megaopsd.data.stream import build_prompt_stream
+        from megaopsd.models import build_model_chunks, load_hf_config
+
+        self.cfg, self.runtime, self.parallel = cfg, runtime, runtime.parallel
+        self.spec = load_hf_config(cfg.model.hf_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        templates = PromptTemplates(
+            student_enable_thinking=cfg.data.student_enable_thinking,
+            teacher_enable_thinking=cfg.data.teacher_enable_thinking,
+        )
+        self.prompts = build_prompt_stream(
+            cfg.data,
+            self.tokenizer,
+            templates=templates,
+            max_teacher_prompt_tokens=cfg.data.max_teacher_prompt_tokens,
+        )
+        build = functools.partial(build_model_chunks, self.spec, cfg.model, self.parallel)
+        chunks = build()
+        load_hf_weights(chunks, self.spec, cfg.model.hf_path, self.parallel, progress=runtime.is_main)
+        self.teacher = make_teacher(cfg.teacher, chunks, build)
+        self.student = wrap_student(
+            chunks, trainer=cfg.trainer, parallel=cfg.parallel, bf16=cfg.model.dtype == "bfloat16"
+        )
+        tp_group = self.parallel.tp_group
+        self.loss_fn = make_loss_fn(cfg.loss, vocab_size=self.spec.vocab_size, tp_group=tp_group)
+        self.logprob_fn = functools.partial(
+            token_logprobs, vocab_size=self.spec.vocab_size, tp_group=tp_group
+        )
+        self.writer = MetricsWriter(cfg.logging.tensorboard_dir, enabled=runtime.is_main)
+        self.engine = self._start_engine() if runtime.is_main else None
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self) -> int:
+        """Run to ``trainer.max_steps`` (or a stop signal); return the last completed step."""
+        resumed = self._maybe_resume()
+        if resumed:
+            self._sync_weights()  # the engine started from model.hf_path, not from the checkpoint
+        self._install_signal_handlers()
+        try:
+            while self.step < self.cfg.trainer.max_steps:
+                self.step += 1
+                values = self._train_one_step()
+                self._log(values)
+                if self._stop_agreed():
+                    self._save()
+                    self._say(
+                        f"stopping after step {self.step} on signal {self._stop_signal}; checkpoint saved"
+                    )
+                    break
+                if (
+                    self.step % self.cfg.checkpoint.save_interval == 0
+                    or self.step == self.cfg.trainer.max_steps
+                ):
+                    self._save()
+        finally:
+            self.close()
+        return self.step
+
+    def _train_one_step(self) -> dict[str, float]:
+        timer = PhaseTimer()
+        with timer.phase("step"):
+            with timer.phase("rollout"):
+                prompts = self.prompts.next_prompts(self.cfg.trainer.prompts_per_step)
+                rollouts = self._rollouts(prompts)
+            with timer.phase("train"):
+                result, train_tokens = self._paired_update(rollouts)
+            with timer.phase("weight_sync"):
+                sync = self._sync_weights() if not result.skipped else None
+        self._check_nonfinite(result)
+        values = self._step_values(result, rollouts, timer, train_tokens)
+        if sync is not None:
+            values["perf/weight_sync_gb"] = sync.bytes / 1e9
+        if self.step == 1 or (
+            self.cfg.logging.text_sample_interval and self.step % self.cfg.logging.text_sample_interval == 0
+        ):
+            self._text_sample(prompts, rollouts)
+        return values
+
+    def _rollouts(self, prompts: list) -> list:
+        """Rank 0 samples; every rank receives the same rollouts."""
+        from megaopsd.rollout.engine import generate_rollouts
+        from megaopsd.rollout.types import SamplingSettings
+
+        holder: list[Any] = [None]
+        if self.runtime.is_main:
+            sampling = SamplingSettings.from_config(self.cfg.rollout)
+            holder[0] = generate_rollouts(self.engine, prompts, sampling, step=self.step)
+        if self.runtime.world_size > 1:
+            dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def _paired_update(self, rollouts: list) -> tuple[StepResult, int]:
+        par, tr = self.parallel, self.cfg.trainer
+        mine = rollouts[par.dp_rank :: par.dp_size]
+        microbatches = build_microbatches(
+            mine,
+            max_tokens=tr.microbatch_tokens,
+            pad_id=self.pad_id,
+            pad_multiple=par.tp_size if par.sequence_parallel else 1,
+            skip_first_tokens=tr.skip_first_tokens,
+        )
+        result = train_step(
+            student=self.student,
+            teacher=self.teacher,
+            microbatches=microbatches,
+            loss_fn=self.loss_fn,
+            parallel=par,
+            logprob_fn=self.logprob_fn,
+        )
+        tokens = torch.tensor(
+            float(sum(mb.batch_size * (mb.student_len + mb.teacher_len) for mb in microbatches))
+        )
+        dist.all_reduce(tokens, group=par.dp_group)
+        return result, int(tokens)
+
+    def _check_nonfinite(self, result: StepResult) -> None:
+        if not result.skipped:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        self._say(
+            f"step {self.step}: non-finite loss or gradient; update skipped ({self.nonfinite_in_a_row} in a row)"
+        )
+        if self.nonfinite_in_a_row >= self.cfg.trainer.max_nonfinite_steps:
+            self._save()
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (step {self.step}); "
+                f"checkpoint saved under {self.cfg.checkpoint.dir}. Lower trainer.lr or check the data, then resume."
+            )
+
+    # ------------------------------------------------------------------ engine and weights
+
+    def _start_engine(self):
+        from megaopsd.rollout.types import EngineSettings
+        from megaopsd.rollout.vllm_engine import VllmEngine
+
+        ro = self.cfg.rollout
+        in_process = ro.in_process if ro.in_process is not None else self.runtime.world_size == 1
+        settings = EngineSettings.from_config(
+            self.cfg.model.hf_path,
+            ro,
+            dtype=ro.dtype or self.cfg.model.dtype,
+            in_process=in_process,
+            enforce_eager=True,
+            weight_transport=ro.weight_transport,
+            weight_bucket_bytes=ro.weight_bucket_mb * MIB,
+            weight_sync_dir=ro.weight_sync_dir,
+        )
+        self._say(f"starting the rollout engine ({'in-process' if in_process else 'own process'})")
+        return VllmEngine(settings)
+
+    def _sync_weights(self):
+        """Stream the student's HF weights through the export mapping into the engine."""
+        from megaopsd.convert import export_hf_weights
+
+        modules = [unwrap(c) for c in self.student.chunks]
+        weights = export_hf_weights(modules, self.spec, self.parallel, dst_ranks=(0,))
+        if not self.runtime.is_main:
+            for _ in weights:  # take part in the gathers and sends
+                pass
+            return None
+        return self.engine.update_weights(weights)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _maybe_resume(self) -> bool:
+        root = self.cfg.checkpoint.dir
+        path = find_latest(root) if self.cfg.checkpoint.resume and Path(root).is_dir() else None
+        if path is None:
+            return False
+        state = load_checkpoint(path, student=self.student, teacher=self.teacher, parallel=self.parallel)
+        self.step = state["step"]
+        self.prompts.load_state_dict(state["data"])
+        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+        rng = "restored" if state["rng_restored"] else "reseeded (layout changed)"
+        self._say(f"resumed from {path} at step {self.step}; RNG {rng}")
+        return True
+
+    def _save(self) -> None:
+        from megaopsd.convert import copy_side_files
+
+        path = save_checkpoint(
+            self.cfg.checkpoint.dir,
+            self.step,
+            student=self.student,
+            teacher=self.teacher,
+            parallel=self.parallel,
+            trainer_state={"data": self.prompts.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row},
+            keep_last=self.cfg.checkpoint.keep_last,
+            side_files=functools.partial(copy_side_files, self.cfg.model.hf_path),
+        )
+        self._say(f"saved {path}")
+
+    # ------------------------------------------------------------------ signals
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def _stop_agreed(self) -> bool:
+        """Any rank that got a signal stops every rank at the same step boundary."""
+        flag = torch.tensor(0.0 if self._stop_signal is None else float(self._stop_signal))
+        if self.runtime.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag > 0:
+            self._stop_signal = int(flag)
+        return flag > 0
+
+    # ------------------------------------------------------------------ logging
+
+    def _step_values(
+        self, result: StepResult, rollouts: list, timer: PhaseTimer, train_tokens: int
+    ) -> dict[str, float]:
+        m = result.metrics
+        lengths = [len(r.response_ids) for r in rollouts]
+        values = {
+            "train/loss": result.loss,
+            "train/divergence": m.get("divergence_sum", float("nan")),
+            "train/grad_norm": result.grad_norm,
+            "train/lr": result.lr,
+            "train/student_entropy": m.get("student_entropy_sum", float("nan")),
+            "train/teacher_entropy": m.get("teacher_entropy_sum", float("nan")),
+            "train/clipped_fraction": m.get("clipped_sum", 0.0),
+            "train/loss_tokens": result.num_tokens,
+            "train/skipped_nonfinite": float(result.skipped),
+            "rollout/response_length_mean": sum(lengths) / max(len(lengths), 1),
+            "rollout/truncated_fraction": sum(r.finish_reason == "length" for r in rollouts)
+            / max(len(rollouts), 1),
+            "rollout/logprob_abs_diff": m.get("logprob_abs_diff_sum", float("nan")),
+            **timer.as_scalars(),
+            "perf/train_tokens_per_s": train_tokens / max(timer.seconds["train"], 1e-9),
+        }
+        if "teacher_topk_mass_sum" in m:
+            values["train/teacher_topk_mass"] = m["teacher_topk_mass_sum"]
+        for reason, count in self.prompts.skipped().items():
+            values[f"data/skipped_{reason}"] = count
+        return values
+
+    def _log(self, values: dict[str, float]) -> None:
+        if self.step % self.cfg.logging.log_interval == 0 or self.step == 1:
+            self.writer.scalars(self.step, values)
+            self.writer.flush()
+            self._say(status_line(self.step, self.cfg.trainer.max_steps, values))
+
+    def _text_sample(self, prompts: list, rollouts: list) -> None:
+        if not self.runtime.is_main or not rollouts:
+            return
+        first = rollouts[0]
+        body = (
+            f"**problem**\n\n{prompts[first.prompt_index].problem}\n\n"
+            f"**student response** ({len(first.response_ids)} tokens, {first.finish_reason})\n\n"
+            f"{self.tokenizer.decode(first.response_ids)}"
+        )
+        self.writer.text(self.step, "rollout/sample", body)
+
+    def _say(self, message: str) -> None:
+        if self.runtime.is_main:
+            print(f"[megaopsd] {message}", flush=True)
+
+    def close(self) -> None:
+        from megaopsd.convert import release_save_workers
+
+        self.writer.close()
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        release_save_workers()
+
+
+def run(cfg: Config) -> int:
+    """Start the runtime, train, shut down; the process exit code."""
+    runtime = Runtime.start(cfg.parallel, cfg.runtime)
+    try:
+        Trainer(cfg, runtime).train()
+    except NonFiniteLossError as err:
+        print(f"megaopsd: {err}", file=sys.stderr)
+        return 4
+    finally:
+        runtime.shutdown()
+    return 0
