@@ -159,6 +159,8 @@ def save_checkpoint(
     torch.save(_rng_state(), partial / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
+        if side_files is not None:
+            side_files(partial)
         body = {
             "step": step,
             "layout": _layout(parallel),

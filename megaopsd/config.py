@@ -361,7 +361,7 @@ def _validate_training(cfg: Config) -> None:
         _fail("trainer.min_lr", tr.min_lr, f"must be in [0, trainer.lr={tr.lr}]", "lower it")
     if tr.lr_schedule not in ("constant", "cosine"):
         _fail("trainer.lr_schedule", tr.lr_schedule, "is unknown", "use constant or cosine")
-    if tr.warmup_steps < 0 or tr.warmup_steps > tr.max_steps:
+    if tr.warmup_steps < 0 or tr.warmup_steps >= tr.max_steps:
         _fail(
             "trainer.warmup_steps",
             tr.warmup_steps,

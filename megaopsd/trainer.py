@@ -326,9 +326,14 @@ class Trainer:
 
 def run(cfg: Config) -> int:
     """Start the runtime, train, shut down; the process exit code."""
+    from megaopsd.data.dataset import DataError
+
     runtime = Runtime.start(cfg.parallel, cfg.runtime)
     try:
         Trainer(cfg, runtime).train()
+    except DataError as err:
+        print(f"megaopsd: data: {err}", file=sys.stderr)
+        return 2
     except NonFiniteLossError as err:
         print(f"megaopsd: {err}", file=sys.stderr)
         return 4
