@@ -1,0 +1,106 @@
+"""Model weights in megatron-core distributed checkpoints (``dist_checkpointing``, torch_dist).
+
+A checkpoint written at one TP/PP/VPP layout loads at any other: every parameter is saved as
+a global tensor with its shard offsets, and megatron pads the vocabulary rows per layout
+(``allow_shape_mismatch``; rows beyond the saved ones load as zeros).
+
+    save_model_checkpoint(chunks, "ckpt/")      # collective; the directory should be empty
+    load_model_checkpoint(chunks, "ckpt/")      # collective
+    release_save_workers()                      # once, before the process exits
+
+The trainer puts the same ``model_sharded_state_dict`` next to its optimizer state.
+
+Gotcha: torch_dist saving starts a ``multiprocessing`` "spawn" Manager process (megatron's
+filesystem_async module keeps its queue in a module global). The entry script therefore needs
+an ``if __name__ == "__main__":`` guard (the Manager re-imports ``__main__``; without the guard
+the save hangs), and ``release_save_workers`` stops that process so none is left behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_BACKEND = "torch_dist"
+
+
+def model_state_key(index: int, num_chunks: int) -> str:
+    """Top-level key of chunk ``index``: ``model``, or ``model0``, ``model1``... with VPP."""
+    return "model" if num_chunks == 1 else f"model{index}"
+
+
+def model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
+    """``{"model": sharded_state_dict}`` (one entry per chunk with VPP), ready for dist_checkpointing.
+
+    Chunks may be wrapped (DDP, Float16Module); keys are those of the bare GPTModel, so a
+    checkpoint loads whether or not the loading model is wrapped.
+    """
+    from megaopsd.models.builder import unwrap_chunk
+
+    return {
+        model_state_key(i, len(chunks)): unwrap_chunk(chunk).sharded_state_dict()
+        for i, chunk in enumerate(chunks)
+    }
+
+
+def save_model_checkpoint(
+    chunks: Sequence[torch.nn.Module],
+    ckpt_dir: str | Path,
+    *,
+    content_metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Collective: save the model chunks of every rank as one distributed checkpoint.
+
+    Args:
+        chunks: this rank's GPTModel chunks.
+        ckpt_dir: target directory (created; it should be empty).
+        content_metadata: small dict stored with the checkpoint (``dist_checkpointing.load_content_metadata``).
+    """
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+    path = Path(ckpt_dir)
+    if dist.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(
+        model_sharded_state_dict(chunks),
+        str(path),
+        sharded_strategy=get_default_save_sharded_strategy(CHECKPOINT_BACKEND),
+        content_metadata=dict(content_metadata) if content_metadata else None,
+    )
+
+
+def load_model_checkpoint(chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path) -> None:
+    """Collective: load a distributed checkpoint (saved at any layout) into this rank's chunks.
+
+    Raises:
+        FileNotFoundError: ``ckpt_dir`` is not a distributed checkpoint.
+    """
+    from megatron.core import dist_checkpointing
+
+    path = Path(ckpt_dir)
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(f"{path} is not a megatron distributed checkpoint (no metadata.json)")
+    from megaopsd.models.builder import unwrap_chunk
+
+    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(path))
+    for i, chunk in enumerate(chunks):
+        unwrap_chunk(chunk).load_state_dict(loaded[model_state_key(i, len(chunks))], strict=True)
+
+
+def release_save_workers() -> None:
+    """Stop the Manager process torch_dist saving started in this process (no-op if none)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = getattr(filesystem_async, "_results_queue", None)
+    if queue is None:
+        return
+    manager = getattr(queue, "_manager", None)
+    filesystem_async._results_queue = None
+    if manager is not None:
+        manager.shutdown()

@@ -1,0 +1,154 @@
+"""The one mapping per model family between Hugging Face tensors and Megatron parameters.
+
+Each ``Rule`` says which Hugging Face tensors make which Megatron parameter and how
+(a ``Layout`` from ``layouts.py``). Export and import both read these tables; nothing else
+in megaopsd knows a parameter name of either format.
+
+Megatron names are relative to the model (``section="first"`` / ``"last"``) or to one
+decoder layer (``section="layer"``, HF names carry ``{i}``, the global layer index). Names
+are those of the local layer spec; the Transformer Engine spec fuses the two pre-norms into
+the following linear layer, which ``TE_NAME_ALIASES`` translates.
+
+Tied embeddings: ``output_layer.weight`` is read from ``model.embed_tokens.weight`` on import
+(the last pipeline stage keeps its own copy when PP > 1) and is not exported, except as
+``lm_head.weight`` when a caller asks for it (vLLM keeps a separate lm_head).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megaopsd.convert.layouts import GATE_UP, QKV, REPLICATED, ROW, VOCAB, Layout
+from megaopsd.models.hf_config import HFModelSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Megatron parameter ``megatron`` is built from HF tensors ``hf`` with ``layout``."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    layout: Layout
+    section: str = "layer"  # first (embedding) | layer | last (final norm, output layer)
+    tied_to: str | None = None  # HF tensor this one equals when embeddings are tied
+
+    def hf_names(self, layer: int | None) -> tuple[str, ...]:
+        """HF names for decoder layer ``layer`` (None for model-level rules)."""
+        return tuple(name.format(i=layer) for name in self.hf)
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyMapping:
+    """All rules of one model family, in export order within each section."""
+
+    family: str
+    rules: tuple[Rule, ...]
+
+    def section(self, name: str) -> tuple[Rule, ...]:
+        return tuple(rule for rule in self.rules if rule.section == name)
+
+
+# The TE layer spec fuses the pre-norms into the next linear layer (TELayerNormColumnParallelLinear).
+TE_NAME_ALIASES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+_L = "model.layers.{i}."
+EMBEDDING = Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB, "first")
+FINAL_NORM = Rule("decoder.final_layernorm.weight", ("model.norm.weight",), REPLICATED, "last")
+OUTPUT_LAYER = Rule(
+    "output_layer.weight", ("lm_head.weight",), VOCAB, "last", tied_to="model.embed_tokens.weight"
+)
+
+QWEN3 = FamilyMapping(
+    "qwen3",
+    (
+        EMBEDDING,
+        Rule("input_layernorm.weight", (_L + "input_layernorm.weight",), REPLICATED),
+        Rule(
+            "self_attention.linear_qkv.weight",
+            (_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight"),
+            QKV,
+        ),
+        Rule("self_attention.q_layernorm.weight", (_L + "self_attn.q_norm.weight",), REPLICATED),
+        Rule("self_attention.k_layernorm.weight", (_L + "self_attn.k_norm.weight",), REPLICATED),
+        Rule("self_attention.linear_proj.weight", (_L + "self_attn.o_proj.weight",), ROW),
+        Rule("pre_mlp_layernorm.weight", (_L + "post_attention_layernorm.weight",), REPLICATED),
+        Rule("mlp.linear_fc1.weight", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), GATE_UP),
+        Rule("mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",), ROW),
+        FINAL_NORM,
+        OUTPUT_LAYER,
+    ),
+)
+
+QWEN2 = FamilyMapping(
+    "qwen2",
+    (
+        EMBEDDING,
+        Rule("input_layernorm.weight", (_L + "input_layernorm.weight",), REPLICATED),
+        Rule(
+            "self_attention.linear_qkv.weight",
+            (_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight"),
+            QKV,
+        ),
+        Rule(
+            "self_attention.linear_qkv.bias",
+            (_L + "self_attn.q_proj.bias", _L + "self_attn.k_proj.bias", _L + "self_attn.v_proj.bias"),
+            QKV,
+        ),
+        Rule("self_attention.linear_proj.weight", (_L + "self_attn.o_proj.weight",), ROW),
+        Rule("pre_mlp_layernorm.weight", (_L + "post_attention_layernorm.weight",), REPLICATED),
+        Rule("mlp.linear_fc1.weight", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), GATE_UP),
+        Rule("mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",), ROW),
+        FINAL_NORM,
+        OUTPUT_LAYER,
+    ),
+)
+
+LLAMA = FamilyMapping(
+    "llama",
+    (
+        EMBEDDING,
+        Rule("input_layernorm.weight", (_L + "input_layernorm.weight",), REPLICATED),
+        Rule(
+            "self_attention.linear_qkv.weight",
+            (_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight"),
+            QKV,
+        ),
+        Rule("self_attention.linear_proj.weight", (_L + "self_attn.o_proj.weight",), ROW),
+        Rule("pre_mlp_layernorm.weight", (_L + "post_attention_layernorm.weight",), REPLICATED),
+        Rule("mlp.linear_fc1.weight", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), GATE_UP),
+        Rule("mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",), ROW),
+        FINAL_NORM,
+        OUTPUT_LAYER,
+    ),
+)
+
+FAMILIES: dict[str, FamilyMapping] = {m.family: m for m in (QWEN3, QWEN2, LLAMA)}
+
+
+def mapping_for(spec: HFModelSpec) -> FamilyMapping:
+    """The mapping table of ``spec``'s family."""
+    try:
+        return FAMILIES[spec.family]
+    except KeyError:
+        raise ValueError(
+            f"no conversion mapping for family {spec.family!r}; known: {', '.join(FAMILIES)}"
+        ) from None
+
+
+def hf_tensor_names(spec: HFModelSpec, *, include_tied_lm_head: bool = False) -> list[str]:
+    """Every HF tensor name of the model, in export order (no model or process group needed)."""
+    names: list[str] = []
+    mapping = mapping_for(spec)
+    for rule in mapping.section("first"):
+        names.extend(rule.hf_names(None))
+    for layer in range(spec.num_layers):
+        for rule in mapping.section("layer"):
+            names.extend(rule.hf_names(layer))
+    for rule in mapping.section("last"):
+        if rule.tied_to is not None and spec.tie_word_embeddings and not include_tied_lm_head:
+            continue
+        names.extend(rule.hf_names(None))
+    return names

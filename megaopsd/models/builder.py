@@ -1,0 +1,205 @@
+"""Build megatron-core GPTModel chunks from a Hugging Face config.
+
+One ``GPTModel`` per virtual pipeline chunk on this rank (a list of one without VPP). The
+model returns vocab-parallel logits ``[b, s, padded_vocab / TP]`` (``parallel_output=True``);
+the columns at and above the true vocabulary size are padding that the loss code masks.
+
+    spec = load_hf_config(model_cfg.hf_path)
+    chunks = build_model_chunks(spec, model_cfg, runtime.parallel)
+
+The local (pure megatron-core) layer spec runs everywhere; ``transformer_impl=
+"transformer_engine"`` selects the TE spec, importing Transformer Engine only then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from megaopsd.config import ModelConfig
+from megaopsd.models.hf_config import HFModelSpec, check_tensor_parallel
+from megaopsd.models.rope import apply_rope_override, megatron_handles_scaling
+from megaopsd.runtime.parallel import ParallelState
+
+if TYPE_CHECKING:  # megatron imports stay lazy: importing megatron.core costs seconds
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int, make_vocab_size_divisible_by: int = 128) -> int:
+    """The vocabulary size Megatron allocates: rounded up to a multiple of ``divisible_by x TP``.
+
+    Args:
+        vocab_size: the true vocabulary size (HF ``vocab_size``).
+        tp_size: tensor-parallel size; every TP rank gets an equal slice of the padded rows.
+        make_vocab_size_divisible_by: ``ModelConfig.make_vocab_size_divisible_by``.
+    """
+    multiple = make_vocab_size_divisible_by * tp_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def vocab_sizes(spec: HFModelSpec, model_cfg: ModelConfig, tp_size: int) -> tuple[int, int]:
+    """``(true_vocab_size, padded_vocab_size)`` for a model at tensor-parallel size ``tp_size``."""
+    return spec.vocab_size, padded_vocab_size(
+        spec.vocab_size, tp_size, model_cfg.make_vocab_size_divisible_by
+    )
+
+
+def params_dtype(model_cfg: ModelConfig) -> torch.dtype:
+    """The torch dtype of ``ModelConfig.dtype``."""
+    if model_cfg.dtype not in _DTYPES:
+        raise ValueError(f"model.dtype={model_cfg.dtype!r} is unknown; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[model_cfg.dtype]
+
+
+def transformer_config(
+    spec: HFModelSpec,
+    model_cfg: ModelConfig,
+    parallel: ParallelState,
+    overrides: Mapping[str, Any] | None = None,
+) -> TransformerConfig:
+    """The megatron ``TransformerConfig`` for this model and layout.
+
+    Args:
+        spec: the parsed HF config.
+        model_cfg: dtype and implementation choices.
+        parallel: this rank's parallel layout.
+        overrides: extra TransformerConfig fields (e.g. recompute settings), applied last.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    check_tensor_parallel(spec, parallel.tp_size)
+    dtype = params_dtype(model_cfg)
+    # Fused kernels need CUDA (and mostly TE); the local spec runs unfused, which is what the
+    # CPU test suite exercises.
+    fused = model_cfg.transformer_impl == "transformer_engine"
+    kwargs: dict[str, Any] = dict(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        kv_channels=spec.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        init_method_std=float(spec.raw.get("initializer_range", 0.02)),
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        tensor_model_parallel_size=parallel.tp_size,
+        pipeline_model_parallel_size=parallel.pp_size,
+        virtual_pipeline_model_parallel_size=parallel.vpp_size,
+        sequence_parallel=parallel.sequence_parallel,
+        bias_activation_fusion=fused,
+        masked_softmax_fusion=fused,
+        bias_dropout_fusion=fused,
+        apply_rope_fusion=fused,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+    if parallel.pp_size > 1:
+        # The paired teacher/student schedule sends tensors of varying length between stages;
+        # megatron refuses variable_seq_lengths with the default (allgather) token dispatcher,
+        # even for dense models.
+        kwargs.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
+    kwargs.update(overrides or {})
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(spec: HFModelSpec, transformer_impl: str) -> ModuleSpec:
+    """The megatron ``ModuleSpec`` of one decoder layer for ``transformer_impl``."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if transformer_impl == "local":
+        return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    if transformer_impl == "transformer_engine":
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError(
+                "model.transformer_impl=transformer_engine needs Transformer Engine "
+                "(pip install 'megaopsd[gpu]' on a CUDA machine); use transformer_impl=local otherwise"
+            ) from exc
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
+    raise ValueError(
+        f"model.transformer_impl={transformer_impl!r} is unknown; use local or transformer_engine"
+    )
+
+
+def unwrap_chunk(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside wrappers (megatron DDP, Float16Module: each keeps it in ``.module``)."""
+    while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _stage_flags(parallel: ParallelState, vp_stage: int) -> tuple[bool, bool]:
+    """(pre_process, post_process) of virtual chunk ``vp_stage`` on this pipeline rank."""
+    chunks = parallel.vpp_size or 1
+    pre = parallel.is_first_stage and vp_stage == 0
+    post = parallel.is_last_stage and vp_stage == chunks - 1
+    return pre, post
+
+
+def build_model_chunks(
+    spec: HFModelSpec,
+    model_cfg: ModelConfig,
+    parallel: ParallelState,
+    *,
+    config_overrides: Mapping[str, Any] | None = None,
+) -> list[torch.nn.Module]:
+    """Build this rank's GPTModel chunks (one per virtual pipeline stage), randomly initialised.
+
+    Args:
+        spec: the parsed HF config (``load_hf_config``).
+        model_cfg: dtype, vocab padding and layer implementation.
+        parallel: this rank's layout (``runtime.parallel``); megatron's parallel state must exist.
+        config_overrides: extra TransformerConfig fields (e.g. activation recompute).
+
+    Returns:
+        ``[GPTModel]`` of length ``vpp_size or 1``; chunk ``i`` is built with ``vp_stage=i``.
+        Load weights with ``megaopsd.convert.load_hf_weights`` or a distributed checkpoint.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config(spec, model_cfg, parallel, config_overrides)
+    block_spec = layer_spec(spec, model_cfg.transformer_impl)
+    _, padded = vocab_sizes(spec, model_cfg, parallel.tp_size)
+    scaling = spec.rope_scaling
+    builtin_scaling = scaling is not None and megatron_handles_scaling(scaling)
+    chunks = []
+    for vp_stage in range(parallel.vpp_size or 1):
+        pre, post = _stage_flags(parallel, vp_stage)
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=block_spec,
+            vocab_size=padded,
+            max_sequence_length=spec.max_position_embeddings,
+            pre_process=pre,
+            post_process=post,
+            parallel_output=True,
+            share_embeddings_and_output_weights=spec.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_percent=1.0,
+            rotary_base=spec.rope_theta,
+            rope_scaling=builtin_scaling,
+            rope_scaling_factor=scaling.factor if builtin_scaling else 8.0,
+            vp_stage=vp_stage if parallel.vpp_size else None,
+        )
+        if scaling is not None and not builtin_scaling:
+            apply_rope_override(model, spec.head_dim, spec.rope_theta, scaling)
+        chunks.append(model)
+    return chunks

@@ -1,0 +1,152 @@
+"""Megatron logits == Hugging Face transformers logits (float32, CPU) at TP1, TP2, PP2, TP2xPP2.
+
+One spawn per layout checks all three families (a spawn costs 5-10 s), plus a Llama variant
+whose llama3 rope numbers differ from the ones megatron-core hardcodes (so megaopsd computes
+the frequencies itself). The references (logits, rope inverse frequencies) are computed once
+in the test process; workers return max abs differences, logits compared on the true
+vocabulary after gathering the vocab-parallel shards (the gather happens only here, in tests).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist_harness import run_ranks
+
+pytestmark = pytest.mark.distributed
+
+TOLERANCE = 1e-4
+BATCH, SEQ = 2, 24
+
+
+def make_batch(vocab_size: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (BATCH, SEQ), generator=generator)
+
+
+def hf_logits(model_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:
+    return hf_reference(model_dir, input_ids)[0]
+
+
+def hf_reference(model_dir: Path, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' logits for ``input_ids`` and its rope inverse frequencies."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(input_ids).logits, model.model.rotary_emb.inv_freq.clone()
+
+
+def gather_vocab(logits_BSV: torch.Tensor, tp_group) -> torch.Tensor:
+    """Test-only: concatenate the TP shards of vocab-parallel logits."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(logits_BSV) for _ in range(dist.get_world_size(tp_group))]
+    dist.all_gather(parts, logits_BSV.contiguous(), group=tp_group)
+    return torch.cat(parts, dim=-1)
+
+
+def megatron_logits(runtime, model_dir: Path, input_ids: torch.Tensor, load=None, inv_freq_out=None):
+    """Build the model from ``model_dir``, fill it (HF weights unless ``load`` is given), run forward.
+
+    Returns the gathered, unpadded logits on the last stage's TP rank 0, else None. The rope
+    inverse frequencies of the first chunk are appended to ``inv_freq_out`` when given.
+    """
+    from megaopsd.config import ModelConfig
+    from megaopsd.convert import load_hf_weights
+    from megaopsd.models import build_model_chunks, forward_logits, load_hf_config
+
+    spec = load_hf_config(model_dir)
+    chunks = build_model_chunks(spec, ModelConfig(hf_path=str(model_dir)), runtime.parallel)
+    if inv_freq_out is not None:
+        inv_freq_out.append(chunks[0].rotary_pos_emb.inv_freq.cpu())
+    if load is None:
+        load_hf_weights(chunks, spec, model_dir, runtime.parallel)
+    else:
+        load(chunks)
+    logits = forward_logits(chunks, input_ids, runtime.parallel)
+    if logits is None:
+        return None
+    full = gather_vocab(logits, runtime.parallel.tp_group)
+    return full[..., : spec.vocab_size] if runtime.parallel.tp_rank == 0 else None
+
+
+def parity_worker(tp: int, pp: int, vpp: int | None, cases: dict) -> dict[str, tuple[float, float]]:
+    """All cases at one layout: {case: (logit diff, inv_freq diff)} (max abs) on the reporting rank."""
+    from megaopsd.config import ParallelConfig, RuntimeConfig
+    from megaopsd.runtime import Runtime
+
+    runtime = Runtime.start(
+        ParallelConfig(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp,
+        ),
+        RuntimeConfig(),
+    )
+    try:
+        diffs = {}
+        for name, (model_dir, input_ids, ref_logits, ref_inv_freq) in cases.items():
+            inv_freq: list[torch.Tensor] = []
+            logits = megatron_logits(runtime, model_dir, input_ids, inv_freq_out=inv_freq)
+            if logits is not None:
+                freq_diff = (inv_freq[0] - ref_inv_freq).abs().max().item()
+                diffs[name] = ((logits - ref_logits).abs().max().item(), freq_diff)
+        return diffs
+    finally:
+        runtime.shutdown()
+
+
+def llama_with_custom_rope(llama_dir: Path, out_dir: Path) -> Path:
+    """The tiny Llama with llama3 rope numbers megatron-core cannot express (its are 1 / 4 / 8192)."""
+    shutil.copytree(llama_dir, out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    rope = config.get("rope_parameters") or config["rope_scaling"]
+    rope.update(factor=16.0, low_freq_factor=2.0, high_freq_factor=8.0, original_max_position_embeddings=64)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def parity_cases(tiny_models, tmp_path_factory) -> dict:
+    models = dict(tiny_models)
+    models["llama-custom-rope"] = llama_with_custom_rope(
+        tiny_models["llama"], tmp_path_factory.mktemp("rope") / "m"
+    )
+    cases = {}
+    for name, model_dir in models.items():
+        input_ids = make_batch(549, seed=len(cases))
+        cases[name] = (model_dir, input_ids, *hf_reference(model_dir, input_ids))
+    return cases
+
+
+def _check(results: list[dict[str, tuple[float, float]]], cases) -> None:
+    merged = {k: v for result in results for k, v in result.items()}
+    assert sorted(merged) == sorted(cases), merged
+    for name, (logit_diff, freq_diff) in merged.items():
+        assert logit_diff <= TOLERANCE, f"{name}: max abs logit diff {logit_diff:.3g} > {TOLERANCE}"
+        assert freq_diff <= 1e-7, (
+            f"{name}: rope inverse frequencies differ from transformers by {freq_diff:.3g}"
+        )
+
+
+@pytest.mark.parametrize(
+    ("tp", "pp", "vpp"),
+    [
+        pytest.param(1, 1, None, id="tp1"),
+        pytest.param(2, 1, None, id="tp2"),
+        pytest.param(1, 2, None, id="pp2"),
+        pytest.param(1, 2, 2, id="pp2-vpp2", marks=pytest.mark.slow),
+        pytest.param(2, 2, None, id="tp2xpp2", marks=pytest.mark.slow),
+    ],
+)
+def test_logits_match_transformers(parity_cases, tp, pp, vpp):
+    # The custom-rope variant checks frequencies, which do not depend on the layout: TP1 only.
+    cases = {k: v for k, v in parity_cases.items() if tp * pp == 1 or k != "llama-custom-rope"}
+    results = run_ranks(parity_worker, world_size=tp * pp, args=(tp, pp, vpp, cases))
+    _check(results, cases)
