@@ -1,0 +1,262 @@
+"""Evaluate a model on math benchmarks with vLLM: k samples per problem, math-verify grading.
+
+The default is the OPSD paper's protocol: temperature 1.0, top-p 1.0, no top-k, thinking on,
+the student prompt, k samples per problem, avg@k as the headline number (with pass@k and
+majority@k). ``--model`` is a Hugging Face directory or a megaopsd checkpoint (a directory
+with ``metadata.json``, or a checkpoint root with a ``latest`` marker), which is exported to a
+temporary HF directory with ``tools/convert_checkpoint.py export-hf`` first.
+
+    python tools/eval_math.py --model /models/Qwen3-1.7B --benchmark aime24 --benchmark aime25 \\
+        --benchmark hmmt25 --k 16 --max-new-tokens 38912 --out outputs/eval/base
+    python tools/eval_math.py --model outputs/checkpoints/iter_0000100 --benchmark aime24=data/aime24.jsonl
+
+Writes ``<out>/samples_<benchmark>.jsonl`` (one line per response: problem id, sample index,
+response text, extracted answer, correct, ...) and ``<out>/summary.json``, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:  # run as a script from a checkout without installing megaopsd
+    sys.path.insert(0, str(_REPO))
+
+from megaopsd.data.dataset import DataError  # noqa: E402
+from megaopsd.data.prompts import STUDENT_TEMPLATE  # noqa: E402
+from megaopsd.eval.benchmarks import Benchmark, load_benchmark, parse_benchmark_arg  # noqa: E402
+from megaopsd.eval.grading import Grader, GradingSettings  # noqa: E402
+from megaopsd.eval.runner import BenchmarkResult, build_prompt_ids, run_benchmark  # noqa: E402
+
+CONVERT_SCRIPT = _REPO / "tools" / "convert_checkpoint.py"
+GIB = 1 << 30
+
+
+class EvalError(Exception):
+    """A user-facing problem with the arguments or inputs; printed as one line."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, type=Path, help="HF model directory or megaopsd checkpoint")
+    p.add_argument(
+        "--benchmark",
+        action="append",
+        required=True,
+        metavar="NAME[=PATH]",
+        help="aime24 | aime25 | hmmt25 | math500 (from the hub), or NAME=file.jsonl|.parquet; repeatable",
+    )
+    p.add_argument("--out", required=True, type=Path, help="directory for samples_*.jsonl and summary.json")
+    p.add_argument("--k", type=int, default=16, help="samples per problem (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=38912, help="response length limit (default 38912)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1, help="-1 disables top-k")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-thinking", action="store_true", help="chat template with enable_thinking=False")
+    p.add_argument("--template", default=STUDENT_TEMPLATE, help="user message template with {problem}")
+    p.add_argument("--problem-column", help="override the benchmarks' problem column")
+    p.add_argument("--answer-column", help="override the benchmarks' answer column")
+    p.add_argument("--id-column", help="override the benchmarks' id column ('' = row positions)")
+    p.add_argument("--limit", type=int, help="only the first N problems of each benchmark")
+    p.add_argument("--dtype", default="auto", help="engine dtype: auto (the model's), float32, bfloat16")
+    p.add_argument("--max-model-len", type=int, help="default: longest prompt + --max-new-tokens")
+    p.add_argument(
+        "--kv-cache-gib", type=float, default=4.0, help="vLLM KV cache size (default 4; raise it on GPUs)"
+    )
+    p.add_argument("--grading-timeout", type=float, default=10.0, help="hard limit per graded answer (s)")
+    p.add_argument("--grading-workers", type=int, default=2, help="grading processes (default 2)")
+    p.add_argument("--export-dir", type=Path, help="keep a checkpoint's HF export here (default: temp)")
+    return p
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def checkpoint_dir(model: Path) -> Path | None:
+    """The megaopsd checkpoint ``model`` names (itself, or what its ``latest`` marker names), if any."""
+    marker = model / "latest"
+    if marker.is_file():
+        model = model / marker.read_text().strip()
+    return model if (model / "metadata.json").is_file() else None
+
+
+def export_checkpoint(ckpt: Path, out: Path) -> None:
+    """Export a checkpoint to an HF directory with the conversion CLI (one process)."""
+    command = [sys.executable, str(CONVERT_SCRIPT), "export-hf", "--ckpt", str(ckpt), "--out", str(out)]
+    command += ["--no-progress"]  # no --force: a non-empty --export-dir is refused, not overwritten
+    print(f"eval_math: exporting {ckpt} -> {out}", flush=True)
+    proc = subprocess.run(command, cwd=_REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise EvalError(f"export of {ckpt} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+@contextlib.contextmanager
+def hf_model_dir(model: Path, export_dir: Path | None) -> Iterator[Path]:
+    """``model`` itself if it is an HF directory, else a (temporary) export of the checkpoint."""
+    if not model.is_dir():
+        raise EvalError(f"--model {model}: no such directory")
+    ckpt = checkpoint_dir(model)
+    if ckpt is None:
+        if not (model / "config.json").is_file():
+            raise EvalError(
+                f"--model {model}: neither an HF model (config.json) nor a checkpoint (metadata.json)"
+            )
+        yield model
+    elif export_dir is not None:
+        export_checkpoint(ckpt, export_dir)
+        yield export_dir
+    else:
+        with tempfile.TemporaryDirectory(prefix="megaopsd-eval-") as tmp:
+            export_checkpoint(ckpt, Path(tmp))
+            yield Path(tmp)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def write_samples(result: BenchmarkResult, out: Path) -> Path:
+    """``<out>/samples_<name>.jsonl``: one JSON object per response."""
+    path = out / f"samples_{result.name}.jsonl"
+    with path.open("w", encoding="utf-8") as handle:
+        for record in result.records:
+            handle.write(json.dumps(dataclasses.asdict(record), ensure_ascii=False) + "\n")
+    return path
+
+
+def format_table(results: list[BenchmarkResult]) -> str:
+    """A plain-text table: one row per benchmark, rates in percent."""
+    head = f"{'benchmark':<12} {'problems':>8} {'k':>3} {'avg@k':>7} {'pass@k':>7} {'maj@k':>7}"
+    head += f" {'len':>8} {'no-box':>7} {'trunc':>7}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        s, k = r.summary, r.k
+        lines.append(
+            f"{r.name:<12} {int(s['num_problems']):>8} {k:>3} {100 * s[f'avg@{k}']:>6.2f}%"
+            f" {100 * s[f'pass@{k}']:>6.2f}% {100 * s[f'majority@{k}']:>6.2f}%"
+            f" {s['response_length_mean']:>8.1f} {100 * s['no_answer_frac']:>6.1f}%"
+            f" {100 * s['truncated_frac']:>6.1f}%"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _load_benchmarks(args: argparse.Namespace) -> list[Benchmark]:
+    benchmarks = []
+    for text in args.benchmark:
+        name, path = parse_benchmark_arg(text)
+        benchmarks.append(
+            load_benchmark(
+                name,
+                path,
+                problem_column=args.problem_column,
+                answer_column=args.answer_column,
+                id_column=args.id_column,
+                limit=args.limit,
+            )
+        )
+    if len({b.name for b in benchmarks}) != len(benchmarks):
+        raise EvalError("each --benchmark name may appear once")
+    return benchmarks
+
+
+def evaluate_model(args: argparse.Namespace, model_dir: Path, benchmarks: list[Benchmark]) -> dict:
+    """Start the engine on ``model_dir``, run every benchmark, write the files; the summary."""
+    from transformers import AutoTokenizer
+
+    from megaopsd.rollout import EngineSettings, SamplingSettings, VllmEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    thinking = not args.no_thinking
+    longest = max(
+        len(ids)
+        for b in benchmarks
+        for ids in build_prompt_ids(tokenizer, b, template=args.template, enable_thinking=thinking)
+    )
+    engine_settings = EngineSettings(
+        model_path=str(model_dir),
+        dtype=args.dtype,
+        max_model_len=args.max_model_len or longest + args.max_new_tokens,
+        kv_cache_bytes=int(args.kv_cache_gib * GIB),
+        in_process=True,
+        seed=args.seed,
+    )
+    sampling = SamplingSettings(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    grading = GradingSettings(timeout_s=args.grading_timeout, num_workers=args.grading_workers)
+    results = []
+    with VllmEngine(engine_settings) as engine, Grader(grading) as grader:
+        for benchmark in benchmarks:
+            start = time.perf_counter()
+            result = run_benchmark(
+                engine,
+                tokenizer,
+                benchmark,
+                k=args.k,
+                sampling=sampling,
+                grader=grader,
+                template=args.template,
+                enable_thinking=thinking,
+            )
+            path = write_samples(result, args.out)
+            print(
+                f"eval_math: {benchmark.name}: {time.perf_counter() - start:.1f} s, wrote {path}", flush=True
+            )
+            results.append(result)
+    print(format_table(results))
+    return {
+        "model": str(args.model),
+        "settings": {
+            "k": args.k,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "top_k": args.top_k,
+            "max_new_tokens": args.max_new_tokens,
+            "seed": args.seed,
+            "enable_thinking": thinking,
+            "template": args.template,
+            "max_model_len": engine_settings.max_model_len,
+            "dtype": args.dtype,
+        },
+        "benchmarks": {
+            r.name: {"source": b.source, "k": r.k, **r.summary, "num_problems": len(b)}
+            for r, b in zip(results, benchmarks)
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.k < 1 or args.max_new_tokens < 1:
+            raise EvalError("--k and --max-new-tokens must be >= 1")
+        benchmarks = _load_benchmarks(args)  # fail on data problems before starting an engine
+        args.out.mkdir(parents=True, exist_ok=True)
+        with hf_model_dir(args.model, args.export_dir) as model_dir:
+            summary = evaluate_model(args, model_dir, benchmarks)
+    except (EvalError, DataError) as exc:
+        print(f"eval_math.py: error: {exc}", file=sys.stderr)
+        return 2
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"eval_math: wrote {args.out / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
