@@ -33,6 +33,7 @@ from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line
 from megaopsd.runtime.parallel import Runtime
 
 MIB = 1 << 20
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # checkpoint at the next step boundary, then exit
 
 
 class NonFiniteLossError(RuntimeError):
@@ -201,7 +202,15 @@ class Trainer:
             weight_sync_dir=ro.weight_sync_dir,
         )
         self._say(f"starting the rollout engine ({'in-process' if in_process else 'own process'})")
-        return VllmEngine(settings)
+        # Slurm signals every process of a step. The engine's processes inherit "ignore" for the
+        # stop signals, so a preemption notice reaches only the trainer, which stops at a step
+        # boundary and then closes the engine itself.
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+        try:
+            return VllmEngine(settings)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _sync_weights(self):
         """Stream the student's HF weights through the export mapping into the engine."""
@@ -251,7 +260,7 @@ class Trainer:
         def request_stop(signum, _frame):
             self._stop_signal = signum
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, request_stop)
 
     def _stop_agreed(self) -> bool:
