@@ -133,6 +133,23 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    interval: int = 0  # evaluate every N steps through the live rollout engine; 0 = off
+    at_start: bool = False  # also evaluate the initial weights (logged at step 0)
+    benchmarks: tuple[str, ...] = ()  # NAME (hub) or NAME=path.jsonl: aime24, aime25, hmmt25, math500
+    k: int = 4  # samples per problem
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int = 0
+    enable_thinking: bool = True
+    limit: int | None = None  # first N problems of each benchmark
+    grading_timeout_s: float = 10.0
+    grading_workers: int = 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     model: ModelConfig
     parallel: ParallelConfig = ParallelConfig()
@@ -144,6 +161,7 @@ class Config:
     trainer: TrainerConfig = TrainerConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 # ----------------------------------------------------------------------------- building
@@ -349,6 +367,35 @@ def _validate_algorithm(cfg: Config) -> None:
         )
 
 
+def _validate_lengths_and_eval(cfg: Config) -> None:
+    ro, ev, data = cfg.rollout, cfg.eval, cfg.data
+    if data.max_prompt_tokens + ro.max_new_tokens > ro.max_model_len:
+        _fail(
+            "rollout.max_model_len",
+            ro.max_model_len,
+            f"is below data.max_prompt_tokens={data.max_prompt_tokens} + rollout.max_new_tokens={ro.max_new_tokens}",
+            "raise it or shorten prompts/responses (vLLM would cut responses silently)",
+        )
+    if ev.interval < 0:
+        _fail("eval.interval", ev.interval, "must be >= 0", "use 0 to turn in-training evaluation off")
+    if ev.k < 1:
+        _fail("eval.k", ev.k, "must be >= 1", "sample at least one response per problem")
+    if (ev.interval > 0 or ev.at_start) and not ev.benchmarks:
+        _fail(
+            "eval.benchmarks",
+            list(ev.benchmarks),
+            "is empty but evaluation is on",
+            "list e.g. [aime24, aime25] or NAME=path.jsonl",
+        )
+    if (ev.interval > 0 or ev.at_start) and data.max_prompt_tokens + ev.max_new_tokens > ro.max_model_len:
+        _fail(
+            "eval.max_new_tokens",
+            ev.max_new_tokens,
+            f"+ data.max_prompt_tokens={data.max_prompt_tokens} exceeds rollout.max_model_len={ro.max_model_len}",
+            "raise rollout.max_model_len or lower eval.max_new_tokens",
+        )
+
+
 def _validate_training(cfg: Config) -> None:
     tr, model, runtime = cfg.trainer, cfg.model, cfg.runtime
     if tr.max_steps < 1:
@@ -408,6 +455,7 @@ def validate(cfg: Config, *, world_size: int, hf_config: Mapping[str, Any] | Non
     _validate_training(cfg)
     _validate_parallel(cfg, world_size, hf)
     _validate_algorithm(cfg)
+    _validate_lengths_and_eval(cfg)
 
 
 def world_size_from_env() -> int:

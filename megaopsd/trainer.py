@@ -79,6 +79,7 @@ class Trainer:
         )
         self.writer = MetricsWriter(cfg.logging.tensorboard_dir, enabled=runtime.is_main)
         self.engine = self._start_engine() if runtime.is_main else None
+        self.evaluator = self._start_evaluator() if runtime.is_main else None
         self.step = 0
         self.nonfinite_in_a_row = 0
         self._stop_signal: int | None = None
@@ -90,6 +91,8 @@ class Trainer:
         resumed = self._maybe_resume()
         if resumed:
             self._sync_weights()  # the engine started from model.hf_path, not from the checkpoint
+        if self.cfg.eval.at_start and self.step == 0:
+            self._log(self._evaluate(PhaseTimer()), force=True)
         self._install_signal_handlers()
         try:
             while self.step < self.cfg.trainer.max_steps:
@@ -121,8 +124,10 @@ class Trainer:
                 result, train_tokens = self._paired_update(rollouts)
             with timer.phase("weight_sync"):
                 sync = self._sync_weights() if not result.skipped else None
+            eval_due = bool(self.cfg.eval.interval) and self.step % self.cfg.eval.interval == 0
+            evaluation = self._evaluate(timer) if eval_due else {}
         self._check_nonfinite(result)
-        values = self._step_values(result, rollouts, timer, train_tokens)
+        values = {**self._step_values(result, rollouts, timer, train_tokens), **evaluation}
         if sync is not None:
             values["perf/weight_sync_gb"] = sync.bytes / 1e9
         if self.step == 1 or (
@@ -224,6 +229,50 @@ class Trainer:
             return None
         return self.engine.update_weights(weights)
 
+    # ------------------------------------------------------------------ evaluation
+
+    def _start_evaluator(self):
+        """Benchmarks and a grader on rank 0 when in-training evaluation is on."""
+        from megaopsd.eval.benchmarks import load_benchmark, parse_benchmark_arg
+        from megaopsd.eval.grading import Grader, GradingSettings
+
+        ev = self.cfg.eval
+        if not (ev.interval or ev.at_start):
+            return None
+        benchmarks = [load_benchmark(*parse_benchmark_arg(b), limit=ev.limit) for b in ev.benchmarks]
+        grader = Grader(GradingSettings(timeout_s=ev.grading_timeout_s, num_workers=ev.grading_workers))
+        return benchmarks, grader
+
+    def _evaluate(self, timer: PhaseTimer) -> dict[str, float]:
+        """``eval/<benchmark>/...`` through the live engine (rank 0); the others wait for it."""
+        from megaopsd.eval.runner import evaluate
+        from megaopsd.rollout.types import SamplingSettings
+
+        values: dict[str, float] = {}
+        with timer.phase("eval"):
+            if self.runtime.is_main:
+                ev = self.cfg.eval
+                benchmarks, grader = self.evaluator
+                sampling = SamplingSettings(
+                    temperature=ev.temperature,
+                    top_p=ev.top_p,
+                    top_k=ev.top_k,
+                    max_new_tokens=ev.max_new_tokens,
+                    seed=ev.seed,
+                )
+                values = evaluate(
+                    self.engine,
+                    self.tokenizer,
+                    benchmarks,
+                    k=ev.k,
+                    sampling=sampling,
+                    grader=grader,
+                    enable_thinking=ev.enable_thinking,
+                )
+            if self.runtime.world_size > 1:
+                dist.barrier()
+        return values
+
     # ------------------------------------------------------------------ checkpoints
 
     def _maybe_resume(self) -> bool:
@@ -302,8 +351,8 @@ class Trainer:
             values[f"data/skipped_{reason}"] = count
         return values
 
-    def _log(self, values: dict[str, float]) -> None:
-        if self.step % self.cfg.logging.log_interval == 0 or self.step == 1:
+    def _log(self, values: dict[str, float], *, force: bool = False) -> None:
+        if force or self.step % self.cfg.logging.log_interval == 0 or self.step == 1:
             self.writer.scalars(self.step, values)
             self.writer.flush()
             self._say(status_line(self.step, self.cfg.trainer.max_steps, values))
@@ -327,6 +376,9 @@ class Trainer:
         from megaopsd.convert import release_save_workers
 
         self.writer.close()
+        if self.evaluator is not None:
+            self.evaluator[1].close()
+            self.evaluator = None
         if self.engine is not None:
             self.engine.close()
             self.engine = None

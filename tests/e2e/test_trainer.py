@@ -254,3 +254,23 @@ def test_bad_rows_are_skipped_and_counted_or_rejected_in_strict_mode(tiny_qwen3,
     )
     assert strict.returncode != 0
     assert f"{data}:2" in strict.stderr, strict.stderr[-2000:]
+
+
+def test_in_training_eval_logs_eval_tags(tiny_qwen3, fixed_prompts, tmp_path):
+    out = tmp_path / "with_eval"
+    extra = {
+        "trainer.max_steps": 2,
+        "eval.interval": 2,
+        "eval.at_start": "true",
+        "eval.benchmarks": f"['demo={fixed_prompts}']",
+        "eval.k": 2,
+        "eval.limit": 3,
+        "eval.max_new_tokens": 16,
+    }
+    run(overrides(tiny_qwen3, out, fixed_prompts, **extra), nproc=1)
+    values = scalars(out / "tensorboard")
+    for tag in ("eval/demo/avg@2", "eval/demo/pass@2", "eval/demo/response_length_mean"):
+        assert sorted(values[tag]) == [0, 2], (tag, values.get(tag))
+    assert 0.0 <= values["eval/demo/avg@2"][2] <= values["eval/demo/pass@2"][2] <= 1.0
+    assert 1 <= values["eval/demo/response_length_mean"][2] <= 16
+    assert "perf/eval_time_s" in values
