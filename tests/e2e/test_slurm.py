@@ -1,0 +1,210 @@
+"""slurm/train.sbatch against a real Slurm controller on localhost (slurm/local/cluster.sh).
+
+The cluster (munged, slurmctld, slurmd) starts once for this module and is stopped by PID at
+the end. CI installs the Debian packages first (`slurm/local/cluster.sh install` in .ci/run).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.dist_harness import free_port
+from tests.e2e.test_trainer import assert_identical, scalars
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "slurm" / "local" / "cluster.sh"
+CPU_JOB = [
+    "--nodes=1",
+    "--ntasks=2",
+    "--ntasks-per-node=2",
+    "--cpus-per-task=1",
+    "--gpus-per-node=0",
+    "--time=00:15:00",
+]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    if shutil.which("slurmctld") is None:
+        pytest.fail("Slurm is not installed; run `slurm/local/cluster.sh install` (as root) first")
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
+    started = subprocess.run(
+        ["bash", str(CLUSTER), "start", str(state)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    env["SLURM_CONF"] = str(state / "etc" / "slurm.conf")
+    yield env, state
+    subprocess.run(["bash", str(CLUSTER), "stop", str(state)], env=env, timeout=60)
+
+
+def submit(env, state, args: list[str], *, extra: dict[str, str] | None = None) -> str:
+    out = subprocess.run(
+        ["sbatch", "--parsable", f"--output={state}/job-%j.out", *args],
+        cwd=REPO,
+        env={**env, **(extra or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def job_field(env, job: str, field: str) -> str:
+    text = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    match = re.search(rf"\b{field}=(\S+)", text)
+    return match.group(1) if match else ""
+
+
+def wait_done(env, job: str, timeout: float = 600) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = job_field(env, job, "JobState")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} did not finish in {timeout} s")
+
+
+def train_args(model: Path, data: Path) -> list[str]:
+    return [
+        "slurm/train.sbatch",
+        "recipe=tiny_cpu",
+        f"model.hf_path={model}",
+        f"data.train_files=[{data}]",
+        "trainer.max_steps=6",
+        "checkpoint.save_interval=100",
+        "rollout.max_new_tokens=24",
+    ]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("slurm_data") / "fixed.jsonl"
+    path.write_text("\n".join((REPO / "data/demo/train.jsonl").read_text().splitlines()[:8]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def straight_job(slurm, tiny_qwen3, data_file, tmp_path_factory):
+    env, state = slurm
+    root = tmp_path_factory.mktemp("runs")
+    job = submit(
+        env,
+        state,
+        [*CPU_JOB, "--job-name=straight", *train_args(tiny_qwen3, data_file)],
+        extra={"OUTPUT_ROOT": str(root)},
+    )
+    return job, wait_done(env, job), root / f"straight-{job}", state / f"job-{job}.out"
+
+
+def test_tiny_recipe_job_completes_with_logs_and_checkpoint(straight_job):
+    _job, final_state, run_dir, log = straight_job
+    assert final_state == "COMPLETED", log.read_text()[-3000:]
+    assert "on 1 node(s), 2 tasks" in log.read_text()
+    values = scalars(run_dir / "tensorboard")
+    assert sorted(values["train/loss"]) == list(range(1, 7))
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
+
+
+def test_preempted_job_saves_requeues_resumes_and_matches(
+    slurm, straight_job, tiny_qwen3, data_file, tmp_path
+):
+    env, state = slurm
+    job = submit(
+        env,
+        state,
+        [*CPU_JOB, "--job-name=preempted", *train_args(tiny_qwen3, data_file)],
+        extra={"OUTPUT_ROOT": str(tmp_path)},
+    )
+    log = state / f"job-{job}.out"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.is_file() and "step 2/6" in log.read_text()):
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True, timeout=30)
+    assert wait_done(env, job) == "COMPLETED", log.read_text()[-3000:]
+    text = log.read_text()
+    assert "requeueing job" in text and "(restart 1)" in text and "resumed from" in text
+    assert job_field(env, job, "Restarts") == "1"
+    run_dir = tmp_path / f"preempted-{job}"
+    stopped = re.search(r"stopping after step (\d+)", text)
+    assert stopped and 2 <= int(stopped.group(1)) < 6
+    assert_identical(
+        straight_job[2] / "checkpoints" / "iter_0000006", run_dir / "checkpoints" / "iter_0000006"
+    )
+
+
+def test_impossible_request_fails_at_submission(slurm):
+    env, _ = slurm
+    start = time.time()
+    out = subprocess.run(
+        [
+            "sbatch",
+            "--ntasks=64",
+            "--cpus-per-task=1",
+            "--gpus-per-node=0",
+            "slurm/train.sbatch",
+            "recipe=tiny_cpu",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0 and time.time() - start < 30
+    assert "More processors requested than permitted" in out.stderr or "not available" in out.stderr, (
+        out.stderr
+    )
+
+
+def test_script_rejects_missing_settings(slurm, tmp_path):
+    env, state = slurm
+    outside = subprocess.run(
+        ["bash", "slurm/train.sbatch", "recipe=tiny_cpu"],
+        cwd=REPO,
+        env={k: v for k, v in env.items() if not k.startswith("SLURM_JOB")},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert outside.returncode == 2 and "not inside a Slurm job" in outside.stderr
+    job = submit(
+        env,
+        state,
+        [
+            "--ntasks=1",
+            "--ntasks-per-node=1",
+            "--cpus-per-task=1",
+            "--gpus-per-node=0",
+            "slurm/train.sbatch",
+            "trainer.max_steps=1",
+        ],
+    )
+    assert wait_done(env, job, timeout=120) == "FAILED"
+    assert "no recipe given; append recipe=NAME" in (state / f"job-{job}.out").read_text()
+    job = submit(
+        env,
+        state,
+        [
+            "--ntasks=1",
+            "--ntasks-per-node=1",
+            "--cpus-per-task=1",
+            "--gpus-per-node=0",
+            "slurm/train.sbatch",
+            "recipe=tiny_cpu",
+        ],
+        extra={"MEGAOPSD_PYTHON": str(tmp_path / "missing" / "python")},
+    )
+    assert wait_done(env, job, timeout=120) == "FAILED"
+    assert "no python at MEGAOPSD_PYTHON" in (state / f"job-{job}.out").read_text()
