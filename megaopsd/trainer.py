@@ -30,6 +30,7 @@ from megaopsd.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from megaopsd.config import Config
 from megaopsd.loss.logprobs import token_logprobs
 from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line
+from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import Runtime
 
 MIB = 1 << 20
@@ -168,7 +169,8 @@ class Trainer:
             logprob_fn=self.logprob_fn,
         )
         tokens = torch.tensor(
-            float(sum(mb.batch_size * (mb.student_len + mb.teacher_len) for mb in microbatches))
+            float(sum(mb.batch_size * (mb.student_len + mb.teacher_len) for mb in microbatches)),
+            device=collective_device(),
         )
         dist.all_reduce(tokens, group=par.dp_group)
         return result, int(tokens)
@@ -314,7 +316,9 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """Any rank that got a signal stops every rank at the same step boundary."""
-        flag = torch.tensor(0.0 if self._stop_signal is None else float(self._stop_signal))
+        flag = torch.tensor(
+            0.0 if self._stop_signal is None else float(self._stop_signal), device=collective_device()
+        )
         if self.runtime.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag > 0:

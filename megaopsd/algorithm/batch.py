@@ -61,7 +61,18 @@ class PairedMicrobatch:
     def position_ids(tokens_BL: torch.Tensor) -> torch.Tensor:
         """Positions restart at 0 for every sequence (rope; learned positions would need it too)."""
         batch, length = tokens_BL.shape
-        return torch.arange(length).unsqueeze(0).expand(batch, length)
+        return torch.arange(length, device=tokens_BL.device).unsqueeze(0).expand(batch, length)
+
+    def to(self, device: torch.device) -> PairedMicrobatch:
+        """The same microbatch with every tensor on ``device`` (itself when already there)."""
+        if self.student_tokens_BL.device == device:
+            return self
+        moved = {
+            field.name: None if value is None else value.to(device, non_blocking=True)
+            for field in dataclasses.fields(self)
+            for value in [getattr(self, field.name)]
+        }
+        return PairedMicrobatch(**moved)
 
 
 def _round_up(value: int, multiple: int) -> int:

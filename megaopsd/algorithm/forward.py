@@ -48,8 +48,8 @@ class PairedForward:
         raise ValueError("the schedule passed a model chunk that is not one of the student chunks")
 
     def __call__(self, data_iterator: Iterator[PairedMicrobatch], model: torch.nn.Module):
-        mb = next(data_iterator)
         student = unwrap(model)
+        mb = next(data_iterator).to(next(student.parameters()).device)
         teacher = self.teacher.chunk(self._chunk_index(model))
         received = student.decoder.input_tensor  # set by the schedule; None on the first stage
         s_split = mb.student_len // self.sequence_parallel_size

@@ -19,6 +19,7 @@ from megaopsd.algorithm.batch import PairedMicrobatch
 from megaopsd.algorithm.forward import LogprobFn, LossFn, PairedForward
 from megaopsd.algorithm.optim import TrainableStudent
 from megaopsd.algorithm.teacher import Teacher
+from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import ParallelState
 
 
@@ -42,7 +43,7 @@ def _reduce_metrics(outputs: list[dict[str, torch.Tensor]], parallel: ParallelSt
         last = dist.get_global_rank(parallel.pp_group, parallel.pp_size - 1)
         dist.broadcast_object_list(names, src=last, group=parallel.pp_group)
     names = names[0]
-    sums = torch.zeros(len(names), dtype=torch.float64)
+    sums = torch.zeros(len(names), dtype=torch.float64, device=collective_device())
     for out in outputs:
         for i, name in enumerate(names):
             sums[i] += out[name].double()
@@ -92,7 +93,9 @@ def forward_backward(
         forward_only=forward_only,
     )
     sums = _reduce_metrics(list(outputs), parallel)
-    tokens = torch.tensor(float(sum(mb.num_loss_tokens for mb in microbatches)), dtype=torch.float64)
+    tokens = torch.tensor(
+        float(sum(mb.num_loss_tokens for mb in microbatches)), dtype=torch.float64, device=collective_device()
+    )
     dist.all_reduce(tokens, group=parallel.dp_group)
     return sums, int(tokens)
 
@@ -105,7 +108,7 @@ def _all_finite(student: TrainableStudent, loss_sum: float) -> bool:
         for param in chunk.parameters()
         if getattr(param, "main_grad", None) is not None
     )
-    flag = torch.tensor(1.0 if local else 0.0)
+    flag = torch.tensor(1.0 if local else 0.0, device=collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag)
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from megaopsd.config import ModelConfig
 from megaopsd.models.hf_config import HFModelSpec, check_tensor_parallel
 from megaopsd.models.rope import apply_rope_override, megatron_handles_scaling
+from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import ParallelState
 
 if TYPE_CHECKING:  # megatron imports stay lazy: importing megatron.core costs seconds
@@ -201,5 +202,7 @@ def build_model_chunks(
         )
         if scaling is not None and not builtin_scaling:
             apply_rope_override(model, spec.head_dim, spec.rope_theta, scaling)
-        chunks.append(model)
+        # megatron creates TP-sharded weights on the current GPU, but the torch norms of the local
+        # spec on the default (CPU) device: put the whole chunk where the collectives run.
+        chunks.append(model.to(collective_device()))
     return chunks

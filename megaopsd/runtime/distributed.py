@@ -128,3 +128,10 @@ def init_process_group(launch: LaunchEnv, device: torch.device, *, timeout_minut
         world_size=launch.world_size,
         timeout=datetime.timedelta(minutes=timeout_minutes),
     )
+
+
+def collective_device() -> torch.device:
+    """Where small tensors for collectives must live: the current GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,235 @@
+"""CUDA checks and figures for a lent GPU (one device, NCCL, bf16); not part of the CPU suite.
+
+1. The vocab-parallel divergences on CUDA: every kind against a float64 full-vocab autograd
+   reference (float32 and bf16 inputs), then JSD(0.5) at Qwen3's vocabulary (151936) and 4096
+   tokens against the naive full-vocab autograd loss: peak memory and time.
+2. megatron-core on CUDA through megaopsd's runtime (NCCL, no CPU emulation): the `small`
+   Qwen3 built from its HF config matches transformers' logits (float32), and 10 bf16 paired
+   OPSD steps (fixed teacher) run with a falling loss.
+
+    python bench/gpu_check.py            # prints a table; ends with RESULT lines
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+KINDS = [
+    ("jsd", 0.5),
+    ("forward_kl", 0.0),
+    ("reverse_kl", 1.0),
+    ("topk", 0.5),
+    ("topk_tail", 0.5),
+    ("pg", 0.5),
+]
+
+
+def reference_grad(kind: str, beta: float, s: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, k: int = 8):
+    """float64 full-vocab autograd reference of the summed loss (kinds as in megaopsd.loss)."""
+    s = s.detach().double().requires_grad_(True)
+    t = t.detach().double()
+    ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    if kind.startswith("topk"):
+        top = lt.topk(k, dim=-1).indices
+        a, b = ls.gather(-1, top), lt.gather(-1, top)
+        if kind == "topk":
+            ls, lt = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+        else:
+            tail = lambda x: torch.log1p(-x.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-12))  # noqa: E731
+            ls, lt = torch.cat([a, tail(a)], -1), torch.cat([b, tail(b)], -1)
+    if kind == "pg":
+        lps, lpt = ls.gather(-1, ids[:, None]).squeeze(1), lt.gather(-1, ids[:, None]).squeeze(1)
+        loss = (-(lpt - lps).detach() * lps).sum()
+    elif beta == 0.0:
+        loss = (lt.exp() * (lt - ls)).sum()
+    elif beta == 1.0:
+        loss = (ls.exp() * (ls - lt)).sum()
+    else:
+        lm = torch.logsumexp(
+            torch.stack([lt + torch.tensor(beta).log(), ls + torch.tensor(1 - beta).log()]), 0
+        )
+        loss = (beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)).sum()
+    loss.backward()
+    return loss.detach(), s.grad
+
+
+def check_divergences(device: torch.device) -> float:
+    from megaopsd.loss import vocab_parallel_divergence
+
+    worst = 0.0
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for kind, beta in KINDS:
+            s = (3 * torch.randn(257, 1000, generator=gen)).to(device, dtype).requires_grad_(True)
+            t = (3 * torch.randn(257, 1000, generator=gen)).to(device, dtype)
+            ids = torch.randint(0, 1000, (257,), generator=gen).to(device)
+            loss, _ = vocab_parallel_divergence(
+                s,
+                t,
+                torch.ones(257, device=device),
+                kind=kind,
+                beta=beta,
+                vocab_size=1000,
+                top_k=8 if kind.startswith("topk") else None,
+                sampled_ids_T=ids if kind == "pg" else None,
+            )
+            loss.backward()
+            ref_loss, ref_grad = reference_grad(kind, beta, s.float(), t.float(), ids)
+            err = max(
+                abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)),
+                float((s.grad.double() - ref_grad).norm() / ref_grad.norm()),
+            )
+            worst = max(worst, err) if dtype == torch.float32 else worst
+            print(f"  {kind:<11} {dtype!s:<15} rel err vs float64 {err:.2e}")
+    return worst
+
+
+def naive_jsd(s: torch.Tensor, t: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """The official OPSD-style loss on full-vocab logits with plain autograd."""
+    ls, lt = torch.log_softmax(s.float(), -1), torch.log_softmax(t.float(), -1)
+    lm = torch.logsumexp(torch.stack([ls + torch.tensor(1 - beta).log(), lt + torch.tensor(beta).log()]), 0)
+    kl_t = torch.nn.functional.kl_div(lm, lt, reduction="none", log_target=True).sum(-1)
+    kl_s = torch.nn.functional.kl_div(lm, ls, reduction="none", log_target=True).sum(-1)
+    return (beta * kl_t + (1 - beta) * kl_s).sum()
+
+
+def bench_divergence(device: torch.device, tokens: int = 4096, vocab: int = 151936, repeats: int = 5):
+    from megaopsd.loss import vocab_parallel_divergence
+
+    s0 = torch.randn(tokens, vocab, device=device, dtype=torch.bfloat16)
+    t0 = torch.randn(tokens, vocab, device=device, dtype=torch.bfloat16)
+    mask = torch.ones(tokens, device=device)
+    variants = {
+        "ours": lambda s: vocab_parallel_divergence(
+            s, t0, mask, kind="jsd", beta=0.5, vocab_size=vocab, chunk_tokens=1024
+        )[0],
+        "naive": lambda s: naive_jsd(s, t0),
+    }
+    out = {}
+    for name, fn in variants.items():
+        times = []
+        for _ in range(repeats + 1):
+            s = s0.clone().requires_grad_(True)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss = fn(s)
+            loss.backward()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            value = float(loss)
+            del s, loss
+        out[name] = (statistics.median(times[1:]), peak, value)
+        print(f"  {name:<6} {out[name][0]:8.1f} ms  peak +{peak:8.0f} MiB  loss {value:.6f}")
+    return out
+
+
+def megatron_on_cuda() -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    from megaopsd.algorithm.batch import build_microbatches
+    from megaopsd.algorithm.loss import make_loss_fn
+    from megaopsd.algorithm.optim import wrap_student
+    from megaopsd.algorithm.step import train_step
+    from megaopsd.algorithm.teacher import make_teacher
+    from megaopsd.config import (
+        LossConfig,
+        ModelConfig,
+        ParallelConfig,
+        RuntimeConfig,
+        TeacherConfig,
+        TrainerConfig,
+    )
+    from megaopsd.convert import load_hf_weights
+    from megaopsd.models import build_model_chunks, forward_logits, load_hf_config
+    from megaopsd.runtime import Runtime
+    from tests.distributed.test_paired_schedule import fixed_rollouts
+    from tools.make_tiny_model import make_tiny_model
+
+    runtime = Runtime.start(ParallelConfig(), RuntimeConfig(device="cuda"))
+    assert runtime.device.type == "cuda" and not runtime.cpu_emulation
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = make_tiny_model("qwen3", Path(tmp) / "small", preset="small")
+        spec = load_hf_config(hf_dir)
+        chunks = build_model_chunks(spec, ModelConfig(hf_path=str(hf_dir)), runtime.parallel)
+        load_hf_weights(chunks, spec, hf_dir, runtime.parallel)
+        ids = torch.randint(0, spec.vocab_size, (2, 64))
+        with torch.no_grad():
+            ours = forward_logits(chunks, ids, runtime.parallel)[..., : spec.vocab_size].float()
+            hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).cuda().eval()
+            ref = hf(ids.cuda()).logits.float()
+        results["logits_max_abs_diff_fp32"] = float((ours - ref).abs().max())
+        del hf, chunks
+        model_cfg = ModelConfig(hf_path=str(hf_dir), dtype="bfloat16")
+
+        def build():
+            return build_model_chunks(spec, model_cfg, runtime.parallel)
+
+        chunks = build()
+        load_hf_weights(chunks, spec, hf_dir, runtime.parallel)
+        teacher = make_teacher(TeacherConfig(mode="fixed"), chunks, build)
+        student = wrap_student(
+            chunks, trainer=TrainerConfig(lr=1e-4, max_steps=100), parallel=ParallelConfig(), bf16=True
+        )
+        loss_fn = make_loss_fn(LossConfig(kind="jsd", beta=0.5), vocab_size=spec.vocab_size, tp_group=None)
+        mbs = build_microbatches(fixed_rollouts(vocab=spec.vocab_size, count=16), max_tokens=400, pad_id=0)
+        losses, times = [], []
+        for _ in range(10):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            result = train_step(
+                student=student, teacher=teacher, microbatches=mbs, loss_fn=loss_fn, parallel=runtime.parallel
+            )
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            losses.append(result.loss)
+        print("  bf16 paired losses:", " ".join(f"{x:.5f}" for x in losses))
+        results.update(
+            bf16_first_loss=losses[0],
+            bf16_last_loss=losses[-1],
+            bf16_step_ms=statistics.median(times[2:]) * 1e3,
+        )
+    runtime.shutdown()
+    return results
+
+
+def main() -> None:
+    device = torch.device("cuda")
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    print("divergences vs float64 reference (CUDA):")
+    worst = check_divergences(device)
+    print("JSD(0.5), 4096 tokens x vocab 151936, bf16 logits, forward + backward:")
+    figures = bench_divergence(device)
+    (ours_ms, ours_mb, ours_loss), (naive_ms, naive_mb, naive_loss) = figures["ours"], figures["naive"]
+    print("megatron-core on CUDA (NCCL, no emulation):")
+    mc = megatron_on_cuda()
+    for key, value in mc.items():
+        print(f"  {key:<28} {value:.6g}")
+    print(
+        f"RESULT gpu_divergence fp32_worst_rel_err={worst:.2e} mem_ratio={ours_mb / naive_mb:.3f} "
+        f"time_ratio={ours_ms / naive_ms:.3f} ours_ms={ours_ms:.1f} naive_ms={naive_ms:.1f} "
+        f"ours_peak_mib={ours_mb:.0f} naive_peak_mib={naive_mb:.0f} loss_rel_diff="
+        f"{abs(ours_loss - naive_loss) / abs(naive_loss):.2e}"
+    )
+    print(
+        f"RESULT gpu_megatron logits_max_abs_diff_fp32={mc['logits_max_abs_diff_fp32']:.2e} "
+        f"bf16_first_loss={mc['bf16_first_loss']:.5f} bf16_last_loss={mc['bf16_last_loss']:.5f} "
+        f"bf16_step_ms={mc['bf16_step_ms']:.1f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
