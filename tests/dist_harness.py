@@ -49,9 +49,23 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, args: tuple, qu
 def run_ranks(fn: Callable, *, world_size: int, args: tuple = (), timeout_s: float = 600) -> list[Any]:
     """Start ``world_size`` processes running ``fn(*args)``; return their results by rank.
 
+    The rendezvous port is picked free just before the spawn; another process can take it in
+    between (seen when suites run side by side), so an "address already in use" failure at
+    rendezvous is retried with a new port, twice at most.
+
     Raises:
         RuntimeError: a rank raised (its traceback is in the message) or the run timed out.
     """
+    for attempt in range(3):
+        try:
+            return _run_once(fn, world_size=world_size, args=args, timeout_s=timeout_s)
+        except RuntimeError as err:
+            if "EADDRINUSE" not in str(err) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_once(fn: Callable, *, world_size: int, args: tuple, timeout_s: float) -> list[Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
