@@ -37,3 +37,11 @@ def test_everything_imports_in_a_fresh_interpreter():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "imports-ok" in out.stdout
+
+
+def test_second_make_does_not_reinstall():
+    # `make env` (what `make test` and `make demo` depend on) is up to date once installed:
+    # `make -q` exits 0 only when the install recipe would not run again.
+    repo = __import__("pathlib").Path(__file__).resolve().parents[2]
+    out = subprocess.run(["make", "-q", "env"], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, "make would reinstall the environment: .venv/.installed is older than pyproject.toml"
