@@ -18,6 +18,7 @@ layout is unchanged (otherwise the run reseeds from the config seed and says so)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -115,6 +116,41 @@ def _prepare_optimizer_state(student: TrainableStudent) -> None:
                     }
 
 
+@contextlib.contextmanager
+def _distributed_optimizer_load_fixes(student: TrainableStudent):
+    """Loading distributed-optimizer state into torch Adam (no TE / Apex) needs two repairs.
+
+    megatron-core 0.16.1 copies every key of the inner optimizer's per-parameter state from the
+    checkpoint's sharded tensors, but those carry no ``step`` (KeyError): supply the parameter's
+    own. And its ``load_state_dict`` hands all parameters ONE shared ``step`` tensor, which torch
+    Adam then increments once per parameter per step, silently changing the bias correction:
+    give every parameter its own copy afterwards. (The third trap, a fresh Adam without state,
+    is ``_prepare_optimizer_state``.) See ../shared/notes/megatron-cpu.md, section 4.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state[main_param].get("step")
+            if step is not None:
+                tensors = {**tensors, "step": step}
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        DistributedOptimizer._set_main_param_and_optimizer_states = original
+    for optimizer in getattr(student.optimizer, "chained_optimizers", [student.optimizer]):
+        for state in optimizer.optimizer.state.values():
+            if "step" in state:
+                state["step"] = state["step"].clone()
+
+
 def _layout(parallel: ParallelState) -> dict[str, int]:
     return {
         "tp": parallel.tp_size,
@@ -210,7 +246,8 @@ def load_checkpoint(
     loaded = dist_checkpointing.load(_sharded_state(student, teacher, is_loading=True), str(path))
     for index, chunk in enumerate(student.chunks):
         unwrap(chunk).load_state_dict(loaded[model_state_key(index, len(student.chunks))], strict=True)
-    student.optimizer.load_state_dict(loaded["optimizer"])
+    with _distributed_optimizer_load_fixes(student):
+        student.optimizer.load_state_dict(loaded["optimizer"])
     student.scheduler.load_state_dict(loaded["scheduler"])
     if teacher.mode != "current":
         for index in range(len(student.chunks)):

@@ -61,69 +61,48 @@ OUTPUT_LAYER = Rule(
     "output_layer.weight", ("lm_head.weight",), VOCAB, "last", tied_to="model.embed_tokens.weight"
 )
 
-QWEN3 = FamilyMapping(
+# The decoder layer shared by every family, split where families add their own rules.
+_ATTENTION_IN = (
+    Rule("input_layernorm.weight", (_L + "input_layernorm.weight",), REPLICATED),
+    Rule(
+        "self_attention.linear_qkv.weight",
+        (_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight"),
+        QKV,
+    ),
+)
+_ATTENTION_OUT_AND_MLP = (
+    Rule("self_attention.linear_proj.weight", (_L + "self_attn.o_proj.weight",), ROW),
+    Rule("pre_mlp_layernorm.weight", (_L + "post_attention_layernorm.weight",), REPLICATED),
+    Rule("mlp.linear_fc1.weight", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), GATE_UP),
+    Rule("mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",), ROW),
+)
+
+
+def _family(name: str, *attention_extras: Rule) -> FamilyMapping:
+    """A family's table: the shared layer with its own attention rules in between (export order)."""
+    return FamilyMapping(
+        name,
+        (EMBEDDING, *_ATTENTION_IN, *attention_extras, *_ATTENTION_OUT_AND_MLP, FINAL_NORM, OUTPUT_LAYER),
+    )
+
+
+# Qwen3: RMSNorm on each query and key head.
+QWEN3 = _family(
     "qwen3",
-    (
-        EMBEDDING,
-        Rule("input_layernorm.weight", (_L + "input_layernorm.weight",), REPLICATED),
-        Rule(
-            "self_attention.linear_qkv.weight",
-            (_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight"),
-            QKV,
-        ),
-        Rule("self_attention.q_layernorm.weight", (_L + "self_attn.q_norm.weight",), REPLICATED),
-        Rule("self_attention.k_layernorm.weight", (_L + "self_attn.k_norm.weight",), REPLICATED),
-        Rule("self_attention.linear_proj.weight", (_L + "self_attn.o_proj.weight",), ROW),
-        Rule("pre_mlp_layernorm.weight", (_L + "post_attention_layernorm.weight",), REPLICATED),
-        Rule("mlp.linear_fc1.weight", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), GATE_UP),
-        Rule("mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",), ROW),
-        FINAL_NORM,
-        OUTPUT_LAYER,
-    ),
+    Rule("self_attention.q_layernorm.weight", (_L + "self_attn.q_norm.weight",), REPLICATED),
+    Rule("self_attention.k_layernorm.weight", (_L + "self_attn.k_norm.weight",), REPLICATED),
 )
-
-QWEN2 = FamilyMapping(
+# Qwen2 / Qwen2.5: biases on q, k and v (fused like the weights).
+QWEN2 = _family(
     "qwen2",
-    (
-        EMBEDDING,
-        Rule("input_layernorm.weight", (_L + "input_layernorm.weight",), REPLICATED),
-        Rule(
-            "self_attention.linear_qkv.weight",
-            (_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight"),
-            QKV,
-        ),
-        Rule(
-            "self_attention.linear_qkv.bias",
-            (_L + "self_attn.q_proj.bias", _L + "self_attn.k_proj.bias", _L + "self_attn.v_proj.bias"),
-            QKV,
-        ),
-        Rule("self_attention.linear_proj.weight", (_L + "self_attn.o_proj.weight",), ROW),
-        Rule("pre_mlp_layernorm.weight", (_L + "post_attention_layernorm.weight",), REPLICATED),
-        Rule("mlp.linear_fc1.weight", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), GATE_UP),
-        Rule("mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",), ROW),
-        FINAL_NORM,
-        OUTPUT_LAYER,
+    Rule(
+        "self_attention.linear_qkv.bias",
+        (_L + "self_attn.q_proj.bias", _L + "self_attn.k_proj.bias", _L + "self_attn.v_proj.bias"),
+        QKV,
     ),
 )
-
-LLAMA = FamilyMapping(
-    "llama",
-    (
-        EMBEDDING,
-        Rule("input_layernorm.weight", (_L + "input_layernorm.weight",), REPLICATED),
-        Rule(
-            "self_attention.linear_qkv.weight",
-            (_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight"),
-            QKV,
-        ),
-        Rule("self_attention.linear_proj.weight", (_L + "self_attn.o_proj.weight",), ROW),
-        Rule("pre_mlp_layernorm.weight", (_L + "post_attention_layernorm.weight",), REPLICATED),
-        Rule("mlp.linear_fc1.weight", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), GATE_UP),
-        Rule("mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",), ROW),
-        FINAL_NORM,
-        OUTPUT_LAYER,
-    ),
-)
+# Llama 3 / 3.1: the shared layer as it is (rope scaling lives in the model builder).
+LLAMA = _family("llama")
 
 FAMILIES: dict[str, FamilyMapping] = {m.family: m for m in (QWEN3, QWEN2, LLAMA)}
 

@@ -122,8 +122,10 @@ class Runtime:
         """Destroy Megatron's groups and the default process group; remove the emulation."""
         from megatron.core import parallel_state as mps
 
-        mps.destroy_model_parallel()
+        # An in-process vLLM engine destroys the default group when it shuts down; megatron's
+        # groups are gone with it then, and destroying them again raises.
         if dist.is_initialized():
+            mps.destroy_model_parallel()
             dist.destroy_process_group()
         if self.cpu_emulation:
             cpu_emulation.disable()

@@ -140,9 +140,8 @@ def test_two_process_recipe_logs_every_tag_and_learns(tiny_qwen3, fixed_prompts,
     )
 
 
-def test_resume_after_sigkill_is_bit_identical(tiny_qwen3, fixed_prompts, straight_run, tmp_path):
-    out = tmp_path / "killed"
-    args = overrides(tiny_qwen3, out, fixed_prompts)
+def kill_once_checkpointed(args: list[str], out: Path, checkpoint: str = "iter_0000003") -> None:
+    """Start a one-process run and SIGKILL it as soon as ``latest`` names ``checkpoint``."""
     proc = subprocess.Popen(
         command(args, 1),
         cwd=REPO,
@@ -152,11 +151,17 @@ def test_resume_after_sigkill_is_bit_identical(tiny_qwen3, fixed_prompts, straig
     )
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 300
-    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() == "iter_0000003"):
-        assert proc.poll() is None, "the run ended before its first checkpoint"
+    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() == checkpoint):
+        assert proc.poll() is None, "the run ended before the checkpoint"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def test_resume_after_sigkill_is_bit_identical(tiny_qwen3, fixed_prompts, straight_run, tmp_path):
+    out = tmp_path / "killed"
+    args = overrides(tiny_qwen3, out, fixed_prompts)
+    kill_once_checkpointed(args, out)
     run(args, nproc=1)
     assert_identical(straight_run / "checkpoints" / "iter_0000006", out / "checkpoints" / "iter_0000006")
 
@@ -274,3 +279,15 @@ def test_in_training_eval_logs_eval_tags(tiny_qwen3, fixed_prompts, tmp_path):
     assert 0.0 <= values["eval/demo/avg@2"][2] <= values["eval/demo/pass@2"][2] <= 1.0
     assert 1 <= values["eval/demo/response_length_mean"][2] <= 16
     assert "perf/eval_time_s" in values
+
+
+def test_distributed_optimizer_resume_is_bit_identical(tiny_qwen3, fixed_prompts, tmp_path):
+    """The distributed optimizer's state (Adam moments and per-parameter steps) resumes exactly."""
+    distopt = {"parallel.use_distributed_optimizer": "true"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run(overrides(tiny_qwen3, straight, fixed_prompts, **distopt), nproc=1)
+    args = overrides(tiny_qwen3, killed, fixed_prompts, **distopt)
+    kill_once_checkpointed(args, killed)
+    out = run(args, nproc=1)
+    assert "resumed from" in out.stdout and "step 3" in out.stdout
+    assert_identical(straight / "checkpoints" / "iter_0000006", killed / "checkpoints" / "iter_0000006")
