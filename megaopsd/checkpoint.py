@@ -34,6 +34,7 @@ import torch.distributed as dist
 from megaopsd.algorithm.optim import TrainableStudent
 from megaopsd.algorithm.teacher import Teacher, unwrap
 from megaopsd.runtime.parallel import ParallelState
+from megaopsd.runtime.signals import stop_signals_blocked
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -186,11 +187,14 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(
-        _sharded_state(student, teacher, is_loading=False),
-        str(partial),
-        sharded_strategy=get_default_save_sharded_strategy("torch_dist"),
-    )
+    # torch_dist saving starts a Manager process on first use: it must survive a preemption
+    # notice, or the checkpoint that the notice asks for fails (megaopsd.runtime.signals).
+    with stop_signals_blocked():
+        dist_checkpointing.save(
+            _sharded_state(student, teacher, is_loading=False),
+            str(partial),
+            sharded_strategy=get_default_save_sharded_strategy("torch_dist"),
+        )
     (partial / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), partial / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()

@@ -32,9 +32,9 @@ from megaopsd.loss.logprobs import token_logprobs
 from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import Runtime
+from megaopsd.runtime.signals import STOP_SIGNALS, stop_signals_blocked
 
 MIB = 1 << 20
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # checkpoint at the next step boundary, then exit
 
 
 class NonFiniteLossError(RuntimeError):
@@ -209,15 +209,8 @@ class Trainer:
             weight_sync_dir=ro.weight_sync_dir,
         )
         self._say(f"starting the rollout engine ({'in-process' if in_process else 'own process'})")
-        # Slurm signals every process of a step. The engine's processes inherit "ignore" for the
-        # stop signals, so a preemption notice reaches only the trainer, which stops at a step
-        # boundary and then closes the engine itself.
-        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
-        try:
+        with stop_signals_blocked():  # the engine's processes must survive a preemption notice
             return VllmEngine(settings)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def _sync_weights(self):
         """Stream the student's HF weights through the export mapping into the engine."""
