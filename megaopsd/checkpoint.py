@@ -23,7 +23,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -208,11 +208,13 @@ def save_checkpoint(
             **trainer_state,
         }
         _write_atomic(partial / STATE_FILE, json.dumps(body, indent=2))
-        if final.exists():
+        if final.exists():  # a re-save of the same step (from an abandoned future)
             shutil.rmtree(final)
         os.replace(partial, final)
+        _fsync_dir(Path(root))
         _write_atomic(Path(root) / LATEST, final.name)
-        _prune(Path(root), keep_last)
+        _fsync_dir(Path(root))
+        _prune(Path(root), keep_last, step)
     dist.barrier()
     return final
 
@@ -226,12 +228,28 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    complete = sorted(p for p in root.glob("iter_???????") if p.is_dir())
-    for old in complete[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+def _prune(root: Path, keep_last: int, current: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints up to ``current``; drop the rest and leftovers.
+
+    Checkpoints after ``current`` belong to an abandoned future (a crash before ``latest`` moved,
+    then a resume from an older one); keeping them by name could delete the one ``latest`` names.
+    """
+    steps = sorted(int(p.name[5:]) for p in root.glob("iter_???????") if p.is_dir())
+    kept = [s for s in steps if s <= current][-keep_last:]
+    for step in steps:
+        if step not in kept:
+            shutil.rmtree(iteration_dir(root, step), ignore_errors=True)
     for stale in root.glob("iter_???????.partial"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(
@@ -268,8 +286,3 @@ def load_checkpoint(
     else:
         body["rng_restored"] = False
     return body
-
-
-def checkpoint_steps(root: str | Path) -> Sequence[int]:
-    """Steps of the complete checkpoints under ``root``, oldest first."""
-    return sorted(int(p.name[5:]) for p in Path(root).glob("iter_???????") if (p / STATE_FILE).is_file())

@@ -367,6 +367,40 @@ def _validate_algorithm(cfg: Config) -> None:
         )
 
 
+def _validate_batch_and_engine(cfg: Config, world_size: int) -> None:
+    """Rules that need the world size: rollouts per DP replica, engine placement."""
+    par, tr, ro = cfg.parallel, cfg.trainer, cfg.rollout
+    dp = max(world_size // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size), 1)
+    rollouts = tr.prompts_per_step * ro.n
+    if rollouts % dp:
+        _fail(
+            "trainer.prompts_per_step",
+            tr.prompts_per_step,
+            f"x rollout.n={ro.n} = {rollouts} rollouts do not split evenly over {dp} data-parallel replicas",
+            f"use a multiple of {dp}",
+        )
+    vpp = par.virtual_pipeline_model_parallel_size
+    if vpp and rollouts // dp < par.pipeline_model_parallel_size:
+        _fail(
+            "trainer.prompts_per_step",
+            tr.prompts_per_step,
+            f"gives {rollouts // dp} rollouts per replica; the interleaved schedule needs at least "
+            f"pipeline_model_parallel_size={par.pipeline_model_parallel_size} microbatches",
+            "raise trainer.prompts_per_step",
+        )
+    if ro.in_process and world_size > 1:
+        _fail(
+            "rollout.in_process",
+            True,
+            f"hangs at engine start with {world_size} trainer processes",
+            "set it to null",
+        )
+    if ro.weight_transport == "memory" and (
+        ro.in_process is False or (ro.in_process is None and world_size > 1)
+    ):
+        _fail("rollout.weight_transport", "memory", "needs an in-process engine", "use auto or directory")
+
+
 def _validate_lengths_and_eval(cfg: Config) -> None:
     ro, ev, data = cfg.rollout, cfg.eval, cfg.data
     if data.max_prompt_tokens + ro.max_new_tokens > ro.max_model_len:
@@ -432,6 +466,16 @@ def _validate_training(cfg: Config) -> None:
             "must be >= 0",
             "use 0 to score every response token",
         )
+    if cfg.checkpoint.save_interval < 1:
+        _fail("checkpoint.save_interval", cfg.checkpoint.save_interval, "must be >= 1", "use e.g. 50")
+    if cfg.logging.log_interval < 1:
+        _fail("logging.log_interval", cfg.logging.log_interval, "must be >= 1", "use 1 to log every step")
+    if cfg.eval.grading_workers < 1:
+        _fail("eval.grading_workers", cfg.eval.grading_workers, "must be >= 1", "use 1 or more")
+    if model.transformer_impl == "transformer_engine" and runtime.device == "cpu":
+        _fail(
+            "model.transformer_impl", "transformer_engine", "needs a GPU", "use local with runtime.device=cpu"
+        )
     if tr.max_nonfinite_steps < 1:
         _fail("trainer.max_nonfinite_steps", tr.max_nonfinite_steps, "must be >= 1", "use e.g. 3")
     if cfg.checkpoint.keep_last < 1:
@@ -456,6 +500,7 @@ def validate(cfg: Config, *, world_size: int, hf_config: Mapping[str, Any] | Non
     _validate_parallel(cfg, world_size, hf)
     _validate_algorithm(cfg)
     _validate_lengths_and_eval(cfg)
+    _validate_batch_and_engine(cfg, world_size)
 
 
 def world_size_from_env() -> int:

@@ -32,7 +32,7 @@ from megaopsd.loss.logprobs import token_logprobs
 from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import Runtime
-from megaopsd.runtime.signals import STOP_SIGNALS, stop_signals_blocked
+from megaopsd.runtime.signals import StopRequest, stop_signals_blocked
 
 MIB = 1 << 20
 
@@ -44,7 +44,7 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     """Owns the model, teacher, optimizer, data stream, rollout engine and logs of one run."""
 
-    def __init__(self, cfg: Config, runtime: Runtime):
+    def __init__(self, cfg: Config, runtime: Runtime, stop: StopRequest):
         from transformers import AutoTokenizer
 
         from megaopsd.convert import load_hf_weights
@@ -79,38 +79,36 @@ class Trainer:
             token_logprobs, vocab_size=self.spec.vocab_size, tp_group=tp_group
         )
         self.writer = MetricsWriter(cfg.logging.tensorboard_dir, enabled=runtime.is_main)
-        self.engine = self._start_engine() if runtime.is_main else None
+        # Benchmarks load (and may fail) before the engine starts, so a failure leaks no engine.
         self.evaluator = self._start_evaluator() if runtime.is_main else None
+        self.engine = self._start_engine() if runtime.is_main else None
         self.step = 0
         self.nonfinite_in_a_row = 0
-        self._stop_signal: int | None = None
+        self.stop = stop
 
     # ------------------------------------------------------------------ loop
 
     def train(self) -> int:
         """Run to ``trainer.max_steps`` (or a stop signal); return the last completed step."""
-        resumed = self._maybe_resume()
-        if resumed:
-            self._sync_weights()  # the engine started from model.hf_path, not from the checkpoint
-        if self.cfg.eval.at_start and self.step == 0:
-            self._log(self._evaluate(PhaseTimer()), force=True)
-        self._install_signal_handlers()
         try:
-            while self.step < self.cfg.trainer.max_steps:
+            if self._maybe_resume():
+                self._sync_weights()  # the engine started from model.hf_path, not from the checkpoint
+            if self.cfg.eval.at_start and self.step == 0:
+                self._log(self._evaluate(PhaseTimer()), force=True)
+            while self.step < self.cfg.trainer.max_steps and not self._stop_agreed():
                 self.step += 1
-                values = self._train_one_step()
-                self._log(values)
-                if self._stop_agreed():
-                    self._save()
-                    self._say(
-                        f"stopping after step {self.step} on signal {self._stop_signal}; checkpoint saved"
-                    )
-                    break
+                self._log(self._train_one_step())
+                stopping = self._stop_agreed()
                 if (
-                    self.step % self.cfg.checkpoint.save_interval == 0
+                    stopping
+                    or self.step % self.cfg.checkpoint.save_interval == 0
                     or self.step == self.cfg.trainer.max_steps
                 ):
                     self._save()
+                if stopping:
+                    self._say(
+                        f"stopping after step {self.step} on signal {self.stop.signum}; checkpoint saved"
+                    )
         finally:
             self.close()
         return self.step
@@ -159,6 +157,7 @@ class Trainer:
             pad_id=self.pad_id,
             pad_multiple=par.tp_size if par.sequence_parallel else 1,
             skip_first_tokens=tr.skip_first_tokens,
+            count_multiple=par.pp_size if par.vpp_size else 1,
         )
         result = train_step(
             student=self.student,
@@ -209,7 +208,9 @@ class Trainer:
             weight_sync_dir=ro.weight_sync_dir,
         )
         self._say(f"starting the rollout engine ({'in-process' if in_process else 'own process'})")
-        with stop_signals_blocked():  # the engine's processes must survive a preemption notice
+        # The engine's processes must survive a preemption notice (USR1). SIGTERM stays theirs:
+        # vLLM's own shutdown terminates them with it.
+        with stop_signals_blocked([signal.SIGUSR1]):
             return VllmEngine(settings)
 
     def _sync_weights(self):
@@ -300,23 +301,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ signals
 
-    def _install_signal_handlers(self) -> None:
-        def request_stop(signum, _frame):
-            self._stop_signal = signum
-
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, request_stop)
-
     def _stop_agreed(self) -> bool:
         """Any rank that got a signal stops every rank at the same step boundary."""
-        flag = torch.tensor(
-            0.0 if self._stop_signal is None else float(self._stop_signal), device=collective_device()
-        )
+        flag = torch.tensor(float(self.stop.signum or 0), device=collective_device())
         if self.runtime.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag > 0:
-            self._stop_signal = int(flag)
-        return flag > 0
+            self.stop.signum = int(flag)
+        return bool(flag > 0)
 
     # ------------------------------------------------------------------ logging
 
@@ -386,9 +378,10 @@ def run(cfg: Config) -> int:
     """Start the runtime, train, shut down; the process exit code."""
     from megaopsd.data.dataset import DataError
 
+    stop = StopRequest().install()  # before anything slow: a notice during start-up is not fatal
     runtime = Runtime.start(cfg.parallel, cfg.runtime)
     try:
-        Trainer(cfg, runtime).train()
+        Trainer(cfg, runtime, stop).train()
     except DataError as err:
         print(f"megaopsd: data: {err}", file=sys.stderr)
         return 2

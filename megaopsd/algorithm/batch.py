@@ -38,7 +38,7 @@ class PairedMicrobatch:
     teacher_index_T: torch.Tensor  # [T] rows of the flattened [B*Lt] teacher logits
     target_ids_T: torch.Tensor  # [T] the response tokens being scored
     loss_mask_T: torch.Tensor  # [T] bool; False for response tokens left out of the loss
-    sample_T: torch.Tensor  # [T] index of the rollout (in the step's list) each token belongs to
+    sample_T: torch.Tensor  # [T] index (in the list given to build_microbatch) of each token's rollout
     engine_logprobs_T: torch.Tensor | None = None  # [T] the rollout engine's raw logprobs, if known
 
     @property
@@ -163,6 +163,29 @@ def plan_microbatches(
     return groups
 
 
+def regroup_to_multiple(groups: list[list[int]], multiple: int) -> list[list[int]]:
+    """Split (or, if there are too few rollouts, merge) groups until their count is a multiple.
+
+    The interleaved pipeline schedule runs microbatches in groups of PP and refuses any other
+    count. Splitting halves the largest group; merging joins the smallest adjacent pair (which
+    may exceed the token budget, the lesser evil). Rollout order is kept.
+    """
+    total = sum(len(g) for g in groups)
+    if total < multiple:
+        raise ValueError(f"{total} rollouts cannot fill a multiple of {multiple} microbatches")
+    up = -(-len(groups) // multiple) * multiple
+    target = up if up <= total else up - multiple
+    groups = [list(g) for g in groups]
+    while len(groups) < target:
+        i = max(range(len(groups)), key=lambda k: len(groups[k]))
+        half = len(groups[i]) // 2
+        groups[i : i + 1] = [groups[i][:half], groups[i][half:]]
+    while len(groups) > target:
+        i = min(range(len(groups) - 1), key=lambda k: len(groups[k]) + len(groups[k + 1]))
+        groups[i : i + 2] = [groups[i] + groups[i + 1]]
+    return groups
+
+
 def build_microbatches(
     rollouts: Sequence[PairedRollout],
     *,
@@ -170,11 +193,23 @@ def build_microbatches(
     pad_id: int,
     pad_multiple: int = 1,
     skip_first_tokens: int = 0,
+    count_multiple: int = 1,
 ) -> list[PairedMicrobatch]:
-    """All microbatches of a step: ``plan_microbatches`` then ``build_microbatch`` per group."""
+    """All microbatches of a step: ``plan_microbatches`` then ``build_microbatch`` per group.
+
+    ``count_multiple``: the number of microbatches must be a multiple of this (PP with an
+    interleaved pipeline).
+    """
+    if not rollouts:
+        raise ValueError(
+            "no rollouts for this data-parallel replica; prompts per step must cover every replica"
+        )
+    groups = plan_microbatches(rollouts, max_tokens=max_tokens, pad_multiple=pad_multiple)
+    if count_multiple > 1:
+        groups = regroup_to_multiple(groups, count_multiple)
     return [
         build_microbatch(
             rollouts, group, pad_id=pad_id, pad_multiple=pad_multiple, skip_first_tokens=skip_first_tokens
         )
-        for group in plan_microbatches(rollouts, max_tokens=max_tokens, pad_multiple=pad_multiple)
+        for group in groups
     ]

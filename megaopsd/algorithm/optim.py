@@ -85,5 +85,9 @@ def wrap_student(
         end_wd=trainer.weight_decay,
         wd_incr_steps=trainer.max_steps,
         wd_incr_style="constant",
+        # On resume the config wins (a lowered lr, a longer run); the step count still comes
+        # from the checkpoint. megatron's default would keep the checkpoint's values silently.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
     return TrainableStudent(chunks=wrapped, optimizer=optimizer, scheduler=scheduler)

@@ -102,13 +102,16 @@ def forward_backward(
 
 def _all_finite(student: TrainableStudent, loss_sum: float) -> bool:
     """Loss and every gradient finite, agreed over all ranks (one all-reduce)."""
-    local = math.isfinite(loss_sum) and all(
-        bool(torch.isfinite(param.main_grad).all())
-        for chunk in student.chunks
-        for param in chunk.parameters()
-        if getattr(param, "main_grad", None) is not None
-    )
-    flag = torch.tensor(1.0 if local else 0.0, device=collective_device())
+    device = collective_device()
+    grads = [
+        p.main_grad
+        for c in student.chunks
+        for p in c.parameters()
+        if getattr(p, "main_grad", None) is not None
+    ]
+    # One reduction on the device, one host sync: not one sync per parameter.
+    finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+    flag = finite.to(device=device, dtype=torch.float32) * (1.0 if math.isfinite(loss_sum) else 0.0)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag)
 
@@ -137,6 +140,7 @@ def train_step(
     )
     loss_sum = sums.pop("loss_sum", math.nan)
     grad_norm, ok = math.nan, _all_finite(student, loss_sum)
+    lr = student.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
     if ok:
         ok, grad_norm, _ = student.optimizer.step()
         if ok:
@@ -146,7 +150,7 @@ def train_step(
     return StepResult(
         loss=loss_sum / denominator,
         grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
-        lr=student.optimizer.param_groups[0]["lr"],
+        lr=lr,
         num_tokens=num_tokens,
         skipped=not ok,
         metrics={name: value / denominator for name, value in sums.items()},

@@ -41,10 +41,6 @@ class Teacher:
     def after_optimizer_step(self) -> None:
         """Called once after every successful optimizer step."""
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Teacher weights that are not the student's (empty for ``current``)."""
-        return {}
-
 
 class FrozenTeacher(Teacher):
     """A copy of the student's weights at construction time, never updated."""
@@ -59,9 +55,6 @@ class FrozenTeacher(Teacher):
 
     def chunk(self, index: int) -> torch.nn.Module:
         return self._copies[index]
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"{i}.{k}": v for i, c in enumerate(self._copies) for k, v in c.state_dict().items()}
 
     @torch.no_grad()
     def load_chunk_state(

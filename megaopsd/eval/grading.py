@@ -28,6 +28,7 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -186,7 +187,15 @@ class _Worker:
         command = [sys.executable, "-m", "megaopsd.eval._grade_worker"]
         command += ["--soft-timeout", str(settings.soft_timeout_s)]
         command += ["--memory-limit-mb", str(settings.memory_limit_mb)]
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        # A preemption notice (USR1, sent by Slurm to every process of the step) is the trainer's
+        # to act on; a grading worker that died of it would fail the evaluation in flight.
+        # (Blocked around the spawn, inherited by the child; not megaopsd.runtime.signals, whose
+        # package imports torch, which this module stays free of.)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+        try:
+            self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self.stdout: IO[bytes] = self.proc.stdout  # type: ignore[assignment]
         ready = self._read_line(settings.start_timeout_s)
         if ready != {"ready": True}:

@@ -38,8 +38,6 @@ class ParallelState:
     tp_group: dist.ProcessGroup
     pp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
-    # Model-parallel group (TP x PP): the ranks that together hold one copy of the model.
-    mp_group: dist.ProcessGroup
 
     @property
     def is_first_stage(self) -> bool:
@@ -78,7 +76,6 @@ def initialize_parallel_state(cfg: ParallelConfig, *, seed: int, gloo_side_group
         tp_group=mps.get_tensor_model_parallel_group(),
         pp_group=mps.get_pipeline_model_parallel_group(),
         dp_group=mps.get_data_parallel_group(),
-        mp_group=mps.get_model_parallel_group(),
     )
 
 

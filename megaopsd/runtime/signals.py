@@ -1,26 +1,44 @@
-"""Stop signals and the helper processes that must not die of them.
+"""Stop signals: recorded by the trainer, kept away from its helper processes.
 
-Slurm delivers a preemption notice (SIGUSR1) or a cancel (SIGTERM) to EVERY process of a job
-step, helpers included: the vLLM engine's processes and the Manager process megatron-core's
-torch_dist checkpointing spawns. A helper that dies of the notice takes the trainer's
-checkpoint or rollouts with it. Helpers are therefore started with the stop signals blocked:
-a spawned child inherits the signal mask across exec, so the notice stays pending there for
-ever, while the trainer gets any signal that arrived meanwhile as soon as the block lifts.
+SIGTERM and SIGUSR1 ask the trainer to checkpoint at the next step boundary and exit
+(``StopRequest``, installed before anything slow starts, so a notice during start-up is not
+fatal). Slurm delivers a preemption notice to EVERY process of a job step, helpers included:
+the vLLM engine's processes and the Manager process megatron-core's torch_dist checkpointing
+spawns. A helper that dies of it takes the trainer's checkpoint or rollouts with it, so helpers
+are started with the signals blocked: a spawned child inherits the spawning thread's signal
+mask across exec and never acts on them. (In the trainer itself a signal that arrives meanwhile
+goes to another thread's unblocked mask or waits for the unblock; either way Python runs the
+handler.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # checkpoint at the next step boundary, then exit
 
 
+class StopRequest:
+    """Remembers the last stop signal received; ``install`` once, early, in the main thread."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> StopRequest:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._record)
+        return self
+
+    def _record(self, signum: int, _frame) -> None:
+        self.signum = signum
+
+
 @contextlib.contextmanager
-def stop_signals_blocked() -> Iterator[None]:
-    """Block the stop signals in this thread (and in every process started meanwhile)."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+def stop_signals_blocked(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[None]:
+    """Block ``signals`` in this thread, and so in every process it starts meanwhile."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         yield
     finally:

@@ -66,6 +66,11 @@ INVALID = [
     (["+loss.gamma=1"], 1, ["unknown key loss.gamma"]),
     (["parallel.tensor_model_parallel_size=two"], 1, ["parallel.tensor_model_parallel_size='two'", "int"]),
     (["model.hf_path=/nonexistent/model"], 1, ["model.hf_path='/nonexistent/model'", "no config.json"]),
+    (["trainer.prompts_per_step=3"], 2, ["3 rollouts do not split evenly over 2 data-parallel replicas"]),
+    (["checkpoint.save_interval=0"], 1, ["checkpoint.save_interval=0", ">= 1"]),
+    (["rollout.in_process=true"], 2, ["rollout.in_process=True", "hangs"]),
+    (["loss.kind=pg", "loss.clip=2.0"], 1, ["loss.clip=2.0", "not defined for loss.kind=pg"]),
+    (["rollout.max_new_tokens=4000"], 1, ["rollout.max_model_len=4096", "rollout.max_new_tokens=4000"]),
 ]
 
 

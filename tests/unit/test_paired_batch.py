@@ -73,3 +73,17 @@ def test_token_budget_cuts_in_order_and_covers_everything():
 def test_empty_response_is_rejected():
     with pytest.raises(ValueError, match="rollout 1 has an empty response"):
         plan_microbatches([ROLLOUTS[0], R([1], [1], [])], max_tokens=100)
+
+
+def test_regroup_reaches_a_multiple_of_the_pipeline_size():
+    from megaopsd.algorithm.batch import regroup_to_multiple
+
+    assert regroup_to_multiple([[0, 1, 2, 3], [4]], 4) == [[0], [1], [2, 3], [4]]
+    assert regroup_to_multiple([[0], [1], [2], [3], [4]], 2) == [[0, 1], [2], [3], [4]]
+    assert regroup_to_multiple([[0, 1], [2, 3]], 2) == [[0, 1], [2, 3]]
+    with pytest.raises(ValueError, match="cannot fill a multiple of 4"):
+        regroup_to_multiple([[0, 1, 2]], 4)
+    mbs = build_microbatches(ROLLOUTS * 2, max_tokens=10**6, pad_id=0, count_multiple=4)
+    assert len(mbs) == 4 and sum(mb.batch_size for mb in mbs) == 6
+    with pytest.raises(ValueError, match="no rollouts for this data-parallel replica"):
+        build_microbatches([], max_tokens=100, pad_id=0)
