@@ -44,4 +44,6 @@ def test_second_make_does_not_reinstall():
     # `make -q` exits 0 only when the install recipe would not run again.
     repo = __import__("pathlib").Path(__file__).resolve().parents[2]
     out = subprocess.run(["make", "-q", "env"], cwd=repo, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, "make would reinstall the environment: .venv/.installed is older than pyproject.toml"
+    assert out.returncode == 0, (
+        "make would reinstall the environment: .venv/.installed is older than pyproject.toml"
+    )
