@@ -82,9 +82,10 @@ class Trainer:
         # Benchmarks load (and may fail) before the engine starts, so a failure leaks no engine.
         self.evaluator = self._start_evaluator() if runtime.is_main else None
         self.engine = self._start_engine() if runtime.is_main else None
+        # An in-process vLLM engine installs its own SIGTERM handler; take the signals back.
+        self.stop = stop.install()
         self.step = 0
         self.nonfinite_in_a_row = 0
-        self.stop = stop
 
     # ------------------------------------------------------------------ loop
 
