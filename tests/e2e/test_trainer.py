@@ -279,6 +279,8 @@ def test_in_training_eval_logs_eval_tags(tiny_qwen3, fixed_prompts, tmp_path):
     assert 0.0 <= values["eval/demo/avg@2"][2] <= values["eval/demo/pass@2"][2] <= 1.0
     assert 1 <= values["eval/demo/response_length_mean"][2] <= 16
     assert "perf/eval_time_s" in values
+    # One process (TP1) with an in-process engine: engine and trainer agree on sampled tokens.
+    assert values["rollout/logprob_abs_diff"][1] <= 1e-4 and values["rollout/logprob_abs_diff"][2] <= 1e-4
 
 
 def test_distributed_optimizer_resume_is_bit_identical(tiny_qwen3, fixed_prompts, tmp_path):
