@@ -92,24 +92,28 @@ class Trainer:
     def train(self) -> int:
         """Run to ``trainer.max_steps`` (or a stop signal); return the last completed step."""
         try:
-            if self._maybe_resume():
+            saved = self.step if self._maybe_resume() else None  # the resumed step is on disk
+            if saved is not None:
                 self._sync_weights()  # the engine started from model.hf_path, not from the checkpoint
             if self.cfg.eval.at_start and self.step == 0:
                 self._log(self._evaluate(PhaseTimer()), force=True)
-            while self.step < self.cfg.trainer.max_steps and not self._stop_agreed():
-                self.step += 1
-                self._log(self._train_one_step())
-                stopping = self._stop_agreed()
-                if (
-                    stopping
-                    or self.step % self.cfg.checkpoint.save_interval == 0
-                    or self.step == self.cfg.trainer.max_steps
-                ):
-                    self._save()
-                if stopping:
+            while self.step < self.cfg.trainer.max_steps:
+                # One check per step boundary: a signal during step N stops before step N + 1.
+                if self._stop_agreed():
+                    if self.step > 0 and saved != self.step:
+                        self._save()
                     self._say(
                         f"stopping after step {self.step} on signal {self.stop.signum}; checkpoint saved"
                     )
+                    break
+                self.step += 1
+                self._log(self._train_one_step())
+                if (
+                    self.step % self.cfg.checkpoint.save_interval == 0
+                    or self.step == self.cfg.trainer.max_steps
+                ):
+                    self._save()
+                    saved = self.step
         finally:
             self.close()
         return self.step
