@@ -21,19 +21,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from megaopsd.algorithm.optim import TrainableStudent
 from megaopsd.algorithm.teacher import Teacher, unwrap
 from megaopsd.runtime.parallel import ParallelState
+from megaopsd.runtime.rng import capture_rng_state, restore_rng_state
 from megaopsd.runtime.signals import stop_signals_blocked
 
 LATEST = "latest"
@@ -61,29 +60,6 @@ def find_latest(root: str | Path) -> Path | None:
             f"{marker} names {path}, which is not a complete checkpoint; remove {marker} to start over"
         )
     return path
-
-
-def _rng_state() -> dict[str, Any]:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "tracker": get_cuda_rng_tracker().get_states(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 def _sharded_state(student: TrainableStudent, teacher: Teacher, *, is_loading: bool) -> dict[str, Any]:
@@ -196,7 +172,7 @@ def save_checkpoint(
             sharded_strategy=get_default_save_sharded_strategy("torch_dist"),
         )
     (partial / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), partial / "rng" / f"rank_{rank:05d}.pt")
+    torch.save(capture_rng_state(), partial / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
         if side_files is not None:
@@ -281,7 +257,7 @@ def load_checkpoint(
         and body["world_size"] == dist.get_world_size()
         and rng_file.is_file()
     ):
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        restore_rng_state(torch.load(rng_file, weights_only=False))
         body["rng_restored"] = True
     else:
         body["rng_restored"] = False

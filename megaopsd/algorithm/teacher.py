@@ -107,19 +107,13 @@ def _frozen_copies(student: list[torch.nn.Module], build_chunks: Callable[[], li
     CPU/CUDA and megatron tracker states are restored afterwards: adding a teacher must not
     change the student's run.
     """
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    from megaopsd.runtime.rng import capture_rng_state, restore_rng_state
 
-    tracker = get_cuda_rng_tracker()
-    cpu_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    tracker_states = tracker.get_states()
+    state = capture_rng_state()
     try:
         copies = build_chunks()
     finally:
-        torch.set_rng_state(cpu_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        tracker.set_states(tracker_states)
+        restore_rng_state(state)
     for copy, source in zip(copies, student, strict=True):
         copy.load_state_dict(source.state_dict(), strict=True)
         copy.requires_grad_(False)
