@@ -62,8 +62,12 @@ def forward_backward(
     parallel: ParallelState,
     forward_only: bool = False,
     logprob_fn: LogprobFn | None = None,
+    all_position_logits: bool = False,
 ) -> tuple[dict[str, float], int]:
     """Zero the grads and run every microbatch through one paired schedule.
+
+    ``all_position_logits`` selects the older last-stage path (output layer at every
+    position); the default applies it to the scored rows only, with the same result.
 
     Returns the loss outputs summed over microbatches and DP ranks (same on every rank) and
     the global number of loss tokens. After it, each parameter's ``main_grad`` holds the
@@ -80,6 +84,7 @@ def forward_backward(
         loss_fn=loss_fn,
         sequence_parallel_size=parallel.tp_size if parallel.sequence_parallel else 1,
         logprob_fn=logprob_fn,
+        all_position_logits=all_position_logits,
     )
     num_chunks = len(student.chunks)
     iterators = [iter(microbatches) for _ in range(num_chunks)]

@@ -48,6 +48,7 @@ def _setup(
     pp: int,
     *,
     sp: bool = False,
+    vpp: int | None = None,
     mode: str = "fixed",
     decay: float = 0.9,
     lr: float = 1e-3,
@@ -68,7 +69,10 @@ def _setup(
     from megaopsd.runtime import Runtime
 
     par_cfg = ParallelConfig(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=sp,
     )
     runtime = Runtime.start(par_cfg, RuntimeConfig(seed=7))
     spec = load_hf_config(hf_dir)
@@ -97,7 +101,8 @@ def _my_microbatches(runtime, budget: int):
     par = runtime.parallel
     mine = fixed_rollouts()[par.dp_rank :: par.dp_size]
     pad = par.tp_size if par.sequence_parallel else 1
-    return build_microbatches(mine, max_tokens=budget, pad_id=0, pad_multiple=pad)
+    multiple = par.pp_size if par.vpp_size else 1
+    return build_microbatches(mine, max_tokens=budget, pad_id=0, pad_multiple=pad, count_multiple=multiple)
 
 
 def _export(chunks, spec, runtime, *, grads: bool) -> dict[str, torch.Tensor] | None:
@@ -115,22 +120,48 @@ def _export(chunks, spec, runtime, *, grads: bool) -> dict[str, torch.Tensor] | 
     return out if torch.distributed.get_rank() == 0 else None
 
 
-def layout_worker(hf_dir: str, tp: int, pp: int, sp: bool, budgets: tuple[int, ...]):
-    """Loss and HF-named gradients for each microbatch budget, on this layout."""
+def _local_grads(student) -> dict[str, torch.Tensor]:
+    return {
+        f"{i}.{name}": p.main_grad.detach().clone()
+        for i, chunk in enumerate(student.chunks)
+        for name, p in chunk.named_parameters()
+    }
+
+
+def layout_worker(hf_dir: str, tp: int, pp: int, sp: bool, budgets: tuple[int, ...], vpp: int | None = None):
+    """Loss and HF-named gradients for each microbatch budget, on this layout.
+
+    Also runs the last budget with logits at every position (the older last-stage path) and
+    reports how far its loss and this rank's local gradients are from the response-only path.
+    """
     from megaopsd.algorithm.step import forward_backward
 
-    runtime, spec, student, teacher, loss_fn = _setup(hf_dir, tp, pp, sp=sp)
-    results = []
-    for budget in budgets:
+    runtime, spec, student, teacher, loss_fn = _setup(hf_dir, tp, pp, sp=sp, vpp=vpp)
+
+    def run(budget: int, all_positions: bool):
         mbs = _my_microbatches(runtime, budget)
         sums, tokens = forward_backward(
-            student=student, teacher=teacher, microbatches=mbs, loss_fn=loss_fn, parallel=runtime.parallel
+            student=student,
+            teacher=teacher,
+            microbatches=mbs,
+            loss_fn=loss_fn,
+            parallel=runtime.parallel,
+            all_position_logits=all_positions,
         )
-        results.append({"loss": sums["loss_sum"] / tokens, "tokens": tokens, "num_mb": len(mbs)})
+        return {"loss": sums["loss_sum"] / tokens, "tokens": tokens, "num_mb": len(mbs)}
+
+    old = run(budgets[-1], True)
+    old_grads = _local_grads(student)
+    results = [run(budget, False) for budget in budgets]
+    new_grads = _local_grads(student)
+    path_diff = {
+        "loss": abs(results[-1]["loss"] - old["loss"]) / abs(old["loss"]),
+        "grads": {name: _rel(new_grads[name], ref) for name, ref in old_grads.items()},
+    }
     # Gradients of the last budget (the weights are overwritten by grads: do it last).
     grads = _export(student.chunks, spec, runtime, grads=True)
     runtime.shutdown()
-    return {"runs": results, "grads": grads}
+    return {"runs": results, "grads": grads, "path_diff": path_diff}
 
 
 def reference_worker(hf_dir: str):
@@ -178,6 +209,16 @@ def baseline(tiny_qwen3):
     )[0]
 
 
+def _assert_paths_agree(results):
+    """Response-only logits give the all-position path's loss and gradients (every rank)."""
+    for rank, result in enumerate(results):
+        diff = result["path_diff"]
+        assert diff["loss"] <= 1e-6, (rank, diff["loss"])
+        assert diff["grads"], rank
+        worst = max(diff["grads"].items(), key=lambda item: item[1])
+        assert worst[1] <= 1e-6, (rank, worst)
+
+
 def _assert_matches(result, baseline):
     for run, ref in zip(result["runs"], baseline["runs"], strict=True):
         assert run["tokens"] == ref["tokens"]
@@ -186,6 +227,10 @@ def _assert_matches(result, baseline):
     assert sorted(grads) == sorted(ref_grads)
     for name, ref in ref_grads.items():
         assert _rel(grads[name], ref) <= 1e-5, (name, _rel(grads[name], ref))
+
+
+def test_response_only_logits_equal_all_positions_tp1(baseline):
+    _assert_paths_agree([baseline])
 
 
 def test_microbatch_cut_does_not_change_loss_or_grads(baseline, tiny_qwen3):
@@ -216,14 +261,25 @@ def test_layouts_match_single_process(baseline, tiny_qwen3, tp, pp, sp, world):
         layout_worker, world_size=world, args=(str(tiny_qwen3), tp, pp, sp, (BUDGET_ONE, BUDGET_FOUR))
     )
     _assert_matches(results[0], baseline)
+    _assert_paths_agree(results)
+
+
+def test_pp2_vpp2_matches_single_process(baseline, tiny_qwen3):
+    results = run_ranks(
+        layout_worker, world_size=2, args=(str(tiny_qwen3), 1, 2, False, (BUDGET_ONE, BUDGET_FOUR), 2)
+    )
+    _assert_matches(results[0], baseline)
+    _assert_paths_agree(results)
 
 
 @pytest.mark.slow
-def test_tp2_pp2_matches_single_process(baseline, tiny_qwen3):
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2-pp2", "tp2-sp-pp2"])
+def test_tp2_pp2_matches_single_process(baseline, tiny_qwen3, sp):
     results = run_ranks(
-        layout_worker, world_size=4, args=(str(tiny_qwen3), 2, 2, False, (BUDGET_ONE, BUDGET_FOUR))
+        layout_worker, world_size=4, args=(str(tiny_qwen3), 2, 2, sp, (BUDGET_ONE, BUDGET_FOUR))
     )
     _assert_matches(results[0], baseline)
+    _assert_paths_agree(results)
 
 
 def teacher_worker(hf_dir: str, tp: int, pp: int, mode: str, steps: int):
