@@ -35,6 +35,14 @@ class ModelConfig:
     dtype: str = "float32"  # parameter dtype; bfloat16 uses Megatron mixed precision
     make_vocab_size_divisible_by: int = 128  # Megatron pads the vocabulary to a multiple of this x TP
     transformer_impl: str = "local"  # local | transformer_engine (GPU, needs TE installed)
+    # Activation recompute: null (keep activations) | selective (attention core) | full (whole
+    # layers, recomputed in backward). full: recompute_num_layers layers per group (uniform) or
+    # the first recompute_num_layers layers of each stage (block).
+    recompute_granularity: str | None = None
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
+    # Further megatron TransformerConfig fields, applied last (e.g. {cross_entropy_loss_fusion: true}).
+    transformer_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,6 +52,8 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: int | None = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False  # DP gradient reduce-scatter/all-reduce overlapped with backward
+    overlap_param_gather: bool = False  # distributed optimizer: parameter all-gather in bucket order
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,6 +63,8 @@ class RuntimeConfig:
     cpu_threads: int = 1  # torch intra-op threads per rank on CPU; 0 keeps torch's default
     seed: int = 1234
     distributed_timeout_minutes: int = 30
+    # Dense peak TFLOP/s of one GPU for perf/mfu; None: known H100/H200 figures for model.dtype.
+    device_peak_tflops: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -182,6 +194,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"config: {where}={value!r} has the wrong type; expected {annotation}")
+    if origin is dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config: {where}={value!r} must be a mapping with string keys")
+        return dict(value)
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
@@ -298,12 +314,31 @@ def _validate_parallel(cfg: Config, world_size: int, hf: Mapping[str, Any]) -> N
             f"x virtual stages {vpp or 1} does not divide num_hidden_layers={layers}",
             "pick PP (and VPP) so every stage gets the same number of layers",
         )
+    model = cfg.model
+    if (
+        model.recompute_granularity == "full"
+        and layers is not None
+        and model.recompute_num_layers > layers // chunks
+    ):
+        _fail(
+            "model.recompute_num_layers",
+            model.recompute_num_layers,
+            f"exceeds the {layers // chunks} layers of a pipeline chunk",
+            f"use 1..{layers // chunks}",
+        )
     if vpp is not None and (vpp < 2 or pp < 2):
         _fail(
             "parallel.virtual_pipeline_model_parallel_size",
             vpp,
             "needs pipeline_model_parallel_size >= 2 and a value >= 2",
             "set it to null or raise PP",
+        )
+    if par.overlap_param_gather and not par.use_distributed_optimizer:
+        _fail(
+            "parallel.overlap_param_gather",
+            True,
+            "needs the distributed optimizer",
+            "set parallel.use_distributed_optimizer=true or overlap_param_gather=false",
         )
     if par.sequence_parallel and tp == 1:
         _fail(
@@ -430,6 +465,29 @@ def _validate_lengths_and_eval(cfg: Config) -> None:
         )
 
 
+def _validate_recompute(model: ModelConfig) -> None:
+    if model.recompute_granularity not in (None, "selective", "full"):
+        _fail(
+            "model.recompute_granularity",
+            model.recompute_granularity,
+            "is unknown",
+            "use null, selective or full",
+        )
+    if model.recompute_method not in ("uniform", "block"):
+        _fail("model.recompute_method", model.recompute_method, "is unknown", "use uniform or block")
+    if model.recompute_num_layers < 1:
+        _fail("model.recompute_num_layers", model.recompute_num_layers, "must be >= 1", "use e.g. 1")
+    recompute_keys = {"recompute_granularity", "recompute_method", "recompute_num_layers"}
+    clash = sorted(recompute_keys & set(model.transformer_overrides))
+    if clash:
+        _fail(
+            f"model.transformer_overrides.{clash[0]}",
+            model.transformer_overrides[clash[0]],
+            "duplicates a model field",
+            f"set model.{clash[0]} instead",
+        )
+
+
 def _validate_training(cfg: Config) -> None:
     tr, model, runtime = cfg.trainer, cfg.model, cfg.runtime
     if tr.max_steps < 1:
@@ -451,12 +509,20 @@ def _validate_training(cfg: Config) -> None:
         )
     if model.dtype not in DTYPES:
         _fail("model.dtype", model.dtype, "is unknown", f"use one of {', '.join(DTYPES)}")
+    _validate_recompute(model)
     if model.transformer_impl not in ("local", "transformer_engine"):
         _fail(
             "model.transformer_impl", model.transformer_impl, "is unknown", "use local or transformer_engine"
         )
     if runtime.device not in DEVICES:
         _fail("runtime.device", runtime.device, "is unknown", f"use one of {', '.join(DEVICES)}")
+    if runtime.device_peak_tflops is not None and runtime.device_peak_tflops <= 0:
+        _fail(
+            "runtime.device_peak_tflops",
+            runtime.device_peak_tflops,
+            "must be > 0",
+            "set the GPU's dense peak TFLOP/s, or null for the known H100/H200 figures",
+        )
     if tr.microbatch_tokens < 2:
         _fail("trainer.microbatch_tokens", tr.microbatch_tokens, "must be >= 2", "use e.g. 8192")
     if tr.skip_first_tokens < 0:

@@ -121,6 +121,15 @@ def _all_finite(student: TrainableStudent, loss_sum: float) -> bool:
     return bool(flag)
 
 
+def _gather_params_now(student: TrainableStudent) -> None:
+    """With ``overlap_param_gather`` the distributed optimizer leaves the updated parameters
+    scattered until the next forward; the teacher update, the rollout refit and checkpoints
+    read them right after the step, so gather them here (synchronously)."""
+    for chunk in student.chunks:
+        if getattr(chunk, "ddp_config", None) is not None and chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 def train_step(
     *,
     student: TrainableStudent,
@@ -148,6 +157,7 @@ def train_step(
     lr = student.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
     if ok:
         ok, grad_norm, _ = student.optimizer.step()
+        _gather_params_now(student)
         if ok:
             student.scheduler.step(increment=1)
             teacher.after_optimizer_step()
