@@ -21,13 +21,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megaopsd.algorithm.batch import build_microbatches
+from megaopsd.algorithm.batch import build_microbatches, split_over_data_parallel
 from megaopsd.algorithm.loss import make_loss_fn
 from megaopsd.algorithm.optim import wrap_student
 from megaopsd.algorithm.step import StepResult, train_step
 from megaopsd.algorithm.teacher import make_teacher, unwrap
 from megaopsd.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from megaopsd.config import Config
+from megaopsd.flops import ModelShape, paired_step_flops, peak_tflops
 from megaopsd.loss.logprobs import token_logprobs
 from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line
 from megaopsd.runtime.distributed import collective_device
@@ -153,9 +154,11 @@ class Trainer:
             dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
-    def _paired_update(self, rollouts: list) -> tuple[StepResult, int]:
+    def _paired_update(self, rollouts: list) -> tuple[StepResult, dict[str, float]]:
+        """One optimizer step on this replica's share; returns the result and the global
+        (real, padded) token counts the two streams fed through the model."""
         par, tr = self.parallel, self.cfg.trainer
-        mine = rollouts[par.dp_rank :: par.dp_size]
+        mine = split_over_data_parallel(rollouts, par.dp_size, par.dp_rank)
         microbatches = build_microbatches(
             mine,
             max_tokens=tr.microbatch_tokens,
@@ -173,11 +176,15 @@ class Trainer:
             logprob_fn=self.logprob_fn,
         )
         tokens = torch.tensor(
-            float(sum(mb.batch_size * (mb.student_len + mb.teacher_len) for mb in microbatches)),
+            [
+                float(sum(mb.real_tokens for mb in microbatches)),
+                float(sum(mb.padded_tokens for mb in microbatches)),
+            ],
+            dtype=torch.float64,
             device=collective_device(),
         )
         dist.all_reduce(tokens, group=par.dp_group)
-        return result, int(tokens)
+        return result, {"real": float(tokens[0]), "padded": float(tokens[1])}
 
     def _check_nonfinite(self, result: StepResult) -> None:
         if not result.skipped:
@@ -318,7 +325,7 @@ class Trainer:
     # ------------------------------------------------------------------ logging
 
     def _step_values(
-        self, result: StepResult, rollouts: list, timer: PhaseTimer, train_tokens: int
+        self, result: StepResult, rollouts: list, timer: PhaseTimer, train_tokens: dict[str, float]
     ) -> dict[str, float]:
         m = result.metrics
         lengths = [len(r.response_ids) for r in rollouts]
@@ -337,12 +344,31 @@ class Trainer:
             / max(len(rollouts), 1),
             "rollout/logprob_abs_diff": m.get("logprob_abs_diff_sum", float("nan")),
             **timer.as_scalars(),
-            "perf/train_tokens_per_s": train_tokens / max(timer.seconds["train"], 1e-9),
+            # Real tokens only: padding is work, not throughput.
+            "perf/train_tokens_per_s": train_tokens["real"] / max(timer.seconds["train"], 1e-9),
+            "perf/padding_fraction": 1.0 - train_tokens["real"] / max(train_tokens["padded"], 1.0),
         }
+        values.update(self._utilisation(rollouts, timer.seconds["train"]))
         if "teacher_topk_mass_sum" in m:
             values["train/teacher_topk_mass"] = m["teacher_topk_mass_sum"]
         for reason, count in self.prompts.skipped().items():
             values[f"data/skipped_{reason}"] = count
+        return values
+
+    def _utilisation(self, rollouts: list, train_seconds: float) -> dict[str, float]:
+        """``perf/train_gflops`` (model FLOPs of both streams per second, all ranks) and, on a
+        GPU with a known or configured peak, ``perf/mfu``."""
+        lengths = [
+            (len(r.student_prompt_ids), len(r.teacher_prompt_ids), len(r.response_ids)) for r in rollouts
+        ]
+        flops_per_s = paired_step_flops(ModelShape.of(self.spec), lengths) / max(train_seconds, 1e-9)
+        values = {"perf/train_gflops": flops_per_s / 1e9}
+        if self.runtime.device.type == "cuda":
+            peak = peak_tflops(
+                torch.cuda.get_device_name(), self.cfg.model.dtype, self.cfg.runtime.device_peak_tflops
+            )
+            if peak is not None:
+                values["perf/mfu"] = flops_per_s / (self.runtime.world_size * peak * 1e12)
         return values
 
     def _log(self, values: dict[str, float], *, force: bool = False) -> None:
