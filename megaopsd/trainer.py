@@ -22,13 +22,11 @@ import torch
 import torch.distributed as dist
 
 from megaopsd.algorithm.batch import build_microbatches
-from megaopsd.algorithm.loss import make_loss_fn
-from megaopsd.algorithm.optim import wrap_student
 from megaopsd.algorithm.step import StepResult, train_step
-from megaopsd.algorithm.teacher import make_teacher, unwrap
+from megaopsd.algorithm.teacher import unwrap
 from megaopsd.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from megaopsd.components import build_components
 from megaopsd.config import Config
-from megaopsd.loss.logprobs import token_logprobs
 from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import Runtime
@@ -47,13 +45,10 @@ class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime, stop: StopRequest):
         from transformers import AutoTokenizer
 
-        from megaopsd.convert import load_hf_weights
         from megaopsd.data.prompts import PromptTemplates
         from megaopsd.data.stream import build_prompt_stream
-        from megaopsd.models import build_model_chunks, load_hf_config
 
         self.cfg, self.runtime, self.parallel = cfg, runtime, runtime.parallel
-        self.spec = load_hf_config(cfg.model.hf_path)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         templates = PromptTemplates(
@@ -66,18 +61,9 @@ class Trainer:
             templates=templates,
             max_teacher_prompt_tokens=cfg.data.max_teacher_prompt_tokens,
         )
-        build = functools.partial(build_model_chunks, self.spec, cfg.model, self.parallel)
-        chunks = build()
-        load_hf_weights(chunks, self.spec, cfg.model.hf_path, self.parallel, progress=runtime.is_main)
-        self.teacher = make_teacher(cfg.teacher, chunks, build)
-        self.student = wrap_student(
-            chunks, trainer=cfg.trainer, parallel=cfg.parallel, bf16=cfg.model.dtype == "bfloat16"
-        )
-        tp_group = self.parallel.tp_group
-        self.loss_fn = make_loss_fn(cfg.loss, vocab_size=self.spec.vocab_size, tp_group=tp_group)
-        self.logprob_fn = functools.partial(
-            token_logprobs, vocab_size=self.spec.vocab_size, tp_group=tp_group
-        )
+        parts = build_components(cfg, runtime)
+        self.spec, self.teacher, self.student = parts.spec, parts.teacher, parts.student
+        self.loss_fn, self.logprob_fn = parts.loss_fn, parts.logprob_fn
         self.writer = MetricsWriter(cfg.logging.tensorboard_dir, enabled=runtime.is_main)
         # Benchmarks load (and may fail) before the engine starts, so a failure leaks no engine.
         self.evaluator = self._start_evaluator() if runtime.is_main else None
