@@ -44,7 +44,7 @@ from megaopsd.loss.sharded import (
     valid_columns,
 )
 
-KINDS = LOSS_KINDS  # the choices of loss.kind; _PATHS implements each (tests/unit/test_loss.py)
+KINDS = LOSS_KINDS  # the choices of loss.kind; _PATHS implements each (tests/unit/test_config.py)
 _TOPK_KINDS = ("topk", "topk_tail")
 
 
