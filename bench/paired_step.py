@@ -63,10 +63,10 @@ class StudentOnly:
         self.paired = paired
 
     def __call__(self, data_iterator, model):
-        from megaopsd.algorithm.teacher import unwrap
+        from megaopsd.models.builder import unwrap_chunk
 
         mb = next(data_iterator).to(next(model.parameters()).device)
-        inner = unwrap(model)
+        inner = unwrap_chunk(model)
         out = self.paired._stream(model, inner, mb.student_tokens_BL, mb.student_index_T, inner.post_process)
         if not inner.post_process:
             return out, None
@@ -143,44 +143,31 @@ def parse_args() -> argparse.Namespace:
 
 
 def setup(args):
-    from megaopsd.algorithm.loss import make_loss_fn
-    from megaopsd.algorithm.optim import wrap_student
-    from megaopsd.algorithm.teacher import make_teacher
-    from megaopsd.config import (
-        LossConfig,
-        ModelConfig,
-        ParallelConfig,
-        RuntimeConfig,
-        TeacherConfig,
-        TrainerConfig,
-    )
-    from megaopsd.models import build_model_chunks, load_hf_config
+    """Runtime and the trainer's own components (HF weights, fixed teacher, DDP, Adam, JSD)."""
+    from megaopsd.components import build_components
+    from megaopsd.config import Config, LossConfig, ModelConfig, ParallelConfig, RuntimeConfig, TrainerConfig
     from megaopsd.runtime import Runtime, read_launch_env
     from tools.make_tiny_model import make_tiny_model
 
     par_cfg = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
-    threads = 0 if read_launch_env().world_size == 1 else 1
-    runtime = Runtime.start(par_cfg, RuntimeConfig(cpu_threads=threads))
+    rt_cfg = RuntimeConfig(cpu_threads=0 if read_launch_env().world_size == 1 else 1)
+    runtime = Runtime.start(par_cfg, rt_cfg)
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = (
             make_tiny_model("qwen3", Path(tmp) / "model", preset=args.preset) if runtime.is_main else None
         )
         holder = [str(hf_dir) if hf_dir else None]
         torch.distributed.broadcast_object_list(holder, src=0)
-        spec = load_hf_config(holder[0])
-        model_cfg = ModelConfig(hf_path=holder[0])
-        torch.distributed.barrier()
-
-    def build():
-        return build_model_chunks(spec, model_cfg, runtime.parallel)
-
-    chunks = build()
-    teacher = make_teacher(TeacherConfig(mode="fixed"), chunks, build)
-    student = wrap_student(chunks, trainer=TrainerConfig(lr=1e-5), parallel=par_cfg)
-    loss_fn = make_loss_fn(
-        LossConfig(kind="jsd", beta=0.5), vocab_size=spec.vocab_size, tp_group=runtime.parallel.tp_group
-    )
-    return runtime, spec, student, teacher, loss_fn
+        cfg = Config(
+            model=ModelConfig(hf_path=holder[0]),
+            parallel=par_cfg,
+            runtime=rt_cfg,
+            trainer=TrainerConfig(lr=1e-5),
+            loss=LossConfig(kind="jsd", beta=0.5),
+        )
+        parts = build_components(cfg, runtime)
+        torch.distributed.barrier()  # every rank has read the model before rank 0 deletes it
+    return runtime, parts.spec, parts.student, parts.teacher, parts.loss_fn
 
 
 def main() -> None:

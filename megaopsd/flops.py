@@ -14,7 +14,8 @@ does not need, so they lower the utilisation instead of raising the count.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 # Dense (no sparsity) peaks in TFLOP/s from the vendors' data sheets: bf16 tensor cores, and
 # TF32 for float32 models (torch runs float32 matmuls on TF32 when allowed).
@@ -80,3 +81,27 @@ def peak_tflops(device_name: str, dtype: str, configured: float | None = None) -
         if key in device_name:
             return peaks.get(dtype)
     return None
+
+
+def utilisation_scalars(
+    spec: object,
+    rollouts: Sequence[Any],
+    train_seconds: float,
+    *,
+    device: Any,
+    dtype: str,
+    peak_tflops_configured: float | None,
+    world_size: int,
+) -> dict[str, float]:
+    """``perf/train_gflops`` (model FLOPs of both streams per second, all ranks together) and,
+    on a GPU whose peak is known or configured, ``perf/mfu`` (per GPU)."""
+    lengths = [(len(r.student_prompt_ids), len(r.teacher_prompt_ids), len(r.response_ids)) for r in rollouts]
+    flops_per_s = paired_step_flops(ModelShape.of(spec), lengths) / max(train_seconds, 1e-9)
+    values = {"perf/train_gflops": flops_per_s / 1e9}
+    if device.type == "cuda":
+        import torch
+
+        peak = peak_tflops(torch.cuda.get_device_name(device), dtype, peak_tflops_configured)
+        if peak is not None:
+            values["perf/mfu"] = flops_per_s / (world_size * peak * 1e12)
+    return values

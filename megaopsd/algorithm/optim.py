@@ -79,9 +79,7 @@ def wrap_student(
         # bucket's reduction as its gradients are ready.
         single = len(wrapped) == 1
         config.no_sync_func = wrapped[0].no_sync if single else [c.no_sync for c in wrapped]
-        config.grad_sync_func = (
-            wrapped[0].start_grad_sync if single else [c.start_grad_sync for c in wrapped]
-        )
+        config.grad_sync_func = wrapped[0].start_grad_sync if single else [c.start_grad_sync for c in wrapped]
     if parallel.overlap_param_gather:
         config.param_sync_func = (
             wrapped[0].start_param_sync if len(wrapped) == 1 else [c.start_param_sync for c in wrapped]
