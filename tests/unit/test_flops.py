@@ -39,3 +39,28 @@ def test_peaks():
     assert peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 494.7
     assert peak_tflops("NVIDIA A10", "bfloat16") is None
     assert peak_tflops("NVIDIA A10", "bfloat16", configured=125.0) == 125.0
+
+
+def test_utilisation_scalars_on_cpu_are_gflops_only():
+    import dataclasses
+
+    import torch
+
+    from megaopsd.flops import utilisation_scalars
+
+    @dataclasses.dataclass
+    class Rollout:
+        student_prompt_ids: list[int]
+        teacher_prompt_ids: list[int]
+        response_ids: list[int]
+
+    values = utilisation_scalars(
+        SHAPE,
+        [Rollout([0, 0], [0] * 4, [1, 1])],
+        2.0,
+        device=torch.device("cpu"),
+        dtype="float32",
+        peak_tflops_configured=None,
+        world_size=1,
+    )
+    assert values == {"perf/train_gflops": (3 * 1120 + forward_flops(SHAPE, 5, 2)) / 2.0 / 1e9}
