@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     from megaopsd.rollout.engine import generate_rollouts
     from megaopsd.rollout.types import EngineSettings, SamplingSettings
     from megaopsd.rollout.vllm_engine import VllmEngine
+    from megaopsd.train import register_defaults
+
+    register_defaults()  # conf/ builds on the dataclass defaults
 
     conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
     with initialize_config_dir(config_dir=conf_dir, version_base=None):
