@@ -21,8 +21,6 @@ from tests.helpers import (
     paired_setup,
 )
 
-pytestmark = pytest.mark.distributed
-
 
 def _local_grads(student) -> dict[str, torch.Tensor]:
     return {
