@@ -26,7 +26,7 @@ from megaopsd.convert.importer import load_hf_weights
 from megaopsd.convert.safetensors_io import StreamingSafetensorsWriter, copy_side_files
 from megaopsd.models.builder import build_model_chunks, params_dtype
 from megaopsd.models.hf_config import HFModelSpec, load_hf_config
-from megaopsd.runtime.parallel import Runtime
+from megaopsd.runtime.parallel import ParallelState, Runtime
 
 MANIFEST = "megaopsd.json"  # what megaopsd adds to a converted checkpoint directory
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -36,6 +36,16 @@ def default_dtype(config: dict[str, Any]) -> str:
     """The ``ModelConfig.dtype`` for a model's stored dtype (float16 widens losslessly to float32)."""
     stored = config.get("dtype") or config.get("torch_dtype") or "float32"
     return "bfloat16" if stored == "bfloat16" else "float32"
+
+
+def saved_layout(parallel: ParallelState) -> dict[str, int]:
+    """The layout a checkpoint was written at (informational: it loads at any layout)."""
+    layout = {"tp": parallel.tp_size, "pp": parallel.pp_size}
+    if parallel.num_layers_in_first_pipeline_stage is not None:
+        layout["first_stage_layers"] = parallel.num_layers_in_first_pipeline_stage
+    if parallel.num_layers_in_last_pipeline_stage is not None:
+        layout["last_stage_layers"] = parallel.num_layers_in_last_pipeline_stage
+    return layout
 
 
 def read_manifest(ckpt_dir: str | Path) -> dict[str, Any]:
@@ -123,7 +133,7 @@ def import_hf_checkpoint(
             "dtype": model_cfg.dtype,
             "make_vocab_size_divisible_by": model_cfg.make_vocab_size_divisible_by,
             "source": str(hf_dir.resolve()),
-            "saved_layout": {"tp": runtime.parallel.tp_size, "pp": runtime.parallel.pp_size},
+            "saved_layout": saved_layout(runtime.parallel),
         }
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     dist.barrier()
