@@ -62,10 +62,8 @@ def check_stages(
             return None
         hint = _suggest(num_layers, pp, chunks) if pp > 1 else None
         fix = f"; or set uneven stages, e.g. {_describe(hint)}" if hint else ""
-        return (
-            f"PP {pp} x VPP {chunks} does not divide num_hidden_layers={num_layers}: pick PP (and VPP) "
-            f"dividing it{fix}"
-        )
+        layout = f"PP {pp} x VPP {chunks}" if vpp else f"PP {pp}"
+        return f"{layout} does not divide num_hidden_layers={num_layers}: pick PP (and VPP) dividing it{fix}"
     if pp < 2:
         return "uneven first/last stages need parallel.pipeline_model_parallel_size >= 2; set them to null"
     for name, value in ((FIRST, first), (LAST, last)):

@@ -48,6 +48,7 @@ def _setup(
     pp: int,
     *,
     sp: bool = False,
+    stages: tuple[int | None, int | None] = (None, None),
     mode: str = "fixed",
     decay: float = 0.9,
     lr: float = 1e-3,
@@ -68,7 +69,11 @@ def _setup(
     from megaopsd.runtime import Runtime
 
     par_cfg = ParallelConfig(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sp,
+        num_layers_in_first_pipeline_stage=stages[0],
+        num_layers_in_last_pipeline_stage=stages[1],
     )
     runtime = Runtime.start(par_cfg, RuntimeConfig(seed=7))
     spec = load_hf_config(hf_dir)
@@ -115,11 +120,18 @@ def _export(chunks, spec, runtime, *, grads: bool) -> dict[str, torch.Tensor] | 
     return out if torch.distributed.get_rank() == 0 else None
 
 
-def layout_worker(hf_dir: str, tp: int, pp: int, sp: bool, budgets: tuple[int, ...]):
+def layout_worker(
+    hf_dir: str,
+    tp: int,
+    pp: int,
+    sp: bool,
+    budgets: tuple[int, ...],
+    stages: tuple[int | None, int | None] = (None, None),
+):
     """Loss and HF-named gradients for each microbatch budget, on this layout."""
     from megaopsd.algorithm.step import forward_backward
 
-    runtime, spec, student, teacher, loss_fn = _setup(hf_dir, tp, pp, sp=sp)
+    runtime, spec, student, teacher, loss_fn = _setup(hf_dir, tp, pp, sp=sp, stages=stages)
     results = []
     for budget in budgets:
         mbs = _my_microbatches(runtime, budget)
@@ -216,6 +228,25 @@ def test_layouts_match_single_process(baseline, tiny_qwen3, tp, pp, sp, world):
         layout_worker, world_size=world, args=(str(tiny_qwen3), tp, pp, sp, (BUDGET_ONE, BUDGET_FOUR))
     )
     _assert_matches(results[0], baseline)
+
+
+@pytest.fixture(scope="module")
+def baseline_3layers(tiny_qwen3_3layers):
+    return run_ranks(
+        layout_worker, world_size=1, args=(str(tiny_qwen3_3layers), 1, 1, False, (BUDGET_ONE, BUDGET_FOUR))
+    )[0]
+
+
+@pytest.mark.parametrize("stages", [(2, None), (None, 2)], ids=["2+1", "1+2"])
+def test_uneven_pipeline_stages_match_single_process(baseline_3layers, tiny_qwen3_3layers, stages):
+    """3 layers at PP2 (megatron's num_layers_in_first/last_pipeline_stage) equal TP1 within 1e-5."""
+    results = run_ranks(
+        layout_worker,
+        world_size=2,
+        args=(str(tiny_qwen3_3layers), 1, 2, False, (BUDGET_ONE, BUDGET_FOUR), stages),
+    )
+    _assert_matches(results[0], baseline_3layers)
+    assert any(".layers.2." in name for name in results[0]["grads"])  # all 3 layers, HF-named
 
 
 @pytest.mark.slow
