@@ -26,6 +26,7 @@ from megaopsd.convert.importer import load_hf_weights
 from megaopsd.convert.safetensors_io import StreamingSafetensorsWriter, copy_side_files
 from megaopsd.models.builder import build_model_chunks, params_dtype
 from megaopsd.models.hf_config import HFModelSpec, load_hf_config
+from megaopsd.progress import progress as show_progress
 from megaopsd.runtime.parallel import ParallelState, Runtime
 
 MANIFEST = "megaopsd.json"  # what megaopsd adds to a converted checkpoint directory
@@ -73,21 +74,17 @@ def write_hf_checkpoint(
     plan = export_plan(chunks, spec, runtime.parallel, dtype=dtype)
     writing = runtime.rank == writer_rank
     writer = StreamingSafetensorsWriter(out_dir, plan.entries, max_shard_bytes) if writing else None
-    bar = None
-    if writing and progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="export")
-    for name, tensor in export_hf_weights(
-        chunks, spec, runtime.parallel, dst_ranks=(writer_rank,), plan=plan
-    ):
-        writer.write(name, tensor)
-        if bar is not None:
+    bar = show_progress(
+        total=plan.total_bytes, desc="export", unit="B", unit_scale=True, disable=not (writing and progress)
+    )
+    with bar:
+        for name, tensor in export_hf_weights(
+            chunks, spec, runtime.parallel, dst_ranks=(writer_rank,), plan=plan
+        ):
+            writer.write(name, tensor)
             bar.update(tensor.numel() * tensor.element_size())
     if writer is not None:
         writer.close()
-    if bar is not None:
-        bar.close()
     return plan
 
 
