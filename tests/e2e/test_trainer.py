@@ -22,8 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.e2e
-
 REPO = Path(__file__).resolve().parents[2]
 TAGS = [
     "train/loss",
@@ -307,7 +305,7 @@ def test_uneven_pipeline_stages_train_and_resume_at_the_other_split(
         **{
             "trainer.max_steps": 2,
             "checkpoint.save_interval": 2,
-            "+parallel.num_layers_in_first_pipeline_stage": 2,
+            "parallel.num_layers_in_first_pipeline_stage": 2,
         },
     )
     run(args, nproc=2)
@@ -323,7 +321,7 @@ def test_uneven_pipeline_stages_train_and_resume_at_the_other_split(
             tiny_qwen3_3layers,
             out,
             fixed_prompts,
-            **{"trainer.max_steps": 3, "+parallel.num_layers_in_last_pipeline_stage": 2},
+            **{"trainer.max_steps": 3, "parallel.num_layers_in_last_pipeline_stage": 2},
         ),
         nproc=2,
     )

@@ -14,7 +14,14 @@ import pytest
 from megaopsd.config import ConfigError, load_config, validate
 from megaopsd.stages import check_stages, chunk_layers, stage_layer_counts
 
-HF = {"num_attention_heads": 4, "num_key_value_heads": 2}
+HF = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "vocab_size": 549,
+}
 
 
 def _megatron_layers(num_layers: int, pp: int, vpp: int | None, first: int | None, last: int | None):
