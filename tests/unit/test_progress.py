@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import re
+import struct
+import termios
 import time
 
 import pytest
@@ -42,13 +45,24 @@ def test_a_long_interval_gives_the_first_and_the_last_line_only():
 
 def test_a_terminal_gets_a_redrawn_bar():
     master, slave = os.openpty()
+    # a new pseudo-terminal is 0 columns wide, and tqdm cuts its bar to the width: make it 120
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     with os.fdopen(slave, "w") as terminal:
         for _ in progress(range(5), desc="work", file=terminal, interval_s=1e6):
             pass
     os.set_blocking(master, False)
-    text = os.read(master, 65536).decode()
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except (BlockingIOError, OSError):
+            break
+        if not data:
+            break
+        chunks.append(data)
     os.close(master)
-    assert "\r" in text and "work: 100%" in text and "5/5" in text
+    text = b"".join(chunks).decode()
+    assert "\r" in text and "work: 100%" in text and "5/5" in text, text
 
 
 def test_factory_fixes_its_keywords_like_vllm_calls_it():
