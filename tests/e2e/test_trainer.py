@@ -293,3 +293,40 @@ def test_distributed_optimizer_resume_is_bit_identical(tiny_qwen3, fixed_prompts
     out = run(args, nproc=1)
     assert "resumed from" in out.stdout and "step 3" in out.stdout
     assert_identical(straight / "checkpoints" / "iter_0000006", killed / "checkpoints" / "iter_0000006")
+
+
+def test_uneven_pipeline_stages_train_and_resume_at_the_other_split(
+    tiny_qwen3_3layers, fixed_prompts, tmp_path
+):
+    """3 layers on PP2 as 2 + 1: two OPSD steps with weight sync; the checkpoint resumes as 1 + 2."""
+    out = tmp_path / "uneven"
+    args = overrides(
+        tiny_qwen3_3layers,
+        out,
+        fixed_prompts,
+        **{
+            "trainer.max_steps": 2,
+            "checkpoint.save_interval": 2,
+            "parallel.num_layers_in_first_pipeline_stage": 2,
+        },
+    )
+    run(args, nproc=2)
+    values = scalars(out / "tensorboard")
+    assert sorted(values["train/loss"]) == [1, 2]
+    assert all(torch.isfinite(torch.tensor(v)) for v in values["train/loss"].values())
+    # step 2's rollouts come from weights synced after step 1, through the uneven stages' export
+    assert max(values["rollout/logprob_abs_diff"].values()) <= 1e-4, values["rollout/logprob_abs_diff"]
+    state = json.loads((out / "checkpoints" / "iter_0000002" / "trainer_state.json").read_text())
+    assert state["layout"] == {"tp": 1, "pp": 2, "dp": 1, "vpp": 1, "first_stage_layers": 2}
+    resumed = run(
+        overrides(
+            tiny_qwen3_3layers,
+            out,
+            fixed_prompts,
+            **{"trainer.max_steps": 3, "parallel.num_layers_in_last_pipeline_stage": 2},
+        ),
+        nproc=2,
+    )
+    assert "resumed from" in resumed.stdout and "reseeded (layout changed)" in resumed.stdout
+    after = scalars(out / "tensorboard")
+    assert sorted(after["train/loss"]) == [1, 2, 3] and after["rollout/logprob_abs_diff"][3] <= 1e-4
