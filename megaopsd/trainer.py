@@ -66,6 +66,8 @@ class Trainer:
             templates=templates,
             max_teacher_prompt_tokens=cfg.data.max_teacher_prompt_tokens,
         )
+        for problem in self.prompts.unreadable:  # the other sources loaded; say which one did not
+            self._say(f"warning: data: {problem}")
         build = functools.partial(build_model_chunks, self.spec, cfg.model, self.parallel)
         chunks = build()
         load_hf_weights(chunks, self.spec, cfg.model.hf_path, self.parallel, progress=runtime.is_main)
