@@ -26,7 +26,7 @@ from megaopsd.algorithm.loss import make_loss_fn
 from megaopsd.algorithm.optim import wrap_student
 from megaopsd.algorithm.step import StepResult, train_step
 from megaopsd.algorithm.teacher import make_teacher, unwrap
-from megaopsd.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from megaopsd.checkpoint import CheckpointError, resume_latest, save_checkpoint
 from megaopsd.config import Config
 from megaopsd.loss.logprobs import token_logprobs
 from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line
@@ -280,15 +280,18 @@ class Trainer:
 
     def _maybe_resume(self) -> bool:
         root = self.cfg.checkpoint.dir
-        path = find_latest(root) if self.cfg.checkpoint.resume and Path(root).is_dir() else None
-        if path is None:
+        if not (self.cfg.checkpoint.resume and Path(root).is_dir()):
             return False
-        state = load_checkpoint(path, student=self.student, teacher=self.teacher, parallel=self.parallel)
+        found = resume_latest(
+            root, student=self.student, teacher=self.teacher, parallel=self.parallel, say=self._say
+        )
+        if found is None:
+            return False
+        path, state = found
         self.step = state["step"]
         self.prompts.load_state_dict(state["data"])
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
-        rng = "restored" if state["rng_restored"] else "reseeded (layout changed)"
-        self._say(f"resumed from {path} at step {self.step}; RNG {rng}")
+        self._say(f"resumed from {path} at step {self.step}; RNG {state['rng_note']}")
         return True
 
     def _save(self) -> None:
@@ -395,6 +398,9 @@ def run(cfg: Config) -> int:
     except NonFiniteLossError as err:
         print(f"megaopsd: {err}", file=sys.stderr)
         return 4
+    except CheckpointError as err:
+        print(f"megaopsd: checkpoint: {err}", file=sys.stderr)
+        return 3
     finally:
         runtime.shutdown()
     return 0

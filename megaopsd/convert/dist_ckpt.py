@@ -78,17 +78,18 @@ def save_model_checkpoint(
 def load_model_checkpoint(chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path) -> None:
     """Collective: load a distributed checkpoint (saved at any layout) into this rank's chunks.
 
+    Its pickled parts are read through allow-lists (``megaopsd.convert.safe_load``).
+
     Raises:
         FileNotFoundError: ``ckpt_dir`` is not a distributed checkpoint.
     """
-    from megatron.core import dist_checkpointing
+    from megaopsd.convert.safe_load import load_dist_checkpoint
+    from megaopsd.models.builder import unwrap_chunk
 
     path = Path(ckpt_dir)
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a megatron distributed checkpoint (no metadata.json)")
-    from megaopsd.models.builder import unwrap_chunk
-
-    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(path))
+    loaded = load_dist_checkpoint(model_sharded_state_dict(chunks), str(path))  # never unpickles code
     for i, chunk in enumerate(chunks):
         unwrap_chunk(chunk).load_state_dict(loaded[model_state_key(i, len(chunks))], strict=True)
 
