@@ -398,6 +398,23 @@ def _read_rng(path: Path, body: dict[str, Any], parallel: ParallelState) -> tupl
         return None, f"reseeded: refusing {err}"
 
 
+def _dcp_exception() -> type[BaseException]:
+    """torch distributed checkpoint's error: a ``BaseException``, which ``except Exception`` misses."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+def _describe_load_error(err: BaseException) -> str:
+    """``Type: first line`` of the error, unwrapping torch's per-rank failure collection."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        err = first[0] if isinstance(first, tuple) else first
+    lines = str(err).strip().splitlines() or [""]
+    return f"{type(err).__name__}: {lines[0][:200]}"
+
+
 def resume_latest(
     root: str | Path,
     *,
@@ -433,8 +450,8 @@ def resume_latest(
             return path, load_checkpoint(path, student=student, teacher=teacher, parallel=parallel)
         # Whatever dist-checkpointing, torch or safetensors raise on damaged bytes (and the
         # allow-lists on a pickle they refuse): the next older checkpoint may still be good.
-        except Exception as err:
-            reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+        except (Exception, _dcp_exception()) as err:
+            reason = _describe_load_error(err)
             failures.append(f"{path} ({reason})")
             if index + 1 < len(candidates):
                 say(

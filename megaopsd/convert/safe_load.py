@@ -23,6 +23,7 @@ import io
 import os
 import pickle
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,7 +65,7 @@ _ALLOWED = {
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
-    """A checkpoint file asks to build an object outside the allow-list; it was not loaded."""
+    """A checkpoint pickle asks for an object outside the allow-list (or is garbled); not loaded."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -82,6 +83,34 @@ class _MetadataUnpickler(pickle.Unpickler):
 def read_metadata_safely(stream: io.BufferedIOBase) -> Any:
     """Unpickle a ``.metadata`` stream through the allow-list."""
     return _MetadataUnpickler(stream).load()
+
+
+def check_metadata(ckpt_dir: str | Path) -> None:
+    """Read ``<ckpt_dir>/.metadata`` through the allow-list, before torch does.
+
+    torch logs a traceback for a metadata read that fails inside its loader; this check fails
+    first, with one line.
+
+    Raises:
+        UnsafeCheckpointError: the file is refused or unreadable (the message names it).
+    """
+    file = Path(ckpt_dir) / ".metadata"
+    try:
+        with open(file, "rb") as stream:
+            read_metadata_safely(stream)
+    except UnsafeCheckpointError as err:
+        raise UnsafeCheckpointError(f"{file}: {err}") from None
+    # What a truncated or garbled pickle raises, besides the refusals above.
+    except (
+        OSError,
+        EOFError,
+        pickle.UnpicklingError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+    ) as err:
+        raise UnsafeCheckpointError(f"{file}: unreadable ({type(err).__name__}: {err})") from None
 
 
 def _safe_read_metadata(self, *args: Any, **kwargs: Any) -> Any:
@@ -153,10 +182,11 @@ def load_dist_checkpoint(sharded_state_dict: dict[str, Any], path: str) -> dict[
     """``dist_checkpointing.load`` with every pickle in the checkpoint read through an allow-list.
 
     Raises:
-        UnsafeCheckpointError: ``.metadata`` references something outside the allow-list.
+        UnsafeCheckpointError: ``.metadata`` is refused (outside the allow-list) or unreadable.
         pickle.UnpicklingError: ``common.pt`` or a byte item is not weights-only.
     """
     from megatron.core import dist_checkpointing
 
-    with no_pickle_loads():
+    check_metadata(path)
+    with no_pickle_loads():  # the same allow-list again for the read torch does itself
         return dist_checkpointing.load(sharded_state_dict, path, common_strategy=_common_strategy())

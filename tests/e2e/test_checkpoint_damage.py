@@ -106,8 +106,8 @@ def test_pickled_checkpoint_files_are_refused_and_never_run(tiny_qwen3, fixed_pr
     (it3 / "trainer_state.json").write_text(json.dumps(state))
     stdout = resume(tiny_qwen3, fixed_prompts, out)
     assert (
-        f"warning: cannot read checkpoint {ckpt / 'iter_0000004'} (UnsafeCheckpointError: refusing to "
-        f"unpickle io.open: a checkpoint's metadata never needs it); resuming from {it3} instead"
+        f"warning: cannot read checkpoint {ckpt / 'iter_0000004'} (UnsafeCheckpointError: {metadata}: "
+        f"refusing to unpickle io.open: a checkpoint's metadata never needs it); resuming from {it3} instead"
     ) in stdout, stdout[-3000:]
     assert (
         f"resumed from {it3} at step 3; RNG reseeded: refusing to load {it3 / 'rng' / 'rank_00000.pt'}, a pickle"
