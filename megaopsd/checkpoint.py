@@ -52,7 +52,7 @@ FORMAT_VERSION = 2  # 2: manifest + safetensors RNG files; 1 (no field): pickled
 # Files every torch_dist checkpoint of ours has: dist-checkpointing's metadata and our state.
 REQUIRED_FILES = ("metadata.json", ".metadata", "common.pt", STATE_FILE)
 _ITER_NAME = re.compile(r"iter_(\d{7})")
-# Optimizer sharding metadata that reshards on CPU (see ../shared/notes/megatron-cpu.md sec. 4).
+# Optimizer sharding metadata that reshards on CPU (docs/cpu-emulation.md, "Checkpoints on CPU").
 SHARDING_METADATA = {
     "distrib_optim_sharding_type": "fully_reshardable",
     "chained_optim_avoid_prefix": True,
@@ -209,7 +209,7 @@ def _distributed_optimizer_load_fixes(student: TrainableStudent):
     own. And its ``load_state_dict`` hands all parameters ONE shared ``step`` tensor, which torch
     Adam then increments once per parameter per step, silently changing the bias correction:
     give every parameter its own copy afterwards. (The third trap, a fresh Adam without state,
-    is ``_prepare_optimizer_state``.) See ../shared/notes/megatron-cpu.md, section 4.
+    is ``_prepare_optimizer_state``.) See docs/cpu-emulation.md, S11.
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 

@@ -162,7 +162,9 @@ def _read_hub(source: str, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
         yield f"{name}[{row_no}]", row
 
 
-def _read_source(source: str, keys: Sequence[str], max_row_bytes: int) -> Iterator[tuple[str, Any]]:
+def _read_source(
+    source: str, keys: Sequence[str], max_row_bytes: int = DataConfig.max_row_bytes
+) -> Iterator[tuple[str, Any]]:
     path = Path(source)
     if path.is_file():
         if path.suffix in JSONL_SUFFIXES:
