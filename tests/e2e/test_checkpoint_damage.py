@@ -6,6 +6,7 @@ resumes to step 4:
 - a truncated shard or a deleted file in iter_4, or garbage in ``latest``: the run resumes from
   the previous complete checkpoint with a warning naming both, and its iter_4 equals the
   straight run's, tensor for tensor (resume is bit-exact, tests/e2e/test_trainer.py);
+- no complete checkpoint at all: exit 3 with one line naming the directory and the fix;
 - pickles that would create a marker file when loaded (the ``.metadata`` of iter_4, the RNG file
   of iter_3): refused with a clear line, the marker never appears, the run still finishes.
 """
@@ -15,11 +16,12 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_trainer import REPO, assert_identical, overrides, run
+from tests.e2e.test_trainer import REPO, assert_identical, command, overrides, run
 
 pytestmark = pytest.mark.e2e
 
@@ -114,3 +116,28 @@ def test_pickled_checkpoint_files_are_refused_and_never_run(tiny_qwen3, fixed_pr
     ) in stdout
     assert not marker.exists()
     assert (ckpt / "latest").read_text() == "iter_0000004"
+
+
+def test_no_readable_checkpoint_is_one_line_naming_the_path_and_the_fix(
+    tiny_qwen3, fixed_prompts, straight, tmp_path
+):
+    out, ckpt = damaged_copy(straight, tmp_path)
+    for step in range(1, 5):
+        (ckpt / f"iter_{step:07d}" / "common.pt").unlink()
+    result = subprocess.run(
+        command(overrides(tiny_qwen3, out, fixed_prompts, **STEPS), 1),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("megaopsd: checkpoint:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    last = lines[0]
+    assert last.startswith(
+        f"megaopsd: checkpoint: {ckpt}: no complete checkpoint to resume from "
+        "(iter_0000004: common.pt is missing)"
+    ), last
+    assert last.endswith("or set checkpoint.resume=false")
+    assert "Traceback" not in result.stderr
