@@ -76,9 +76,9 @@ class _TooLong:
 
 
 def _raw_lines(handle: BinaryIO, limit: int) -> Iterator[bytes | _TooLong]:
-    """Lines without their ``\n`` / ``\r\n``; a line over ``limit`` bytes is never held whole."""
+    """Lines without their LF / CRLF ending; a line over ``limit`` bytes is never held whole."""
     while True:
-        chunk = handle.readline(limit + 2)  # room for the limit plus "\r\n"
+        chunk = handle.readline(limit + 2)  # room for the limit plus CRLF
         if not chunk:
             return
         if len(chunk) == limit + 2 and not chunk.endswith(b"\n"):  # longer still: skip to its end
@@ -107,7 +107,7 @@ def _parse_line(raw: bytes) -> Any:
         return json.loads(text)
     # ValueError: JSONDecodeError and Python's digit limit on huge integers; RecursionError: deep nesting
     except (ValueError, RecursionError) as err:
-        return _Bad("invalid_json", str(err).splitlines()[0][:200] or type(err).__name__)
+        return _Bad("invalid_json", (str(err).splitlines() or [type(err).__name__])[0][:200])
 
 
 def _read_jsonl(path: Path, max_row_bytes: int) -> Iterator[tuple[str, Any]]:
