@@ -137,7 +137,7 @@ def test_no_readable_checkpoint_is_one_line_naming_the_path_and_the_fix(
     last = lines[0]
     assert last.startswith(
         f"megaopsd: checkpoint: {ckpt}: no complete checkpoint to resume from "
-        "(iter_0000004: common.pt is missing)"
+        "(iter_0000004: common.pt is missing; iter_0000003: common.pt is missing;"
     ), last
     assert last.endswith("or set checkpoint.resume=false")
     assert "Traceback" not in result.stderr

@@ -49,7 +49,8 @@ def test_fuzzed_data_trains_counts_every_bad_row_and_strict_names_the_first(tiny
     for length_skip in ("student_prompt_too_long", "teacher_prompt_too_long"):  # not damaged rows
         skipped.pop(length_skip, None)
     assert sum(skipped.values()) == corpus.bad_rows, skipped
-    state = json.loads((out / "checkpoints" / "iter_0000001" / "trainer_state.json").read_text())["data"]
+    state = json.loads((out / "checkpoints" / "iter_0000001" / "trainer_state.json").read_text())
+    state = state["data"]["dataset"]
     good = ProblemDataset([ProblemExample(example_id=i, problem=p, solution=s) for i, p, s in corpus.good])
     assert (state["num_examples"], state["fingerprint"]) == (len(corpus.good), good.fingerprint())
     strict = subprocess.run(
