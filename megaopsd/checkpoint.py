@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from megaopsd.algorithm.optim import TrainableStudent
-from megaopsd.algorithm.teacher import Teacher, unwrap
+from megaopsd.algorithm.teacher import Teacher
 from megaopsd.runtime.parallel import ParallelState
 from megaopsd.runtime.rng import capture_rng_state, load_rng_file, restore_rng_state, save_rng_file
 from megaopsd.runtime.signals import stop_signals_blocked
@@ -173,7 +173,7 @@ def _sharded_state(student: TrainableStudent, teacher: Teacher, *, is_loading: b
     from megaopsd.convert import model_sharded_state_dict
 
     # The same model layout as tools/convert_checkpoint.py, so export-hf reads trainer checkpoints.
-    state: dict[str, Any] = model_sharded_state_dict([unwrap(c) for c in student.chunks])
+    state: dict[str, Any] = model_sharded_state_dict(student.chunks)
     if is_loading:
         _prepare_optimizer_state(student)
     state["optimizer"] = student.optimizer.sharded_state_dict(
@@ -358,13 +358,12 @@ def load_checkpoint(
 
     ``rng_restored`` in the result says whether the RNG came back; ``rng_note`` says why not.
     """
-    from megaopsd.convert.dist_ckpt import model_state_key
+    from megaopsd.convert.dist_ckpt import load_model_state
     from megaopsd.convert.safe_load import load_dist_checkpoint
 
     path = Path(path)
     loaded = load_dist_checkpoint(_sharded_state(student, teacher, is_loading=True), str(path))
-    for index, chunk in enumerate(student.chunks):
-        unwrap(chunk).load_state_dict(loaded[model_state_key(index, len(student.chunks))], strict=True)
+    load_model_state(student.chunks, loaded)
     with _distributed_optimizer_load_fixes(student):
         student.optimizer.load_state_dict(loaded["optimizer"])
     student.scheduler.load_state_dict(loaded["scheduler"])

@@ -21,13 +21,13 @@ import torch.distributed as dist
 
 from megaopsd.algorithm.batch import build_microbatches
 from megaopsd.algorithm.step import StepResult, train_step
-from megaopsd.algorithm.teacher import unwrap
 from megaopsd.checkpoint import CheckpointError
 from megaopsd.checkpoint_manager import CheckpointManager
 from megaopsd.components import build_components
 from megaopsd.config import Config
 from megaopsd.eval.in_training import InTrainingEvaluator, eval_due
 from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line, step_scalars
+from megaopsd.models.builder import unwrap_chunk
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import Runtime
 from megaopsd.runtime.signals import StopRequest, stop_signals_blocked
@@ -207,7 +207,7 @@ class Trainer:
         """Stream the student's HF weights through the export mapping into the engine."""
         from megaopsd.convert import export_hf_weights
 
-        modules = [unwrap(c) for c in self.student.chunks]
+        modules = [unwrap_chunk(c) for c in self.student.chunks]
         weights = export_hf_weights(modules, self.spec, self.parallel, dst_ranks=(0,))
         if not self.runtime.is_main:
             for _ in weights:  # take part in the gathers and sends

@@ -84,12 +84,22 @@ def load_model_checkpoint(chunks: Sequence[torch.nn.Module], ckpt_dir: str | Pat
         FileNotFoundError: ``ckpt_dir`` is not a distributed checkpoint.
     """
     from megaopsd.convert.safe_load import load_dist_checkpoint
-    from megaopsd.models.builder import unwrap_chunk
 
     path = Path(ckpt_dir)
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a megatron distributed checkpoint (no metadata.json)")
     loaded = load_dist_checkpoint(model_sharded_state_dict(chunks), str(path))  # never unpickles code
+    load_model_state(chunks, loaded)
+
+
+def load_model_state(chunks: Sequence[torch.nn.Module], loaded: Mapping[str, Any]) -> None:
+    """Copy the model entries of a loaded ``model_sharded_state_dict`` request into the chunks.
+
+    ``loaded`` is what ``dist_checkpointing.load`` returned; other keys (optimizer, teacher)
+    are left to the caller.
+    """
+    from megaopsd.models.builder import unwrap_chunk
+
     for i, chunk in enumerate(chunks):
         unwrap_chunk(chunk).load_state_dict(loaded[model_state_key(i, len(chunks))], strict=True)
 
