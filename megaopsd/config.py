@@ -131,6 +131,7 @@ class DataConfig:
     solution_key: str = "solution"
     shuffle_seed: int = 0
     strict: bool = False
+    max_row_bytes: int = 1 << 20  # a longer jsonl line (or parquet row's text) is skipped as row_too_long
     max_prompt_tokens: int = 2048
     max_teacher_prompt_tokens: int | None = None  # None: same as max_prompt_tokens
     student_enable_thinking: bool = True
@@ -504,6 +505,8 @@ def _validate_batch_and_engine(cfg: Config, world_size: int) -> None:
 
 def _validate_lengths_and_eval(cfg: Config) -> None:
     ro, ev, data = cfg.rollout, cfg.eval, cfg.data
+    if data.max_row_bytes < 1:
+        _fail("data.max_row_bytes", data.max_row_bytes, "must be >= 1", "use e.g. 1048576 (1 MiB)")
     if data.max_prompt_tokens + ro.max_new_tokens > ro.max_model_len:
         _fail(
             "rollout.max_model_len",
