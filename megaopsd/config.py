@@ -17,7 +17,7 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 LOSS_KINDS = ("jsd", "forward_kl", "reverse_kl", "topk", "topk_tail", "pg")
 TEACHER_MODES = ("current", "fixed", "ema")
@@ -61,7 +61,10 @@ class LossConfig:
     beta: float = 0.5  # JSD mixture weight: 0 = forward KL(p_T || p_S), 1 = reverse KL(p_S || p_T)
     temperature: float = 1.0  # divides teacher and student logits before the softmax
     top_k: int = 32  # used by topk and topk_tail
-    clip: float | None = None  # per-token divergence cap (no gradient above it)
+    clip: float | None = None  # divergence cap (no gradient above it); what it caps: clip_mode
+    # token: a token's whole divergence; entry: each vocabulary entry's pointwise term before the
+    # sum over the vocabulary (the official OPSD --jsd_token_clip; the loss can go negative)
+    clip_mode: Literal["token", "entry"] = "token"
     chunk_tokens: int = 1024  # tokens per chunk in the vocab-parallel loss
 
 
@@ -170,6 +173,13 @@ class Config:
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check ``value`` against a field annotation; convert lists to tuples and ints to floats."""
     origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(
+                f"config: {where}={value!r} is unknown; use one of {', '.join(map(str, choices))}"
+            )
+        return value
     if origin in (types.UnionType, typing.Union):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
@@ -330,6 +340,10 @@ def _validate_algorithm(cfg: Config) -> None:
         _fail("loss.clip", loss.clip, "is not defined for loss.kind=pg", "set loss.clip=null")
     if loss.clip is not None and loss.clip <= 0:
         _fail("loss.clip", loss.clip, "must be > 0", "set loss.clip=null to disable clipping")
+    if loss.clip_mode == "entry" and loss.clip is None:
+        _fail(
+            "loss.clip_mode", "entry", "needs loss.clip", "set loss.clip (e.g. 0.05) or loss.clip_mode=token"
+        )
     if loss.chunk_tokens < 1:
         _fail("loss.chunk_tokens", loss.chunk_tokens, "must be >= 1", "use e.g. 1024")
     if teacher.mode not in TEACHER_MODES:

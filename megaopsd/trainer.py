@@ -339,6 +339,9 @@ class Trainer:
             **timer.as_scalars(),
             "perf/train_tokens_per_s": train_tokens / max(timer.seconds["train"], 1e-9),
         }
+        if "entry_sum" in m:  # loss.clip_mode=entry: the share of entries and of the loss at the cap
+            values["train/clipped_entry_fraction"] = m["clipped_entry_sum"] / max(m["entry_sum"], 1e-30)
+            values["train/clipped_loss_share"] = m["clipped_loss_sum"] / max(m["positive_loss_sum"], 1e-30)
         if "teacher_topk_mass_sum" in m:
             values["train/teacher_topk_mass"] = m["teacher_topk_mass_sum"]
         for reason, count in self.prompts.skipped().items():

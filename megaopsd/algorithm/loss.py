@@ -34,6 +34,7 @@ def make_loss_fn(cfg: LossConfig, *, vocab_size: int, tp_group: dist.ProcessGrou
             tp_group=tp_group,
             top_k=top_k,
             clip=cfg.clip,
+            clip_mode=cfg.clip_mode,
             sampled_ids_T=target_N if cfg.kind == "pg" else None,
             chunk_tokens=cfg.chunk_tokens,
         )
@@ -43,6 +44,11 @@ def make_loss_fn(cfg: LossConfig, *, vocab_size: int, tp_group: dist.ProcessGrou
             "teacher_entropy_sum": metrics.teacher_entropy_sum,
             "clipped_sum": metrics.clipped_count,
         }
+        if metrics.entry_count is not None:  # clip_mode=entry
+            sums["clipped_entry_sum"] = metrics.clipped_entry_count
+            sums["entry_sum"] = metrics.entry_count
+            sums["clipped_loss_sum"] = metrics.clipped_loss_sum
+            sums["positive_loss_sum"] = metrics.positive_loss_sum
         if metrics.teacher_topk_mass_sum is not None:
             sums["teacher_topk_mass_sum"] = metrics.teacher_topk_mass_sum
         return loss_sum, sums
