@@ -102,6 +102,10 @@ class DataConfig:
     max_teacher_prompt_tokens: int | None = None  # None: same as max_prompt_tokens
     student_enable_thinking: bool = True
     teacher_enable_thinking: bool = True
+    # opsd: the current official OPSD wording; opsd_first_release: its first release's (docs/prompts.md)
+    prompt_style: Literal["opsd", "opsd_first_release"] = "opsd"
+    # appended to the rendered teacher prompt: none | open ("<think>\n") | closed (an empty think block)
+    teacher_think_prefix: Literal["none", "open", "closed"] = "none"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -56,9 +56,11 @@ class Trainer:
         self.spec = load_hf_config(cfg.model.hf_path)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        templates = PromptTemplates(
+        templates = PromptTemplates.from_style(
+            cfg.data.prompt_style,
             student_enable_thinking=cfg.data.student_enable_thinking,
             teacher_enable_thinking=cfg.data.teacher_enable_thinking,
+            teacher_think_prefix=cfg.data.teacher_think_prefix,
         )
         self.prompts = build_prompt_stream(
             cfg.data,

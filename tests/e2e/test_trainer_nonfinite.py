@@ -41,7 +41,7 @@ def nan_from_step_two_worker(model: str, out: str, data: str) -> dict:
         {
             "model": {"hf_path": model},
             "rollout": {"max_new_tokens": 16, "max_model_len": 512, "kv_cache_gib": 0.0625},
-            "data": {"train_files": [data], "max_prompt_tokens": 160, "max_teacher_prompt_tokens": 384},
+            "data": {"train_files": [data], "max_prompt_tokens": 160, "max_teacher_prompt_tokens": 640},
             "trainer": {
                 "max_steps": 8,
                 "prompts_per_step": 4,
