@@ -76,7 +76,12 @@ class Trainer:
             chunks, trainer=cfg.trainer, parallel=cfg.parallel, bf16=cfg.model.dtype == "bfloat16"
         )
         tp_group = self.parallel.tp_group
-        self.loss_fn = make_loss_fn(cfg.loss, vocab_size=self.spec.vocab_size, tp_group=tp_group)
+        self.loss_fn = make_loss_fn(
+            cfg.loss,
+            vocab_size=self.spec.vocab_size,
+            tp_group=tp_group,
+            think_token_ids=think_token_ids(self.tokenizer),
+        )
         self.logprob_fn = functools.partial(
             token_logprobs, vocab_size=self.spec.vocab_size, tp_group=tp_group
         )
@@ -341,6 +346,11 @@ class Trainer:
             **timer.as_scalars(),
             "perf/train_tokens_per_s": train_tokens / max(timer.seconds["train"], 1e-9),
         }
+        if m.get("first_token_count", 0.0) > 0:  # the thinking boundary (loss.boundary)
+            values["train/first_token_divergence"] = m["first_token_divergence_sum"] / m["first_token_count"]
+            values["train/first_token_teacher_think_fraction"] = (
+                m["first_token_teacher_think_sum"] / m["first_token_count"]
+            )
         if "entry_sum" in m:  # loss.clip_mode=entry: the share of entries and of the loss at the cap
             values["train/clipped_entry_fraction"] = m["clipped_entry_sum"] / max(m["entry_sum"], 1e-30)
             values["train/clipped_loss_share"] = m["clipped_loss_sum"] / max(m["positive_loss_sum"], 1e-30)
@@ -382,6 +392,12 @@ class Trainer:
             self.engine.close()
             self.engine = None
         release_save_workers()
+
+
+def think_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of the think tags the tokenizer has as single tokens (none for most non-reasoning models)."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[tag] for tag in ("<think>", "</think>") if tag in vocab]
 
 
 def run(cfg: Config) -> int:

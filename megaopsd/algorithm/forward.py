@@ -22,9 +22,11 @@ import torch
 
 from megaopsd.algorithm.batch import PairedMicrobatch
 from megaopsd.algorithm.teacher import Teacher, unwrap
+from megaopsd.loss.boundary import first_token_mask
 
-# The per-token loss the last stage applies: (student_NV, teacher_NV, mask_N, target_N) -> (sum, metrics)
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+# The per-token loss the last stage applies: (student_NV, teacher_NV, mask_N, target_N, first_N=)
+# -> (sum, metrics); first_N marks each response's first token (thinking-boundary metrics).
+LossFn = Callable[..., tuple[torch.Tensor, dict]]
 # Log-probabilities of given tokens at temperature 1: (logits_NV, ids_N) -> logp_N (no grad)
 LogprobFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -77,7 +79,9 @@ class PairedForward:
         vocab = student_logits_BSV.shape[-1]
         student_NV = student_logits_BSV.reshape(-1, vocab).index_select(0, mb.student_index_T)
         teacher_NV = teacher_logits_BTV.reshape(-1, vocab).index_select(0, mb.teacher_index_T)
-        loss_sum, metrics = self.loss_fn(student_NV, teacher_NV, mb.loss_mask_T, mb.target_ids_T)
+        loss_sum, metrics = self.loss_fn(
+            student_NV, teacher_NV, mb.loss_mask_T, mb.target_ids_T, first_N=first_token_mask(mb.sample_T)
+        )
         num_tokens = mb.loss_mask_T.sum().to(torch.int)
         reported = {name: value.detach().clone().reshape(()) for name, value in metrics.items()}
         # clone: the schedule may scale the returned loss in place

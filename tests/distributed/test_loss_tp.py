@@ -125,6 +125,32 @@ def _compare_entry_clip(rank: int) -> list[dict]:
     return out
 
 
+def _compare_boundary(rank: int) -> list[dict]:
+    """First-token boundary sums at TP1 and TP2 (think ids on both shards, one past the vocab)."""
+    from megaopsd.loss.boundary import first_token_sums
+
+    out = []
+    for vocab in (203, 100):
+        student, teacher, _, sampled = _inputs(vocab, seed=60)
+        teacher[[0, 5], 3] = 90.0  # rank 0's shard
+        teacher[[7, 11], min(vocab - 1, W + 2)] = 90.0  # rank 1's shard when it has real columns
+        first = torch.zeros(T, dtype=torch.bool)
+        first[[0, 5, 7, 11, 20]] = True
+        kw = dict(kind="jsd", beta=0.5, temperature=1.0, top_k=None, vocab_size=vocab, think_ids=[3, W + 2])
+        one = first_token_sums(student, teacher, first, sampled, tp_group=None, **kw)
+        shard = slice(rank * W, (rank + 1) * W)
+        two = first_token_sums(
+            student[:, shard].contiguous(),
+            teacher[:, shard].contiguous(),
+            first,
+            sampled,
+            tp_group=dist.group.WORLD,
+            **kw,
+        )
+        out.append(dict(vocab=vocab) | {k: (one[k].item(), two[k].item()) for k in one})
+    return out
+
+
 class _AllocationRecorder(TorchDispatchMode):
     """Shapes of every tensor an op creates (view ops, which allocate nothing, are skipped)."""
 
@@ -188,6 +214,7 @@ def _worker() -> dict:
         return dict(
             compare=_compare_tp1_tp2(rank),
             entry=_compare_entry_clip(rank),
+            boundary=_compare_boundary(rank),
             allocations=_record_allocations(rank),
         )
     finally:
@@ -272,3 +299,13 @@ def test_entry_clip_equals_the_official_formula_at_tp1_and_tp2(rank_results):
                     assert _rel_err(grad, ref_grad) <= 1e-6, f"rank {rank} {case} {tag}"
                 else:
                     assert torch.count_nonzero(grad) == 0, f"rank {rank} {case} {tag}"
+
+
+def test_first_token_boundary_sums_are_layout_independent(rank_results):
+    for rank, result in enumerate(rank_results):
+        for r in result["boundary"]:
+            think = 4.0 if r["vocab"] > W + 2 else 2.0  # id W + 2 is padding when V = 100
+            assert r["first_token_count"] == (5.0, 5.0), r
+            assert r["first_token_teacher_think_sum"] == (think, think), (rank, r)
+            one, two = r["first_token_divergence_sum"]
+            assert one > 0 and abs(one - two) <= 1e-9 * one, (rank, r)

@@ -29,9 +29,9 @@ def nan_from_step_two_worker(model: str, out: str, data: str) -> dict:
     def make_loss_fn(*args, **kwargs):
         real = real_make_loss_fn(*args, **kwargs)
 
-        def poisoned(student, teacher, mask, target):
+        def poisoned(student, teacher, mask, target, **kw):
             calls["n"] += 1
-            loss_sum, sums = real(student, teacher, mask, target)
+            loss_sum, sums = real(student, teacher, mask, target, **kw)
             return (loss_sum * float("nan") if calls["n"] > 1 else loss_sum), sums
 
         return poisoned
