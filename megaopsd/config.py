@@ -72,6 +72,14 @@ class LossConfig:
 class TeacherConfig:
     mode: str = "fixed"  # current | fixed | ema
     ema_decay: float = 0.99
+    # Reason-first (the official --reason_first): the rollout engine first writes the teacher's
+    # rationalisation of the reference solution; the teacher then scores the response after it.
+    reason_first: bool = False
+    reason_max_new_tokens: int = 4096  # the rationalisation's length limit (official default)
+    reason_temperature: float | None = None  # None: rollout.temperature
+    reason_top_p: float | None = None  # None: rollout.top_p
+    reason_top_k: int | None = None  # None: rollout.top_k
+    reason_cache: Literal["regenerate", "per_example"] = "regenerate"  # regenerate: every use (official)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -428,6 +436,30 @@ def _validate_lengths_and_eval(cfg: Config) -> None:
             f"is below data.max_prompt_tokens={data.max_prompt_tokens} + rollout.max_new_tokens={ro.max_new_tokens}",
             "raise it or shorten prompts/responses (vLLM would cut responses silently)",
         )
+    teacher = cfg.teacher
+    if teacher.reason_first:
+        if teacher.reason_max_new_tokens < 1:
+            _fail(
+                "teacher.reason_max_new_tokens",
+                teacher.reason_max_new_tokens,
+                "must be >= 1",
+                "use e.g. 4096",
+            )
+        reasoning_prompt = data.max_teacher_prompt_tokens or data.max_prompt_tokens
+        if reasoning_prompt + teacher.reason_max_new_tokens > ro.max_model_len:
+            _fail(
+                "teacher.reason_max_new_tokens",
+                teacher.reason_max_new_tokens,
+                f"+ the teacher prompt limit {reasoning_prompt} exceeds rollout.max_model_len={ro.max_model_len}",
+                "raise rollout.max_model_len or lower teacher.reason_max_new_tokens",
+            )
+        if teacher.reason_temperature is not None and teacher.reason_temperature <= 0:
+            _fail(
+                "teacher.reason_temperature",
+                teacher.reason_temperature,
+                "must be > 0",
+                "use null for rollout's",
+            )
     if ev.interval < 0:
         _fail("eval.interval", ev.interval, "must be >= 0", "use 0 to turn in-training evaluation off")
     if ev.k < 1:

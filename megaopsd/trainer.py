@@ -89,6 +89,9 @@ class Trainer:
         # Benchmarks load (and may fail) before the engine starts, so a failure leaks no engine.
         self.evaluator = self._start_evaluator() if runtime.is_main else None
         self.engine = self._start_engine() if runtime.is_main else None
+        self.reason_first = (
+            self._make_reason_first() if runtime.is_main and cfg.teacher.reason_first else None
+        )
         # An in-process vLLM engine installs its own SIGTERM handler; take the signals back.
         self.stop = stop.install()
         self.step = 0
@@ -154,6 +157,8 @@ class Trainer:
 
         holder: list[Any] = [None]
         if self.runtime.is_main:
+            if self.reason_first is not None:  # teacher prompts become prompt + rationale + transition
+                prompts = self.reason_first.apply(self.engine, prompts, step=self.step)
             sampling = SamplingSettings.from_config(self.cfg.rollout)
             holder[0] = generate_rollouts(self.engine, prompts, sampling, step=self.step)
         if self.runtime.world_size > 1:
@@ -224,6 +229,12 @@ class Trainer:
         # vLLM's own shutdown terminates them with it.
         with stop_signals_blocked([signal.SIGUSR1]):
             return VllmEngine(settings)
+
+    def _make_reason_first(self):
+        from megaopsd.data.reason_first import ReasonFirst, reason_first_sampling
+
+        sampling = reason_first_sampling(self.cfg.teacher, self.cfg.rollout)
+        return ReasonFirst(self.tokenizer, sampling, cache=self.cfg.teacher.reason_cache)
 
     def _sync_weights(self):
         """Stream the student's HF weights through the export mapping into the engine."""
@@ -376,6 +387,8 @@ class Trainer:
             f"{self.tokenizer.decode(first.response_ids)}"
         )
         self.writer.text(self.step, "rollout/sample", body)
+        if self.reason_first is not None:
+            self.writer.text(self.step, "teacher/reason_first", self.reason_first.text_sample())
 
     def _say(self, message: str) -> None:
         if self.runtime.is_main:
