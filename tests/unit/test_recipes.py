@@ -168,7 +168,12 @@ def test_official_run_recipes_carry_the_released_values(recipe, tmp_path, monkey
         clip,
         "entry",
     )
-    assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k) == (1.1, 0.95, 20)
+    assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.loss.temperature) == (
+        1.1,
+        0.95,
+        20,
+        1.1,
+    )
     assert (cfg.rollout.max_new_tokens, cfg.rollout.n) == (1024, 1)
     assert (cfg.trainer.prompts_per_step, cfg.trainer.max_steps, cfg.trainer.clip_grad) == (32, 100, 0.1)
     assert cfg.teacher.mode == "fixed" and cfg.data.prompt_style == "opsd"
