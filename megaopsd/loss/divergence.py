@@ -305,7 +305,7 @@ _PATHS = {
 
 
 def _forward_path(spec: _Spec) -> Callable:
-    if spec.clip_mode == "entry" and spec.clip is not None and spec.kind not in _TOPK_KINDS:
+    if spec.clip_mode == "entry" and spec.kind not in _TOPK_KINDS:
         return _kl_entry_forward  # the top-k paths handle entry clipping themselves
     return _PATHS[spec.kind][0]
 
@@ -317,6 +317,22 @@ def _entries_per_token(spec: _Spec) -> int:
     if spec.kind == "topk_tail":
         return spec.top_k + 1
     return spec.vocab_size
+
+
+def _entry_sums(
+    chunks: list[_Chunk], weight_R: torch.Tensor, spec: _Spec
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Entry-clip metric sums (``DivergenceMetrics`` order) and which tokens had an entry capped."""
+    clipped_R = torch.cat([c.entry_C[0] for c in chunks] or [weight_R])
+    positive_R = torch.cat([c.entry_C[1] for c in chunks] or [weight_R])
+    n_clipped = (weight_R * clipped_R).sum()
+    sums = [
+        n_clipped,
+        weight_R.sum() * _entries_per_token(spec),
+        n_clipped * spec.clip,
+        (weight_R * positive_R).sum(),
+    ]
+    return sums, clipped_R > 0
 
 
 def _cat(chunks: list[_Chunk], field: str, like: torch.Tensor) -> torch.Tensor:
@@ -343,17 +359,9 @@ class _VocabParallelDivergence(torch.autograd.Function):
             clipped_R = div_R > spec.clip
             loss_R = torch.where(clipped_R, spec.clip, loss_R)  # a constant: no gradient
         entry_sums = []
-        if spec.clip_mode == "entry" and spec.clip is not None:
-            clipped_entries_R = torch.cat([c.entry_C[0] for c in chunks] or [weight_R])
-            positive_R = torch.cat([c.entry_C[1] for c in chunks] or [weight_R])
-            entry_sums = [
-                (weight_R * clipped_entries_R).sum(),
-                weight_R.sum() * _entries_per_token(spec),
-                (weight_R * clipped_entries_R).sum() * spec.clip,
-                (weight_R * positive_R).sum(),
-            ]
+        if spec.clip_mode == "entry":
             # The token itself is never capped in entry mode; the count says how many were touched.
-            token_touched_R = clipped_entries_R > 0
+            entry_sums, clipped_R = _entry_sums(chunks, weight_R, spec)
         topk_mass_R = (
             _cat(chunks, "topk_mass_C", weight_R) if spec.kind in _TOPK_KINDS else torch.zeros_like(weight_R)
         )
@@ -363,13 +371,14 @@ class _VocabParallelDivergence(torch.autograd.Function):
                 (weight_R * _cat(chunks, "student_entropy_C", weight_R)).sum(),
                 (weight_R * _cat(chunks, "teacher_entropy_C", weight_R)).sum(),
                 (weight_R * topk_mass_R).sum(),
-                (weight_R * (token_touched_R if entry_sums else clipped_R)).sum(),
+                (weight_R * clipped_R).sum(),
                 weight_R.sum(),
                 *entry_sums,
             ]
         )
         loss_sum = (weight_R * loss_R).sum()
-        coef_R = torch.where(clipped_R, 0.0, weight_R) / spec.temperature
+        # Token clip: a capped token is a constant. (Entry clip zeroes entries inside the chunks.)
+        coef_R = torch.where(clipped_R & (spec.clip_mode == "token"), 0.0, weight_R) / spec.temperature
         saved = {
             key: torch.cat([c.saved[key] for c in chunks]) for key in (chunks[0].saved if chunks else {})
         }
