@@ -13,12 +13,19 @@ Legend: N = scored tokens, W = vocab shard width, R = first tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from megaopsd.loss.divergence import vocab_parallel_divergence
 from megaopsd.loss.sharded import global_topk, group_rank, valid_columns
+
+
+def think_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of the think tags the tokenizer has as single tokens (none for most non-reasoning models)."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[tag] for tag in ("<think>", "</think>") if tag in vocab]
 
 
 def first_token_mask(sample_N: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from megaopsd.config import CLIP_MODES as CLIP_MODE_CHOICES
+from megaopsd.config import LOSS_KINDS
 from megaopsd.loss import divergence_math as dm
 from megaopsd.loss import entry_clip as ec
 from megaopsd.loss.sharded import (
@@ -44,8 +46,8 @@ from megaopsd.loss.sharded import (
     valid_columns,
 )
 
-KINDS = ("jsd", "forward_kl", "reverse_kl", "topk", "topk_tail", "pg")
-CLIP_MODES = ("token", "entry")
+KINDS = LOSS_KINDS  # the choices of loss.kind; _PATHS implements each (tests/unit/test_config.py)
+CLIP_MODES = CLIP_MODE_CHOICES  # the choices of loss.clip_mode (entry_clip.py)
 _TOPK_KINDS = ("topk", "topk_tail")
 
 

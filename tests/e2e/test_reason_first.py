@@ -145,10 +145,10 @@ def test_trainer_logs_the_three_parts(tiny_qwen3, tmp_path):
         "checkpoint.save_interval=2",
         "rollout.max_new_tokens=12",
         "rollout.max_model_len=1024",
-        "+teacher.reason_first=true",
-        "+teacher.reason_max_new_tokens=16",
-        "+loss.clip=0.05",
-        "+loss.clip_mode=entry",
+        "teacher.reason_first=true",
+        "teacher.reason_max_new_tokens=16",
+        "loss.clip=0.05",
+        "loss.clip_mode=entry",
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "megaopsd.train", *args], cwd=REPO, capture_output=True, text=True, timeout=600

@@ -15,8 +15,7 @@ from megaopsd.algorithm.batch import build_microbatch
 from megaopsd.algorithm.loss import make_loss_fn
 from megaopsd.config import LossConfig
 from megaopsd.data.prompts import PromptBuilder, PromptTemplates
-from megaopsd.loss.boundary import first_token_mask, first_token_sums
-from megaopsd.trainer import think_token_ids
+from megaopsd.loss.boundary import first_token_mask, first_token_sums, think_token_ids
 from tests.unit.test_loss import V, W, make_inputs
 
 PROBLEM = "What is 2 + 3?"
