@@ -27,6 +27,7 @@ from megaopsd.components import build_components
 from megaopsd.config import Config
 from megaopsd.eval.in_training import InTrainingEvaluator, eval_due
 from megaopsd.flops import utilisation_scalars
+from megaopsd.loss.boundary import think_token_ids
 from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line, step_scalars
 from megaopsd.models.builder import unwrap_chunk
 from megaopsd.runtime.distributed import collective_device
@@ -52,9 +53,11 @@ class Trainer:
         self.cfg, self.runtime, self.parallel = cfg, runtime, runtime.parallel
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        templates = PromptTemplates(
+        templates = PromptTemplates.from_style(
+            cfg.data.prompt_style,
             student_enable_thinking=cfg.data.student_enable_thinking,
             teacher_enable_thinking=cfg.data.teacher_enable_thinking,
+            teacher_think_prefix=cfg.data.teacher_think_prefix,
         )
         self.prompts = build_prompt_stream(
             cfg.data,
@@ -64,7 +67,7 @@ class Trainer:
         )
         for problem in self.prompts.unreadable:  # the other sources loaded; say which one did not
             self._say(f"warning: data: {problem}")
-        parts = build_components(cfg, runtime)
+        parts = build_components(cfg, runtime, think_token_ids=think_token_ids(self.tokenizer))
         self.spec, self.teacher, self.student = parts.spec, parts.teacher, parts.student
         self.loss_fn, self.logprob_fn = parts.loss_fn, parts.logprob_fn
         self.checkpoints = CheckpointManager(cfg, runtime, student=self.student, teacher=self.teacher)
@@ -72,6 +75,9 @@ class Trainer:
         # Benchmarks load (and may fail) before the engine starts, so a failure leaks no engine.
         self.evaluator = InTrainingEvaluator.start(cfg.eval) if runtime.is_main else None
         self.engine = self._start_engine() if runtime.is_main else None
+        self.reason_first = (
+            self._make_reason_first() if runtime.is_main and cfg.teacher.reason_first else None
+        )
         # An in-process vLLM engine installs its own SIGTERM handler; take the signals back.
         self.stop = stop.install()
         self.step = 0
@@ -144,6 +150,8 @@ class Trainer:
 
         holder: list[Any] = [None]
         if self.runtime.is_main:
+            if self.reason_first is not None:  # teacher prompts become prompt + rationale + transition
+                prompts = self.reason_first.apply(self.engine, prompts, step=self.step)
             sampling = SamplingSettings.from_config(self.cfg.rollout)
             holder[0] = generate_rollouts(self.engine, prompts, sampling, step=self.step)
         if self.runtime.world_size > 1:
@@ -221,6 +229,12 @@ class Trainer:
         with stop_signals_blocked([signal.SIGUSR1]):
             return VllmEngine(settings)
 
+    def _make_reason_first(self):
+        from megaopsd.data.reason_first import ReasonFirst, reason_first_sampling
+
+        sampling = reason_first_sampling(self.cfg.teacher, self.cfg.rollout)
+        return ReasonFirst(self.tokenizer, sampling, cache=self.cfg.teacher.reason_cache)
+
     def _sync_weights(self):
         """Stream the student's HF weights through the export mapping into the engine."""
         from megaopsd.convert import export_hf_weights
@@ -277,6 +291,8 @@ class Trainer:
             f"{self.tokenizer.decode(first.response_ids)}"
         )
         self.writer.text(self.step, "rollout/sample", body)
+        if self.reason_first is not None:
+            self.writer.text(self.step, "teacher/reason_first", self.reason_first.text_sample())
 
     def _say(self, message: str) -> None:
         if self.runtime.is_main:

@@ -26,12 +26,14 @@ import torch
 
 from megaopsd.algorithm.batch import PairedMicrobatch
 from megaopsd.algorithm.teacher import Teacher
+from megaopsd.loss.boundary import first_token_mask
 from megaopsd.models.builder import unwrap_chunk
 from megaopsd.models.forward import decoder_hidden, rows_logits
 from megaopsd.rollout.metrics import logprob_abs_diff_tokens
 
-# The per-token loss the last stage applies: (student_NV, teacher_NV, mask_N, target_N) -> (sum, metrics)
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+# The per-token loss the last stage applies: (student_NV, teacher_NV, mask_N, target_N, first_N=)
+# -> (sum, metrics); first_N marks each response's first token (thinking-boundary metrics).
+LossFn = Callable[..., tuple[torch.Tensor, dict]]
 # Log-probabilities of given tokens at temperature 1: (logits_NV, ids_N) -> logp_N (no grad)
 LogprobFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -101,7 +103,9 @@ class PairedForward:
         return rows_logits(inner, decoder_hidden(model, tokens_BL, positions_BL), rows_T)
 
     def _loss(self, mb: PairedMicrobatch, teacher_NV: torch.Tensor, student_NV: torch.Tensor):
-        loss_sum, metrics = self.loss_fn(student_NV, teacher_NV, mb.loss_mask_T, mb.target_ids_T)
+        loss_sum, metrics = self.loss_fn(
+            student_NV, teacher_NV, mb.loss_mask_T, mb.target_ids_T, first_N=first_token_mask(mb.sample_T)
+        )
         num_tokens = mb.loss_mask_T.sum().to(torch.int)
         reported = {name: value.detach().clone().reshape(()) for name, value in metrics.items()}
         # clone: the schedule may scale the returned loss in place
