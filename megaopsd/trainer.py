@@ -1,10 +1,11 @@
 """The OPSD training loop.
 
-    prompts -> rollouts (vLLM, rank 0) -> paired step (all ranks) -> optimizer -> teacher update
-    -> weight sync (Megatron export -> engine) -> log -> checkpoint
+    prompts -> rollouts (vLLM engines) -> paired step (all ranks) -> optimizer -> teacher update
+    -> weight sync (Megatron export -> engines, in memory) -> log -> checkpoint
 
-Every rank builds the same prompts from the same data stream; rank 0 owns the rollout engine
-and broadcasts the rollouts; each data-parallel replica trains on its share of them. The
+Every rank builds the same prompts from the same data stream. The engines (one in-process
+engine, a vLLM worker in every trainer process, or one engine on rank 0: ``rollout.placement``)
+sit behind one ``EngineFleet``; each data-parallel replica receives the rollouts it trains on. The
 student starts from a Hugging Face directory (imported on the fly) and resumes from
 ``<checkpoint.dir>/latest`` when it exists. SIGTERM / SIGUSR1 ask for a checkpoint and a clean
 exit at the next step boundary (Slurm preemption).
@@ -13,10 +14,8 @@ exit at the next step boundary (Slurm preemption).
 from __future__ import annotations
 
 import functools
-import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,7 +31,7 @@ from megaopsd.loss.logprobs import token_logprobs
 from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import Runtime
-from megaopsd.runtime.signals import StopRequest, stop_signals_blocked
+from megaopsd.runtime.signals import StopRequest
 
 MIB = 1 << 20
 
@@ -79,9 +78,11 @@ class Trainer:
             token_logprobs, vocab_size=self.spec.vocab_size, tp_group=tp_group
         )
         self.writer = MetricsWriter(cfg.logging.tensorboard_dir, enabled=runtime.is_main)
-        # Benchmarks load (and may fail) before the engine starts, so a failure leaks no engine.
-        self.evaluator = self._start_evaluator() if runtime.is_main else None
-        self.engine = self._start_engine() if runtime.is_main else None
+        # Benchmarks load (and may fail) before the engines start, so a failure leaks no engine.
+        # Every rank evaluates (its engine generates part of the samples; grading is repeated).
+        self.evaluator = self._start_evaluator()
+        self.fleet = self._start_engines()
+        self.export_plan = None  # the weight export's plan, agreed once
         # An in-process vLLM engine installs its own SIGTERM handler; take the signals back.
         self.stop = stop.install()
         self.step = 0
@@ -127,13 +128,11 @@ class Trainer:
             with timer.phase("train"):
                 result, train_tokens = self._paired_update(rollouts)
             with timer.phase("weight_sync"):
-                sync = self._sync_weights() if not result.skipped else None
+                sync = self._sync_weights() if not result.skipped or self.fleet.needs_weights else {}
             eval_due = bool(self.cfg.eval.interval) and self.step % self.cfg.eval.interval == 0
             evaluation = self._evaluate(timer) if eval_due else {}
         self._check_nonfinite(result)
-        values = {**self._step_values(result, rollouts, timer, train_tokens), **evaluation}
-        if sync is not None:
-            values["perf/weight_sync_gb"] = sync.bytes / 1e9
+        values = {**self._step_values(result, rollouts, timer, train_tokens), **evaluation, **sync}
         if self.step == 1 or (
             self.cfg.logging.text_sample_interval and self.step % self.cfg.logging.text_sample_interval == 0
         ):
@@ -141,23 +140,16 @@ class Trainer:
         return values
 
     def _rollouts(self, prompts: list) -> list:
-        """Rank 0 samples; every rank receives the same rollouts."""
-        from megaopsd.rollout.engine import generate_rollouts
+        """The rollouts this rank's data-parallel replica trains on (the engines split the prompts)."""
         from megaopsd.rollout.types import SamplingSettings
 
-        holder: list[Any] = [None]
-        if self.runtime.is_main:
-            sampling = SamplingSettings.from_config(self.cfg.rollout)
-            holder[0] = generate_rollouts(self.engine, prompts, sampling, step=self.step)
-        if self.runtime.world_size > 1:
-            dist.broadcast_object_list(holder, src=0)
-        return holder[0]
+        sampling = SamplingSettings.from_config(self.cfg.rollout)
+        return self.fleet.rollouts(prompts, sampling, step=self.step)
 
     def _paired_update(self, rollouts: list) -> tuple[StepResult, int]:
         par, tr = self.parallel, self.cfg.trainer
-        mine = rollouts[par.dp_rank :: par.dp_size]
         microbatches = build_microbatches(
-            mine,
+            rollouts,
             max_tokens=tr.microbatch_tokens,
             pad_id=self.pad_id,
             pad_multiple=par.tp_size if par.sequence_parallel else 1,
@@ -196,44 +188,61 @@ class Trainer:
 
     # ------------------------------------------------------------------ engine and weights
 
-    def _start_engine(self):
-        from megaopsd.rollout.types import EngineSettings
-        from megaopsd.rollout.vllm_engine import VllmEngine
+    def _start_engines(self):
+        from megaopsd.config import rollout_placement
+        from megaopsd.rollout.fleet import start_fleet
 
         ro = self.cfg.rollout
-        in_process = ro.in_process if ro.in_process is not None else self.runtime.world_size == 1
-        settings = EngineSettings.from_config(
-            self.cfg.model.hf_path,
-            ro,
-            dtype=ro.dtype or self.cfg.model.dtype,
-            in_process=in_process,
-            enforce_eager=True,
-            weight_transport=ro.weight_transport,
-            weight_bucket_bytes=ro.weight_bucket_mb * MIB,
-            weight_sync_dir=ro.weight_sync_dir,
-        )
-        self._say(f"starting the rollout engine ({'in-process' if in_process else 'own process'})")
-        # The engine's processes must survive a preemption notice (USR1). SIGTERM stays theirs:
-        # vLLM's own shutdown terminates them with it.
-        with stop_signals_blocked([signal.SIGUSR1]):
-            return VllmEngine(settings)
+        placement = rollout_placement(ro, self.runtime.world_size)
+        engines = self.runtime.world_size // ro.tensor_parallel_size if placement == "colocated" else 1
+        self._say(f"starting {engines} rollout engine(s), placement {placement}")
+        return start_fleet(self.cfg, self.runtime)
 
-    def _sync_weights(self):
-        """Stream the student's HF weights through the export mapping into the engine."""
-        from megaopsd.convert import export_hf_weights
+    def _sync_weights(self) -> dict[str, float]:
+        """Stream the student's HF weights through the export into every engine, in memory.
+
+        Colocated: each tensor is TP-gathered inside its stage and broadcast by the rank that
+        owns it, so every rank sees one parameter's tensors at a time and holds at most one
+        bucket. Returns ``perf/weight_sync_gb`` and ``perf/weight_sync_peak_mb`` (max over ranks).
+        """
+        from megaopsd.convert import export_hf_weights, export_plan
+        from megaopsd.convert.export import ExportMeter
 
         modules = [unwrap(c) for c in self.student.chunks]
-        weights = export_hf_weights(modules, self.spec, self.parallel, dst_ranks=(0,))
-        if not self.runtime.is_main:
-            for _ in weights:  # take part in the gathers and sends
-                pass
-            return None
-        return self.engine.update_weights(weights)
+        tied = bool(self.spec.tie_word_embeddings)
+        if self.export_plan is None:
+            self.export_plan = export_plan(modules, self.spec, self.parallel, include_tied_lm_head=tied)
+        meter = ExportMeter()
+        cuda = self.runtime.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        weights = export_hf_weights(
+            modules,
+            self.spec,
+            self.parallel,
+            dst_ranks=self.fleet.weight_destinations,
+            plan=self.export_plan,
+            meter=meter,
+        )
+        stats = self.fleet.update_weights(weights)
+        if cuda:
+            peak = torch.cuda.max_memory_allocated() - base
+        else:  # accounted: the largest bucket plus the largest TP gather on this rank
+            peak = (stats.max_bucket_bytes if stats else 0) + meter.gather_peak_bytes
+        sent = float(stats.bytes) if stats else 0.0
+        reduced = torch.tensor([float(peak), sent], dtype=torch.float64, device=collective_device())
+        if self.runtime.world_size > 1:
+            dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+        return {
+            "perf/weight_sync_gb": float(reduced[1]) / 1e9,
+            "perf/weight_sync_peak_mb": float(reduced[0]) / MIB,
+        }
 
     # ------------------------------------------------------------------ evaluation
 
     def _start_evaluator(self):
-        """Benchmarks and a grader on rank 0 when in-training evaluation is on."""
+        """Benchmarks and a grader when in-training evaluation is on."""
         from megaopsd.eval.benchmarks import load_benchmark, parse_benchmark_arg
         from megaopsd.eval.grading import Grader, GradingSettings
 
@@ -245,33 +254,30 @@ class Trainer:
         return benchmarks, grader
 
     def _evaluate(self, timer: PhaseTimer) -> dict[str, float]:
-        """``eval/<benchmark>/...`` through the live engine (rank 0); the others wait for it."""
+        """``eval/<benchmark>/...`` through all engines; every rank grades the same samples."""
         from megaopsd.eval.runner import evaluate
         from megaopsd.rollout.types import SamplingSettings
 
         values: dict[str, float] = {}
         with timer.phase("eval"):
-            if self.runtime.is_main:
-                ev = self.cfg.eval
-                benchmarks, grader = self.evaluator
-                sampling = SamplingSettings(
-                    temperature=ev.temperature,
-                    top_p=ev.top_p,
-                    top_k=ev.top_k,
-                    max_new_tokens=ev.max_new_tokens,
-                    seed=ev.seed,
-                )
-                values = evaluate(
-                    self.engine,
-                    self.tokenizer,
-                    benchmarks,
-                    k=ev.k,
-                    sampling=sampling,
-                    grader=grader,
-                    enable_thinking=ev.enable_thinking,
-                )
-            if self.runtime.world_size > 1:
-                dist.barrier()
+            ev = self.cfg.eval
+            benchmarks, grader = self.evaluator
+            sampling = SamplingSettings(
+                temperature=ev.temperature,
+                top_p=ev.top_p,
+                top_k=ev.top_k,
+                max_new_tokens=ev.max_new_tokens,
+                seed=ev.seed,
+            )
+            values = evaluate(
+                self.fleet,
+                self.tokenizer,
+                benchmarks,
+                k=ev.k,
+                sampling=sampling,
+                grader=grader,
+                enable_thinking=ev.enable_thinking,
+            )
         return values
 
     # ------------------------------------------------------------------ checkpoints
@@ -321,7 +327,18 @@ class Trainer:
         self, result: StepResult, rollouts: list, timer: PhaseTimer, train_tokens: int
     ) -> dict[str, float]:
         m = result.metrics
-        lengths = [len(r.response_ids) for r in rollouts]
+        # This replica's rollouts; summed over the data-parallel replicas.
+        counts = torch.tensor(
+            [
+                float(sum(len(r.response_ids) for r in rollouts)),
+                float(len(rollouts)),
+                float(sum(r.finish_reason == "length" for r in rollouts)),
+            ],
+            dtype=torch.float64,
+            device=collective_device(),
+        )
+        dist.all_reduce(counts, group=self.parallel.dp_group)
+        length_sum, count, truncated = (float(v) for v in counts)
         values = {
             "train/loss": result.loss,
             "train/divergence": m.get("divergence_sum", float("nan")),
@@ -332,10 +349,11 @@ class Trainer:
             "train/clipped_fraction": m.get("clipped_sum", 0.0),
             "train/loss_tokens": result.num_tokens,
             "train/skipped_nonfinite": float(result.skipped),
-            "rollout/response_length_mean": sum(lengths) / max(len(lengths), 1),
-            "rollout/truncated_fraction": sum(r.finish_reason == "length" for r in rollouts)
-            / max(len(rollouts), 1),
+            "rollout/response_length_mean": length_sum / max(count, 1.0),
+            "rollout/truncated_fraction": truncated / max(count, 1.0),
             "rollout/logprob_abs_diff": m.get("logprob_abs_diff_sum", float("nan")),
+            "rollout/logprob_abs_diff_max": m.get("logprob_abs_diff_max", float("nan")),
+            "rollout/engines": float(self.fleet.layout.num_engines),
             **timer.as_scalars(),
             "perf/train_tokens_per_s": train_tokens / max(timer.seconds["train"], 1e-9),
         }
@@ -373,9 +391,9 @@ class Trainer:
         if self.evaluator is not None:
             self.evaluator[1].close()
             self.evaluator = None
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        if self.fleet is not None:
+            self.fleet.close()
+            self.fleet = None
         release_save_workers()
 
 
