@@ -33,8 +33,6 @@ from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import Runtime
 from megaopsd.runtime.signals import StopRequest
 
-MIB = 1 << 20
-
 
 class NonFiniteLossError(RuntimeError):
     """Too many steps in a row had a non-finite loss or gradient."""
@@ -199,45 +197,15 @@ class Trainer:
         return start_fleet(self.cfg, self.runtime)
 
     def _sync_weights(self) -> dict[str, float]:
-        """Stream the student's HF weights through the export into every engine, in memory.
-
-        Colocated: each tensor is TP-gathered inside its stage and broadcast by the rank that
-        owns it, so every rank sees one parameter's tensors at a time and holds at most one
-        bucket. Returns ``perf/weight_sync_gb`` and ``perf/weight_sync_peak_mb`` (max over ranks).
-        """
-        from megaopsd.convert import export_hf_weights, export_plan
-        from megaopsd.convert.export import ExportMeter
+        """Refit every engine from the student's own shards, in memory (``rollout/refit.py``)."""
+        from megaopsd.convert import export_plan
+        from megaopsd.rollout.refit import refit
 
         modules = [unwrap(c) for c in self.student.chunks]
-        tied = bool(self.spec.tie_word_embeddings)
         if self.export_plan is None:
+            tied = bool(self.spec.tie_word_embeddings)
             self.export_plan = export_plan(modules, self.spec, self.parallel, include_tied_lm_head=tied)
-        meter = ExportMeter()
-        cuda = self.runtime.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        weights = export_hf_weights(
-            modules,
-            self.spec,
-            self.parallel,
-            dst_ranks=self.fleet.weight_destinations,
-            plan=self.export_plan,
-            meter=meter,
-        )
-        stats = self.fleet.update_weights(weights)
-        if cuda:
-            peak = torch.cuda.max_memory_allocated() - base
-        else:  # accounted: the largest bucket plus the largest TP gather on this rank
-            peak = (stats.max_bucket_bytes if stats else 0) + meter.gather_peak_bytes
-        sent = float(stats.bytes) if stats else 0.0
-        reduced = torch.tensor([float(peak), sent], dtype=torch.float64, device=collective_device())
-        if self.runtime.world_size > 1:
-            dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
-        return {
-            "perf/weight_sync_gb": float(reduced[1]) / 1e9,
-            "perf/weight_sync_peak_mb": float(reduced[0]) / MIB,
-        }
+        return refit(self.fleet, modules, self.spec, self.parallel, self.export_plan)
 
     # ------------------------------------------------------------------ evaluation
 

@@ -3,7 +3,8 @@
 - one engine of TP2 spread over a TP2 trainer: per-token MAX engine/trainer logprob mismatch
   <= 1e-5 at step 1 and after two weight syncs (step 3);
 - DP2 launched as two torchrun agents (``--nnodes 2 --nproc-per-node 1``, one c10d rendezvous
-  on 127.0.0.1): two engines, the same bound, TensorBoard logs and a checkpoint;
+  on 127.0.0.1): two engines, the same bound, TensorBoard logs, a checkpoint, and in-training
+  evaluation with the samples split over both engines;
 - 1 engine vs 2 engines: equal weights and seed give identical token ids and logprobs.
 
 PP2 (two engines) is tests/e2e/test_trainer.py's two-process recipe run.
@@ -56,9 +57,16 @@ def test_tp2_trainer_with_one_engine_of_tp2(tiny_qwen3, data, tmp_path):
 def test_two_agents_dp2_two_engines_logs_and_checkpoint(tiny_qwen3, data, tmp_path):
     """Two torchrun agents, one rendezvous: the two-node launch, on one machine."""
     out = tmp_path / "agents"
-    args = overrides(
-        tiny_qwen3, out, data, **{"trainer.max_steps": 3, "parallel.pipeline_model_parallel_size": 1}
-    )
+    extra = {
+        "trainer.max_steps": 3,
+        "parallel.pipeline_model_parallel_size": 1,
+        "eval.interval": 3,  # evaluation through both engines
+        "eval.benchmarks": f"['demo={data}']",
+        "eval.k": 2,
+        "eval.limit": 3,
+        "eval.max_new_tokens": 16,
+    }
+    args = overrides(tiny_qwen3, out, data, **extra)
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     port = free_port()
     agents = [
@@ -86,6 +94,9 @@ def test_two_agents_dp2_two_engines_logs_and_checkpoint(tiny_qwen3, data, tmp_pa
     values = scalars(out / "tensorboard")
     assert_in_step(values, engines=2)
     assert sorted(values["train/loss"]) == [1, 2, 3]
+    assert (
+        sorted(values["eval/demo/pass@2"]) == [3] and 1 <= values["eval/demo/response_length_mean"][3] <= 16
+    )
     assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
     assert (out / "checkpoints" / "iter_0000003" / "config.json").is_file()
 
