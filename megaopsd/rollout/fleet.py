@@ -330,7 +330,6 @@ def _launcher_env(runtime: Runtime) -> None:
         RANK=str(launch.rank),
         LOCAL_RANK=str(launch.local_rank),
         WORLD_SIZE=str(launch.world_size),
-        LOCAL_WORLD_SIZE=os.environ.get("LOCAL_WORLD_SIZE", str(launch.world_size)),
     )
     os.environ.setdefault("MASTER_ADDR", launch.master_addr)
     os.environ.setdefault("MASTER_PORT", str(launch.master_port))
