@@ -62,7 +62,7 @@ def worker(hf_dir: str, prompts: list[list[int]], tokens: int, repeats: int, thr
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.dist_harness import run_ranks
+    from bench._ranks import run_ranks
     from tools.make_tiny_model import make_tiny_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -55,9 +55,9 @@ def _timed(fn: Callable[[], object]) -> float:
 def worker(hf_dir: str, tp: int, pp: int, repeats: int, bucket_mib: int, threads: int) -> dict:
     from safetensors.torch import load_file
 
+    from megaopsd.components import build_components
     from megaopsd.config import load_config
-    from megaopsd.convert import export_hf_weights, export_plan, load_hf_weights
-    from megaopsd.models import build_model_chunks, load_hf_config
+    from megaopsd.convert import export_hf_weights, export_plan
     from megaopsd.rollout.fleet import start_fleet
     from megaopsd.rollout.refit import refit
     from megaopsd.rollout.weight_sync import DirectoryTransport, iter_buckets, order_by_module, sync_weights
@@ -68,14 +68,14 @@ def worker(hf_dir: str, tp: int, pp: int, repeats: int, bucket_mib: int, threads
             "model": {"hf_path": hf_dir},
             "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
             "runtime": {"cpu_threads": threads},
+            "teacher": {"mode": "current"},  # no teacher copy: only the student's shards matter here
             "rollout": {"max_model_len": 512, "kv_cache_gib": 0.0625, "weight_bucket_mb": bucket_mib},
         }
     )
     runtime = Runtime.start(cfg.parallel, cfg.runtime)
     par = runtime.parallel
-    spec = load_hf_config(hf_dir)
-    chunks = build_model_chunks(spec, cfg.model, par)
-    load_hf_weights(chunks, spec, hf_dir, par)
+    parts = build_components(cfg, runtime)  # the trainer's construction path
+    spec, chunks = parts.spec, parts.chunks
     fleet = start_fleet(cfg, runtime)
     tied = bool(spec.tie_word_embeddings)
     plan = export_plan(chunks, spec, par, include_tied_lm_head=tied)
@@ -124,7 +124,7 @@ def worker(hf_dir: str, tp: int, pp: int, repeats: int, bucket_mib: int, threads
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.dist_harness import run_ranks
+    from bench._ranks import run_ranks
     from tools.make_tiny_model import make_tiny_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -37,7 +37,7 @@ from megaopsd.runtime.signals import stop_signals_blocked
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
-# Optimizer sharding metadata that reshards on CPU (see ../shared/notes/megatron-cpu.md sec. 4).
+# Optimizer sharding metadata that reshards on CPU (docs/cpu-emulation.md, "Checkpoints on CPU").
 SHARDING_METADATA = {
     "distrib_optim_sharding_type": "fully_reshardable",
     "chained_optim_avoid_prefix": True,
@@ -102,7 +102,7 @@ def _distributed_optimizer_load_fixes(student: TrainableStudent):
     own. And its ``load_state_dict`` hands all parameters ONE shared ``step`` tensor, which torch
     Adam then increments once per parameter per step, silently changing the bias correction:
     give every parameter its own copy afterwards. (The third trap, a fresh Adam without state,
-    is ``_prepare_optimizer_state``.) See ../shared/notes/megatron-cpu.md, section 4.
+    is ``_prepare_optimizer_state``.) See docs/cpu-emulation.md, S11.
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
-from megaopsd.config import RolloutConfig
+from megaopsd.config import WEIGHT_TRANSPORTS, RolloutConfig, check_choice
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -112,8 +112,7 @@ class EngineSettings:
     gpu_memory_utilization: float | None = None
 
     def __post_init__(self) -> None:
-        if self.weight_transport not in ("auto", "memory", "directory"):
-            raise ValueError(f"weight_transport={self.weight_transport!r}; use auto, memory or directory")
+        check_choice("weight_transport", self.weight_transport, WEIGHT_TRANSPORTS)
         if self.weight_transport == "memory" and not self.in_process:
             raise ValueError("weight_transport=memory needs in_process=True; use directory (or auto)")
         if self.external_launcher and not self.in_process:

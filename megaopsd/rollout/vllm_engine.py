@@ -8,7 +8,7 @@ before temperature/top-k/top-p, for the sampled token (``SamplingParams(logprobs
 are what the trainer's student logprobs of the same tokens should equal, whatever the
 sampling settings (the ``rollout/logprob_abs_diff`` metric).
 
-Engine modes (see docs/rollout.md):
+Engine modes (see docs/vllm-engine.md; colocated engines: docs/rollout.md):
 
 - ``in_process=True``: the engine core runs in this process (2-7 s start). Weights travel in
   memory. A plain in-process engine hangs at init under torchrun with several ranks; there use
