@@ -21,12 +21,12 @@ import torch.distributed as dist
 
 from megaopsd.algorithm.batch import build_microbatches
 from megaopsd.algorithm.step import StepResult, train_step
-from megaopsd.algorithm.teacher import unwrap
 from megaopsd.checkpoint_manager import CheckpointManager
 from megaopsd.components import build_components
 from megaopsd.config import Config
 from megaopsd.eval.in_training import InTrainingEvaluator, eval_due
 from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line, step_scalars
+from megaopsd.models.builder import unwrap_chunk
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import Runtime
 from megaopsd.runtime.signals import StopRequest
@@ -205,7 +205,7 @@ class Trainer:
         from megaopsd.convert import export_plan
         from megaopsd.rollout.refit import refit
 
-        modules = [unwrap(c) for c in self.student.chunks]
+        modules = [unwrap_chunk(c) for c in self.student.chunks]
         if self.export_plan is None:
             tied = bool(self.spec.tie_word_embeddings)
             self.export_plan = export_plan(modules, self.spec, self.parallel, include_tied_lm_head=tied)
