@@ -1,7 +1,8 @@
 """Save and resume the full training state, atomically.
 
 A checkpoint is ``<dir>/iter_NNNNNNN/`` holding a megatron-core distributed checkpoint
-(torch_dist) of the student model, its optimizer, the teacher copy (fixed / EMA) and, in
+(torch_dist) of the student model, its optimizer, the teacher copy (fixed / EMA, with the EMA's
+float32 average when the model is not float32) and, in
 ``common.pt``, the LR scheduler; plus ``trainer_state.json`` (step, data position, layout)
 and ``rng/rank_XXXXX.pt`` (every RNG of every rank). The ``latest`` file names the newest
 complete checkpoint.
@@ -75,6 +76,8 @@ def _sharded_state(student: TrainableStudent, teacher: Teacher, *, is_loading: b
     if teacher.mode != "current":
         for index in range(len(student.chunks)):
             state[f"teacher{index}"] = teacher.chunk(index).sharded_state_dict(prefix="teacher.")
+            if getattr(teacher, "has_shadow", False):  # a non-float32 EMA: its float32 average
+                state[f"teacher_shadow{index}"] = teacher.shadow_sharded_state(index)
     state["scheduler"] = student.scheduler.state_dict()
     return state
 
@@ -228,6 +231,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _has_teacher_shadow(path: Path) -> bool:
+    """Whether the checkpoint holds an EMA teacher's float32 shadow (older ones do not)."""
+    from megatron.core import dist_checkpointing
+
+    from megaopsd.algorithm.teacher import EmaTeacher
+
+    return any(
+        k.startswith(EmaTeacher.SHADOW_PREFIX) for k in dist_checkpointing.load_tensors_metadata(str(path))
+    )
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -241,7 +255,10 @@ def load_checkpoint(
     path = Path(path)
     from megaopsd.convert.dist_ckpt import model_state_key
 
-    loaded = dist_checkpointing.load(_sharded_state(student, teacher, is_loading=True), str(path))
+    wanted = _sharded_state(student, teacher, is_loading=True)
+    if any(k.startswith("teacher_shadow") for k in wanted) and not _has_teacher_shadow(path):
+        wanted = {k: v for k, v in wanted.items() if not k.startswith("teacher_shadow")}
+    loaded = dist_checkpointing.load(wanted, str(path))
     for index, chunk in enumerate(student.chunks):
         unwrap(chunk).load_state_dict(loaded[model_state_key(index, len(student.chunks))], strict=True)
     with _distributed_optimizer_load_fixes(student):
@@ -249,7 +266,10 @@ def load_checkpoint(
     student.scheduler.load_state_dict(loaded["scheduler"])
     if teacher.mode != "current":
         for index in range(len(student.chunks)):
-            teacher.load_chunk_state(index, loaded[f"teacher{index}"])
+            shadow = (
+                {"shadow": loaded[f"teacher_shadow{index}"]} if f"teacher_shadow{index}" in loaded else {}
+            )
+            teacher.load_chunk_state(index, loaded[f"teacher{index}"], **shadow)
     body = json.loads((path / STATE_FILE).read_text())
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if (
