@@ -336,6 +336,7 @@ class Trainer:
             "rollout/truncated_fraction": sum(r.finish_reason == "length" for r in rollouts)
             / max(len(rollouts), 1),
             "rollout/logprob_abs_diff": m.get("logprob_abs_diff_sum", float("nan")),
+            "rollout/logprob_abs_diff_max": m.get("logprob_abs_diff_max", float("nan")),
             **timer.as_scalars(),
             "perf/train_tokens_per_s": train_tokens / max(timer.seconds["train"], 1e-9),
         }

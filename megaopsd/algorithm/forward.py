@@ -38,7 +38,8 @@ class PairedForward:
     loss_fn: LossFn
     sequence_parallel_size: int = 1  # TP size when sequence parallel is on, else 1
     # When set, microbatches carrying the engine's logprobs also report the mismatch
-    # sum |engine logprob - student logprob| over loss tokens (``logprob_abs_diff_sum``).
+    # sum and max of |engine logprob - student logprob| over loss tokens
+    # (``logprob_abs_diff_sum``, ``logprob_abs_diff_max``).
     logprob_fn: LogprobFn | None = None
 
     def _chunk_index(self, model: torch.nn.Module) -> int:
@@ -86,6 +87,10 @@ class PairedForward:
             student_logp = self.logprob_fn(student_NV.detach(), mb.target_ids_T)
             diff = (student_logp.double() - mb.engine_logprobs_T.double()).abs()
             reported["logprob_abs_diff_sum"] = (diff * mb.loss_mask_T).sum()
+            # the worst token: a mean hides a few badly synced weights
+            reported["logprob_abs_diff_max"] = (
+                (diff * mb.loss_mask_T).max() if diff.numel() else diff.new_zeros(())
+            )
         return loss_sum, num_tokens, reported
 
 
