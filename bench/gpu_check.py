@@ -140,11 +140,10 @@ def megatron_on_cuda() -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
     from megaopsd.algorithm.batch import build_microbatches
-    from megaopsd.algorithm.loss import make_loss_fn
-    from megaopsd.algorithm.optim import wrap_student
     from megaopsd.algorithm.step import train_step
-    from megaopsd.algorithm.teacher import make_teacher
+    from megaopsd.components import build_components
     from megaopsd.config import (
+        Config,
         LossConfig,
         ModelConfig,
         ParallelConfig,
@@ -152,40 +151,43 @@ def megatron_on_cuda() -> dict[str, float]:
         TeacherConfig,
         TrainerConfig,
     )
-    from megaopsd.convert import load_hf_weights
-    from megaopsd.models import build_model_chunks, forward_logits, load_hf_config
+    from megaopsd.models import forward_logits
     from megaopsd.runtime import Runtime
-    from tests.distributed.test_paired_schedule import fixed_rollouts
     from tools.make_tiny_model import make_tiny_model
 
-    runtime = Runtime.start(ParallelConfig(), RuntimeConfig(device="cuda"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from paired_step import make_samples
+
+    rt_cfg = RuntimeConfig(device="cuda")
+    runtime = Runtime.start(ParallelConfig(), rt_cfg)
     assert runtime.device.type == "cuda" and not runtime.cpu_emulation
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = make_tiny_model("qwen3", Path(tmp) / "small", preset="small")
-        spec = load_hf_config(hf_dir)
-        chunks = build_model_chunks(spec, ModelConfig(hf_path=str(hf_dir)), runtime.parallel)
-        load_hf_weights(chunks, spec, hf_dir, runtime.parallel)
+
+        def components(dtype: str, lr: float):
+            cfg = Config(
+                model=ModelConfig(hf_path=str(hf_dir), dtype=dtype),
+                runtime=rt_cfg,
+                teacher=TeacherConfig(mode="fixed"),
+                trainer=TrainerConfig(lr=lr, max_steps=100),
+                loss=LossConfig(kind="jsd", beta=0.5),
+            )
+            return build_components(cfg, runtime)
+
+        parts = components("float32", 1e-4)
+        spec = parts.spec
         ids = torch.randint(0, spec.vocab_size, (2, 64))
         with torch.no_grad():
-            ours = forward_logits(chunks, ids, runtime.parallel)[..., : spec.vocab_size].float()
+            ours = forward_logits(parts.chunks, ids, runtime.parallel)[..., : spec.vocab_size].float()
             hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).cuda().eval()
             ref = hf(ids.cuda()).logits.float()
         results["logits_max_abs_diff_fp32"] = float((ours - ref).abs().max())
-        del hf, chunks
-        model_cfg = ModelConfig(hf_path=str(hf_dir), dtype="bfloat16")
-
-        def build():
-            return build_model_chunks(spec, model_cfg, runtime.parallel)
-
-        chunks = build()
-        load_hf_weights(chunks, spec, hf_dir, runtime.parallel)
-        teacher = make_teacher(TeacherConfig(mode="fixed"), chunks, build)
-        student = wrap_student(
-            chunks, trainer=TrainerConfig(lr=1e-4, max_steps=100), parallel=ParallelConfig(), bf16=True
-        )
-        loss_fn = make_loss_fn(LossConfig(kind="jsd", beta=0.5), vocab_size=spec.vocab_size, tp_group=None)
-        mbs = build_microbatches(fixed_rollouts(vocab=spec.vocab_size, count=16), max_tokens=400, pad_id=0)
+        del hf, parts
+        parts = components("bfloat16", 1e-4)
+        student, teacher, loss_fn = parts.student, parts.teacher, parts.loss_fn
+        # 16 rollouts of 9 prompt + 6 solution + 6 response tokens, several microbatches
+        mbs = build_microbatches(make_samples(spec.vocab_size, 16, 9, 6, 6), max_tokens=400, pad_id=0)
         losses, times = [], []
         for _ in range(10):
             torch.cuda.synchronize()

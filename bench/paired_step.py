@@ -113,23 +113,14 @@ def main() -> None:
     args = parser.parse_args()
 
     from megaopsd.algorithm.batch import build_microbatches
-    from megaopsd.algorithm.loss import make_loss_fn
-    from megaopsd.algorithm.optim import wrap_student
-    from megaopsd.algorithm.teacher import make_teacher
-    from megaopsd.config import (
-        LossConfig,
-        ModelConfig,
-        ParallelConfig,
-        RuntimeConfig,
-        TeacherConfig,
-        TrainerConfig,
-    )
-    from megaopsd.models import build_model_chunks, load_hf_config
+    from megaopsd.components import build_components
+    from megaopsd.config import Config, LossConfig, ModelConfig, ParallelConfig, RuntimeConfig, TrainerConfig
     from megaopsd.runtime import Runtime
     from tools.make_tiny_model import make_tiny_model
 
     par_cfg = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
-    runtime = Runtime.start(par_cfg, RuntimeConfig(cpu_threads=0 if runtime_world() == 1 else 1))
+    rt_cfg = RuntimeConfig(cpu_threads=0 if runtime_world() == 1 else 1)
+    runtime = Runtime.start(par_cfg, rt_cfg)
     device = f"{torch.cuda.get_device_name()} (CUDA)" if runtime.device.type == "cuda" else "CPU"
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = (
@@ -137,19 +128,17 @@ def main() -> None:
         )
         holder = [str(hf_dir) if hf_dir else None]
         torch.distributed.broadcast_object_list(holder, src=0)
-        spec = load_hf_config(holder[0])
-        model_cfg = ModelConfig(hf_path=holder[0])
-        torch.distributed.barrier()
-
-    def build():
-        return build_model_chunks(spec, model_cfg, runtime.parallel)
-
-    chunks = build()
-    teacher = make_teacher(TeacherConfig(mode="fixed"), chunks, build)
-    student = wrap_student(chunks, trainer=TrainerConfig(lr=1e-5), parallel=par_cfg)
-    loss_fn = make_loss_fn(
-        LossConfig(kind="jsd", beta=0.5), vocab_size=spec.vocab_size, tp_group=runtime.parallel.tp_group
-    )
+        cfg = Config(
+            model=ModelConfig(hf_path=holder[0]),
+            parallel=par_cfg,
+            runtime=rt_cfg,
+            trainer=TrainerConfig(lr=1e-5),
+            loss=LossConfig(kind="jsd", beta=0.5),
+        )
+        # The same construction as the trainer (HF weights, fixed teacher, DDP, Adam, JSD).
+        parts = build_components(cfg, runtime)
+        torch.distributed.barrier()  # every rank has read the model before rank 0 deletes it
+    spec, student, teacher, loss_fn = parts.spec, parts.student, parts.teacher, parts.loss_fn
     samples = make_samples(spec.vocab_size, args.samples, args.prompt, args.solution, args.response)
     mbs = build_microbatches(samples, max_tokens=args.microbatch_tokens, pad_id=0)
     timings = {"paired": [], "student_only": []}

@@ -31,14 +31,14 @@ import torch
 import torch.distributed as dist
 
 from megaopsd.algorithm.optim import TrainableStudent
-from megaopsd.algorithm.teacher import Teacher, unwrap
+from megaopsd.algorithm.teacher import Teacher
 from megaopsd.runtime.parallel import ParallelState
 from megaopsd.runtime.rng import capture_rng_state, restore_rng_state
 from megaopsd.runtime.signals import stop_signals_blocked
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
-# Optimizer sharding metadata that reshards on CPU (see ../shared/notes/megatron-cpu.md sec. 4).
+# Optimizer sharding metadata that reshards on CPU (docs/cpu-emulation.md, "Checkpoints on CPU").
 SHARDING_METADATA = {
     "distrib_optim_sharding_type": "fully_reshardable",
     "chained_optim_avoid_prefix": True,
@@ -67,7 +67,7 @@ def _sharded_state(student: TrainableStudent, teacher: Teacher, *, is_loading: b
     from megaopsd.convert import model_sharded_state_dict
 
     # The same model layout as tools/convert_checkpoint.py, so export-hf reads trainer checkpoints.
-    state: dict[str, Any] = model_sharded_state_dict([unwrap(c) for c in student.chunks])
+    state: dict[str, Any] = model_sharded_state_dict(student.chunks)
     if is_loading:
         _prepare_optimizer_state(student)
     state["optimizer"] = student.optimizer.sharded_state_dict(
@@ -105,7 +105,7 @@ def _distributed_optimizer_load_fixes(student: TrainableStudent):
     own. And its ``load_state_dict`` hands all parameters ONE shared ``step`` tensor, which torch
     Adam then increments once per parameter per step, silently changing the bias correction:
     give every parameter its own copy afterwards. (The third trap, a fresh Adam without state,
-    is ``_prepare_optimizer_state``.) See ../shared/notes/megatron-cpu.md, section 4.
+    is ``_prepare_optimizer_state``.) See docs/cpu-emulation.md, S11.
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -253,14 +253,13 @@ def load_checkpoint(
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    from megaopsd.convert.dist_ckpt import model_state_key
+    from megaopsd.convert.dist_ckpt import load_model_state
 
     wanted = _sharded_state(student, teacher, is_loading=True)
     if any(k.startswith("teacher_shadow") for k in wanted) and not _has_teacher_shadow(path):
         wanted = {k: v for k, v in wanted.items() if not k.startswith("teacher_shadow")}
     loaded = dist_checkpointing.load(wanted, str(path))
-    for index, chunk in enumerate(student.chunks):
-        unwrap(chunk).load_state_dict(loaded[model_state_key(index, len(student.chunks))], strict=True)
+    load_model_state(student.chunks, loaded)
     with _distributed_optimizer_load_fixes(student):
         student.optimizer.load_state_dict(loaded["optimizer"])
     student.scheduler.load_state_dict(loaded["scheduler"])

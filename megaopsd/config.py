@@ -17,12 +17,28 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-LOSS_KINDS = ("jsd", "forward_kl", "reverse_kl", "topk", "topk_tail", "pg")
-TEACHER_MODES = ("current", "fixed", "ema")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "bfloat16")
+if TYPE_CHECKING:  # importing megaopsd.models pulls in torch; validate imports it when it runs
+    from megaopsd.models.hf_config import HFModelSpec
+
+# Every choice is a Literal type on its field; ``_check_choice`` is the one place that checks it
+# (when a dict is loaded and again in ``validate``, for configs built in code).
+LossKind = Literal["jsd", "forward_kl", "reverse_kl", "topk", "topk_tail", "pg"]
+TeacherMode = Literal["current", "fixed", "ema"]
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["float32", "bfloat16"]
+WeightTransport = Literal["auto", "memory", "directory"]
+TransformerImpl = Literal["local", "transformer_engine"]
+LrSchedule = Literal["constant", "cosine"]
+
+LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
+TEACHER_MODES: tuple[str, ...] = typing.get_args(TeacherMode)
+DEVICES: tuple[str, ...] = typing.get_args(Device)
+DTYPES: tuple[str, ...] = typing.get_args(DType)
+WEIGHT_TRANSPORTS: tuple[str, ...] = typing.get_args(WeightTransport)
+ADD_A_MODEL = "use a Qwen3, Qwen2/2.5 or Llama 3.x model (docs/adding-a-model-family.md)"
+REQUIRED = "???"  # a required field in the Hydra defaults tree (OmegaConf's "missing" marker)
 
 
 class ConfigError(ValueError):
@@ -32,9 +48,9 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     hf_path: str  # a Hugging Face model directory (config.json, weights, tokenizer)
-    dtype: str = "float32"  # parameter dtype; bfloat16 uses Megatron mixed precision
+    dtype: DType = "float32"  # parameter dtype; bfloat16 uses Megatron mixed precision
     make_vocab_size_divisible_by: int = 128  # Megatron pads the vocabulary to a multiple of this x TP
-    transformer_impl: str = "local"  # local | transformer_engine (GPU, needs TE installed)
+    transformer_impl: TransformerImpl = "local"  # local | transformer_engine (GPU, needs TE installed)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,7 +64,7 @@ class ParallelConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = "auto"  # auto | cpu | cuda
     cpu_emulation: bool = True  # CUDA-call emulation for megatron-core on CPU (never used on GPU)
     cpu_threads: int = 1  # torch intra-op threads per rank on CPU; 0 keeps torch's default
     seed: int = 1234
@@ -57,7 +73,7 @@ class RuntimeConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LossConfig:
-    kind: str = "jsd"  # jsd | forward_kl | reverse_kl | topk | topk_tail | pg
+    kind: LossKind = "jsd"  # jsd | forward_kl | reverse_kl | topk | topk_tail | pg
     beta: float = 0.5  # JSD mixture weight: 0 = forward KL(p_T || p_S), 1 = reverse KL(p_S || p_T)
     temperature: float = 1.0  # divides teacher and student logits before the softmax
     top_k: int = 32  # used by topk and topk_tail
@@ -67,7 +83,7 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TeacherConfig:
-    mode: str = "fixed"  # current | fixed | ema
+    mode: TeacherMode = "fixed"  # current | fixed | ema
     ema_decay: float = 0.99
 
 
@@ -82,8 +98,8 @@ class RolloutConfig:
     kv_cache_gib: float = 1.0
     seed: int = 0
     in_process: bool | None = None  # None: in-process engine for one trainer process, else its own process
-    dtype: str | None = None  # engine dtype; None follows model.dtype
-    weight_transport: str = "auto"  # auto | memory | directory
+    dtype: DType | None = None  # engine dtype; None follows model.dtype
+    weight_transport: WeightTransport = "auto"  # auto | memory | directory
     weight_bucket_mb: int = 512
     weight_sync_dir: str | None = None  # directory transport; None uses /dev/shm
 
@@ -108,7 +124,7 @@ class TrainerConfig:
     lr: float = 1e-6
     min_lr: float = 0.0
     warmup_steps: int = 0
-    lr_schedule: str = "constant"  # constant | cosine
+    lr_schedule: LrSchedule = "constant"  # constant | cosine
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     microbatch_tokens: int = 8192  # padded (student + teacher) tokens per microbatch
@@ -170,10 +186,16 @@ class Config:
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check ``value`` against a field annotation; convert lists to tuples and ints to floats."""
     origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        _check_choice(where, value, annotation)
+        return value
     if origin in (types.UnionType, typing.Union):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
+        others = [option for option in options if option is not type(None)]
+        if len(others) == 1:  # an optional field: the one type's own message is the clearest
+            return _coerce(value, others[0], where)
         for option in options:
             if option is type(None):
                 continue
@@ -214,7 +236,7 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     kwargs = {}
     for name, field in fields.items():
         path = f"{where}.{name}" if where else name
-        if name not in data:
+        if name not in data or data[name] == REQUIRED:
             if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"config: {path} is required; set it, e.g. {path}=...")
             continue
@@ -238,11 +260,62 @@ def load_config(data: Mapping[str, Any]) -> Config:
     return _build(Config, sections, "")
 
 
+def default_tree() -> dict[str, Any]:
+    """Every section's dataclass defaults as a plain dict (tuples as lists, required as ``???``).
+
+    ``megaopsd/train.py`` gives it to Hydra as the base config ``megaopsd_defaults``; the files
+    in ``conf/`` then hold only what differs from it (a test keeps it that way).
+    """
+
+    def section(cls: type) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            if field.default is not dataclasses.MISSING:
+                value = field.default
+                out[field.name] = list(value) if isinstance(value, tuple) else value
+            else:
+                out[field.name] = REQUIRED
+        return out
+
+    hints = typing.get_type_hints(Config)
+    return {field.name: section(hints[field.name]) for field in dataclasses.fields(Config)}
+
+
 # ----------------------------------------------------------------------------- validation
 
 
 def _fail(field: str, value: Any, problem: str, fix: str) -> typing.NoReturn:
     raise ConfigError(f"config: {field}={value!r} {problem}; {fix}")
+
+
+def _check_choice(field: str, value: Any, annotation: Any) -> None:
+    """``value`` must be one of the field's Literal choices (or None where the field allows it)."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) is not typing.Literal else ()
+    if value is None and type(None) in options:
+        return
+    literal = next((o for o in options if typing.get_origin(o) is typing.Literal), annotation)
+    choices = typing.get_args(literal)
+    if value not in choices:
+        _fail(field, value, "is unknown", f"use one of {', '.join(map(str, choices))}")
+
+
+def check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
+    """The same check for code outside the config (e.g. engine settings built directly)."""
+    _check_choice(field, value, Literal[choices])
+
+
+def _validate_choices(cfg: Config) -> None:
+    """Every Literal-typed field of every section holds one of its choices."""
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        hints = typing.get_type_hints(type(value))
+        for field in dataclasses.fields(value):
+            annotation = hints[field.name]
+            literal = typing.get_origin(annotation) is typing.Literal or any(
+                typing.get_origin(o) is typing.Literal for o in typing.get_args(annotation)
+            )
+            if literal:
+                _check_choice(f"{section.name}.{field.name}", getattr(value, field.name), annotation)
 
 
 def read_hf_config(hf_path: str) -> dict[str, Any]:
@@ -253,7 +326,19 @@ def read_hf_config(hf_path: str) -> dict[str, Any]:
     return json.loads(config_file.read_text())
 
 
-def _validate_parallel(cfg: Config, world_size: int, hf: Mapping[str, Any]) -> None:
+def _model_spec(hf_path: str, hf: Mapping[str, Any]) -> HFModelSpec:
+    """The parsed model config; an architecture or option megaopsd cannot build is a config error."""
+    from megaopsd.models.hf_config import UnsupportedModelError, load_hf_config
+
+    try:
+        return load_hf_config(hf)
+    except UnsupportedModelError as err:
+        _fail("model.hf_path", hf_path, f"holds a model megaopsd cannot build ({err})", ADD_A_MODEL)
+    except KeyError as err:
+        _fail("model.hf_path", hf_path, f"has a config.json without {err}", "point it at a causal-LM model")
+
+
+def _validate_parallel(cfg: Config, world_size: int, spec: HFModelSpec) -> None:
     par = cfg.parallel
     tp, pp, vpp = (
         par.tensor_model_parallel_size,
@@ -273,29 +358,16 @@ def _validate_parallel(cfg: Config, world_size: int, hf: Mapping[str, Any]) -> N
             f"x pipeline_model_parallel_size={pp} does not divide the world size {world_size}",
             f"launch a multiple of {tp * pp} processes or change TP/PP",
         )
-    heads = hf.get("num_attention_heads")
-    groups = hf.get("num_key_value_heads") or heads
-    if heads is not None and heads % tp != 0:
-        _fail(
-            "parallel.tensor_model_parallel_size",
-            tp,
-            f"does not divide num_attention_heads={heads}",
-            "pick a TP that divides the head count",
-        )
-    if groups is not None and groups % tp != 0:
-        _fail(
-            "parallel.tensor_model_parallel_size",
-            tp,
-            f"does not divide num_key_value_heads={groups}",
-            "pick a TP that divides the query-group count",
-        )
-    layers = hf.get("num_hidden_layers")
-    chunks = pp * (vpp or 1)
-    if layers is not None and layers % chunks != 0:
+    from megaopsd.models.hf_config import tensor_parallel_problem
+
+    problem = tensor_parallel_problem(spec, tp)
+    if problem is not None:
+        _fail("parallel.tensor_model_parallel_size", tp, problem, "pick a TP that divides both head counts")
+    if spec.num_layers % (pp * (vpp or 1)) != 0:
         _fail(
             "parallel.pipeline_model_parallel_size",
             pp,
-            f"x virtual stages {vpp or 1} does not divide num_hidden_layers={layers}",
+            f"x virtual stages {vpp or 1} does not divide num_hidden_layers={spec.num_layers}",
             "pick PP (and VPP) so every stage gets the same number of layers",
         )
     if vpp is not None and (vpp < 2 or pp < 2):
@@ -316,8 +388,6 @@ def _validate_parallel(cfg: Config, world_size: int, hf: Mapping[str, Any]) -> N
 
 def _validate_algorithm(cfg: Config) -> None:
     loss, teacher, rollout = cfg.loss, cfg.teacher, cfg.rollout
-    if loss.kind not in LOSS_KINDS:
-        _fail("loss.kind", loss.kind, "is unknown", f"use one of {', '.join(LOSS_KINDS)}")
     if not 0.0 <= loss.beta <= 1.0:
         _fail("loss.beta", loss.beta, "is outside [0, 1]", "use 0 (forward KL) .. 1 (reverse KL)")
     if loss.temperature <= 0:
@@ -332,8 +402,6 @@ def _validate_algorithm(cfg: Config) -> None:
         _fail("loss.clip", loss.clip, "must be > 0", "set loss.clip=null to disable clipping")
     if loss.chunk_tokens < 1:
         _fail("loss.chunk_tokens", loss.chunk_tokens, "must be >= 1", "use e.g. 1024")
-    if teacher.mode not in TEACHER_MODES:
-        _fail("teacher.mode", teacher.mode, "is unknown", f"use one of {', '.join(TEACHER_MODES)}")
     if teacher.mode == "ema" and not 0.0 <= teacher.ema_decay < 1.0:
         _fail("teacher.ema_decay", teacher.ema_decay, "must be in [0, 1)", "use e.g. 0.99")
     if rollout.temperature <= 0:
@@ -351,20 +419,6 @@ def _validate_algorithm(cfg: Config) -> None:
         _fail("rollout.n", rollout.n, "must be >= 1", "sample at least one response per prompt")
     if rollout.max_new_tokens < 1:
         _fail("rollout.max_new_tokens", rollout.max_new_tokens, "must be >= 1", "use e.g. 1024")
-    if rollout.weight_transport not in ("auto", "memory", "directory"):
-        _fail(
-            "rollout.weight_transport",
-            rollout.weight_transport,
-            "is unknown",
-            "use auto, memory or directory",
-        )
-    if rollout.dtype is not None and rollout.dtype not in DTYPES:
-        _fail(
-            "rollout.dtype",
-            rollout.dtype,
-            "is unknown",
-            f"use null (follow model.dtype) or one of {', '.join(DTYPES)}",
-        )
 
 
 def _validate_batch_and_engine(cfg: Config, world_size: int) -> None:
@@ -440,8 +494,6 @@ def _validate_training(cfg: Config) -> None:
         _fail("trainer.lr", tr.lr, "must be > 0", "use e.g. 1e-6")
     if not 0 <= tr.min_lr <= tr.lr:
         _fail("trainer.min_lr", tr.min_lr, f"must be in [0, trainer.lr={tr.lr}]", "lower it")
-    if tr.lr_schedule not in ("constant", "cosine"):
-        _fail("trainer.lr_schedule", tr.lr_schedule, "is unknown", "use constant or cosine")
     if tr.warmup_steps < 0 or tr.warmup_steps >= tr.max_steps:
         _fail(
             "trainer.warmup_steps",
@@ -449,14 +501,6 @@ def _validate_training(cfg: Config) -> None:
             f"must be in [0, trainer.max_steps={tr.max_steps}]",
             "shorten the warmup",
         )
-    if model.dtype not in DTYPES:
-        _fail("model.dtype", model.dtype, "is unknown", f"use one of {', '.join(DTYPES)}")
-    if model.transformer_impl not in ("local", "transformer_engine"):
-        _fail(
-            "model.transformer_impl", model.transformer_impl, "is unknown", "use local or transformer_engine"
-        )
-    if runtime.device not in DEVICES:
-        _fail("runtime.device", runtime.device, "is unknown", f"use one of {', '.join(DEVICES)}")
     if tr.microbatch_tokens < 2:
         _fail("trainer.microbatch_tokens", tr.microbatch_tokens, "must be >= 2", "use e.g. 8192")
     if tr.skip_first_tokens < 0:
@@ -490,14 +534,18 @@ def _validate_training(cfg: Config) -> None:
 def validate(cfg: Config, *, world_size: int, hf_config: Mapping[str, Any] | None = None) -> None:
     """Check every cross-field rule; raise ``ConfigError`` on the first violation.
 
+    The model's ``config.json`` is parsed here too, so an unsupported architecture or a TP that
+    does not divide its heads fails before any process group starts.
+
     Args:
         cfg: the typed config.
         world_size: the number of processes the launcher started (no process group needed).
         hf_config: the model's ``config.json``; read from ``model.hf_path`` when omitted.
     """
     hf = read_hf_config(cfg.model.hf_path) if hf_config is None else hf_config
+    _validate_choices(cfg)
     _validate_training(cfg)
-    _validate_parallel(cfg, world_size, hf)
+    _validate_parallel(cfg, world_size, _model_spec(cfg.model.hf_path, hf))
     _validate_algorithm(cfg)
     _validate_lengths_and_eval(cfg)
     _validate_batch_and_engine(cfg, world_size)

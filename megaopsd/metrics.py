@@ -1,7 +1,8 @@
 """TensorBoard logging, phase timers and the one-line console status.
 
 Only the main rank writes; the others get a writer that drops everything, so call sites do
-not branch on rank. Tags follow ../shared/DESIGN.md (``train/loss``, ``perf/step_time_s``, ...).
+not branch on rank. Tags are ``<section>/<name>`` (``train/loss``, ``perf/step_time_s``, ...);
+``step_scalars`` names every per-step tag in one place.
 
     writer = MetricsWriter(cfg.logging.tensorboard_dir, enabled=runtime.is_main)
     timer = PhaseTimer()
@@ -14,8 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megaopsd.algorithm.step import StepResult
+    from megaopsd.rollout.types import Rollout
 
 
 class MetricsWriter:
@@ -84,3 +90,47 @@ def status_line(step: int, max_steps: int, values: Mapping[str, float]) -> str:
     if "perf/step_time_s" in values:
         parts.append(f"{values['perf/step_time_s']:.2f} s")
     return " | ".join(parts)
+
+
+def step_scalars(
+    result: StepResult,
+    rollouts: Sequence[Rollout],
+    timer: PhaseTimer,
+    *,
+    train_tokens: int,
+    data_skipped: Mapping[str, int],
+) -> dict[str, float]:
+    """The scalars of one training step, by TensorBoard tag.
+
+    Args:
+        result: the paired update's result (losses are token means over the global batch).
+        rollouts: this step's rollouts (all of them, as every rank received them).
+        timer: the step's phase timer (``perf/<phase>_time_s``).
+        train_tokens: padded student + teacher tokens trained on, summed over data-parallel ranks.
+        data_skipped: prompts skipped so far by reason (``data/skipped_<reason>``).
+    """
+    m = result.metrics
+    lengths = [len(r.response_ids) for r in rollouts]
+    values = {
+        "train/loss": result.loss,
+        "train/divergence": m.get("divergence_sum", float("nan")),
+        "train/grad_norm": result.grad_norm,
+        "train/lr": result.lr,
+        "train/student_entropy": m.get("student_entropy_sum", float("nan")),
+        "train/teacher_entropy": m.get("teacher_entropy_sum", float("nan")),
+        "train/clipped_fraction": m.get("clipped_sum", 0.0),
+        "train/loss_tokens": result.num_tokens,
+        "train/skipped_nonfinite": float(result.skipped),
+        "rollout/response_length_mean": sum(lengths) / max(len(lengths), 1),
+        "rollout/truncated_fraction": sum(r.finish_reason == "length" for r in rollouts)
+        / max(len(rollouts), 1),
+        "rollout/logprob_abs_diff": m.get("logprob_abs_diff_sum", float("nan")),
+        "rollout/logprob_abs_diff_max": m.get("logprob_abs_diff_max", float("nan")),
+        **timer.as_scalars(),
+        "perf/train_tokens_per_s": train_tokens / max(timer.seconds["train"], 1e-9),
+    }
+    if "teacher_topk_mass_sum" in m:
+        values["train/teacher_topk_mass"] = m["teacher_topk_mass_sum"]
+    for reason, count in data_skipped.items():
+        values[f"data/skipped_{reason}"] = count
+    return values

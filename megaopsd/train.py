@@ -4,8 +4,9 @@
     torchrun --nproc-per-node 2 -m megaopsd.train parallel=tp2
     python -m megaopsd.train --cfg job parallel=tp2           # print the resolved config (Hydra)
 
-Hydra lives only here: the composed config becomes a plain dict, then frozen dataclasses
-(``megaopsd.config``), validated against the launch's world size before any process group
+Hydra lives only here: the defaults come from the dataclasses in ``megaopsd.config`` (stored
+in Hydra's ConfigStore below, so ``conf/`` holds only what differs); the composed config becomes
+a plain dict, then frozen dataclasses, validated against the launch's world size before any process group
 starts. An invalid config exits with status 2 and one line naming the field and the fix.
 """
 
@@ -17,9 +18,32 @@ import sys
 import warnings
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from megaopsd.config import Config, ConfigError, load_config, read_hf_config, validate, world_size_from_env
+from megaopsd.config import (
+    Config,
+    ConfigError,
+    default_tree,
+    load_config,
+    read_hf_config,
+    validate,
+    world_size_from_env,
+)
+
+DEFAULTS_NAME = "megaopsd_defaults"  # the first entry of conf/config.yaml's defaults list
+
+
+def register_defaults() -> None:
+    """Give Hydra the dataclass defaults as config ``megaopsd_defaults`` (the single source).
+
+    Importing this module registers them; anything that composes ``conf/`` (the entry point,
+    Hydra's compose API in tests) must import it first, or Hydra reports the config missing.
+    """
+    ConfigStore.instance().store(name=DEFAULTS_NAME, node=default_tree())
+
+
+register_defaults()
 
 
 def describe_layout(cfg: Config, world_size: int) -> str:

@@ -12,24 +12,21 @@ exit at the next step boundary (Slurm preemption).
 
 from __future__ import annotations
 
-import functools
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from megaopsd.algorithm.batch import build_microbatches
-from megaopsd.algorithm.loss import make_loss_fn
-from megaopsd.algorithm.optim import wrap_student
 from megaopsd.algorithm.step import StepResult, train_step
-from megaopsd.algorithm.teacher import make_teacher, unwrap
-from megaopsd.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from megaopsd.checkpoint_manager import CheckpointManager
+from megaopsd.components import build_components
 from megaopsd.config import Config
-from megaopsd.loss.logprobs import token_logprobs
-from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line
+from megaopsd.eval.in_training import InTrainingEvaluator, eval_due
+from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line, step_scalars
+from megaopsd.models.builder import unwrap_chunk
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import Runtime
 from megaopsd.runtime.signals import StopRequest, stop_signals_blocked
@@ -47,13 +44,10 @@ class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime, stop: StopRequest):
         from transformers import AutoTokenizer
 
-        from megaopsd.convert import load_hf_weights
         from megaopsd.data.prompts import PromptTemplates
         from megaopsd.data.stream import build_prompt_stream
-        from megaopsd.models import build_model_chunks, load_hf_config
 
         self.cfg, self.runtime, self.parallel = cfg, runtime, runtime.parallel
-        self.spec = load_hf_config(cfg.model.hf_path)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         templates = PromptTemplates(
@@ -66,21 +60,13 @@ class Trainer:
             templates=templates,
             max_teacher_prompt_tokens=cfg.data.max_teacher_prompt_tokens,
         )
-        build = functools.partial(build_model_chunks, self.spec, cfg.model, self.parallel)
-        chunks = build()
-        load_hf_weights(chunks, self.spec, cfg.model.hf_path, self.parallel, progress=runtime.is_main)
-        self.teacher = make_teacher(cfg.teacher, chunks, build)
-        self.student = wrap_student(
-            chunks, trainer=cfg.trainer, parallel=cfg.parallel, bf16=cfg.model.dtype == "bfloat16"
-        )
-        tp_group = self.parallel.tp_group
-        self.loss_fn = make_loss_fn(cfg.loss, vocab_size=self.spec.vocab_size, tp_group=tp_group)
-        self.logprob_fn = functools.partial(
-            token_logprobs, vocab_size=self.spec.vocab_size, tp_group=tp_group
-        )
+        parts = build_components(cfg, runtime)
+        self.spec, self.teacher, self.student = parts.spec, parts.teacher, parts.student
+        self.loss_fn, self.logprob_fn = parts.loss_fn, parts.logprob_fn
+        self.checkpoints = CheckpointManager(cfg, runtime, student=self.student, teacher=self.teacher)
         self.writer = MetricsWriter(cfg.logging.tensorboard_dir, enabled=runtime.is_main)
         # Benchmarks load (and may fail) before the engine starts, so a failure leaks no engine.
-        self.evaluator = self._start_evaluator() if runtime.is_main else None
+        self.evaluator = InTrainingEvaluator.start(cfg.eval) if runtime.is_main else None
         self.engine = self._start_engine() if runtime.is_main else None
         # An in-process vLLM engine installs its own SIGTERM handler; take the signals back.
         self.stop = stop.install()
@@ -92,28 +78,22 @@ class Trainer:
     def train(self) -> int:
         """Run to ``trainer.max_steps`` (or a stop signal); return the last completed step."""
         try:
-            saved = self.step if self._maybe_resume() else None  # the resumed step is on disk
-            if saved is not None:
+            if self._resume():
                 self._sync_weights()  # the engine started from model.hf_path, not from the checkpoint
             if self.cfg.eval.at_start and self.step == 0:
                 self._log(self._evaluate(PhaseTimer()), force=True)
             while self.step < self.cfg.trainer.max_steps:
                 # One check per step boundary: a signal during step N stops before step N + 1.
-                if self._stop_agreed():
-                    if self.step > 0 and saved != self.step:
-                        self._save()
+                if self.checkpoints.stop_agreed(self.stop):
+                    self.checkpoints.save_before_stop(self.step, self._trainer_state())
                     self._say(
                         f"stopping after step {self.step} on signal {self.stop.signum}; checkpoint saved"
                     )
                     break
                 self.step += 1
                 self._log(self._train_one_step())
-                if (
-                    self.step % self.cfg.checkpoint.save_interval == 0
-                    or self.step == self.cfg.trainer.max_steps
-                ):
-                    self._save()
-                    saved = self.step
+                if self.checkpoints.should_save(self.step):
+                    self.checkpoints.save(self.step, self._trainer_state())
         finally:
             self.close()
         return self.step
@@ -128,10 +108,12 @@ class Trainer:
                 result, train_tokens = self._paired_update(rollouts)
             with timer.phase("weight_sync"):
                 sync = self._sync_weights() if not result.skipped else None
-            eval_due = bool(self.cfg.eval.interval) and self.step % self.cfg.eval.interval == 0
-            evaluation = self._evaluate(timer) if eval_due else {}
+            evaluation = self._evaluate(timer) if eval_due(self.cfg.eval, self.step) else {}
         self._check_nonfinite(result)
-        values = {**self._step_values(result, rollouts, timer, train_tokens), **evaluation}
+        values = step_scalars(
+            result, rollouts, timer, train_tokens=train_tokens, data_skipped=self.prompts.skipped()
+        )
+        values.update(evaluation)
         if sync is not None:
             values["perf/weight_sync_gb"] = sync.bytes / 1e9
         if self.step == 1 or (
@@ -188,7 +170,7 @@ class Trainer:
             f"step {self.step}: non-finite loss or gradient; update skipped ({self.nonfinite_in_a_row} in a row)"
         )
         if self.nonfinite_in_a_row >= self.cfg.trainer.max_nonfinite_steps:
-            self._save()
+            self.checkpoints.save(self.step, self._trainer_state())
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (step {self.step}); "
                 f"checkpoint saved under {self.cfg.checkpoint.dir}. Lower trainer.lr or check the data, then resume."
@@ -222,7 +204,7 @@ class Trainer:
         """Stream the student's HF weights through the export mapping into the engine."""
         from megaopsd.convert import export_hf_weights
 
-        modules = [unwrap(c) for c in self.student.chunks]
+        modules = [unwrap_chunk(c) for c in self.student.chunks]
         weights = export_hf_weights(modules, self.spec, self.parallel, dst_ranks=(0,))
         if not self.runtime.is_main:
             for _ in weights:  # take part in the gathers and sends
@@ -230,121 +212,33 @@ class Trainer:
             return None
         return self.engine.update_weights(weights)
 
-    # ------------------------------------------------------------------ evaluation
-
-    def _start_evaluator(self):
-        """Benchmarks and a grader on rank 0 when in-training evaluation is on."""
-        from megaopsd.eval.benchmarks import load_benchmark, parse_benchmark_arg
-        from megaopsd.eval.grading import Grader, GradingSettings
-
-        ev = self.cfg.eval
-        if not (ev.interval or ev.at_start):
-            return None
-        benchmarks = [load_benchmark(*parse_benchmark_arg(b), limit=ev.limit) for b in ev.benchmarks]
-        grader = Grader(GradingSettings(timeout_s=ev.grading_timeout_s, num_workers=ev.grading_workers))
-        return benchmarks, grader
+    # ------------------------------------------------------------------ evaluation and checkpoints
 
     def _evaluate(self, timer: PhaseTimer) -> dict[str, float]:
         """``eval/<benchmark>/...`` through the live engine (rank 0); the others wait for it."""
-        from megaopsd.eval.runner import evaluate
-        from megaopsd.rollout.types import SamplingSettings
-
         values: dict[str, float] = {}
         with timer.phase("eval"):
             if self.runtime.is_main:
-                ev = self.cfg.eval
-                benchmarks, grader = self.evaluator
-                sampling = SamplingSettings(
-                    temperature=ev.temperature,
-                    top_p=ev.top_p,
-                    top_k=ev.top_k,
-                    max_new_tokens=ev.max_new_tokens,
-                    seed=ev.seed,
-                )
-                values = evaluate(
-                    self.engine,
-                    self.tokenizer,
-                    benchmarks,
-                    k=ev.k,
-                    sampling=sampling,
-                    grader=grader,
-                    enable_thinking=ev.enable_thinking,
-                )
+                values = self.evaluator.evaluate(self.engine, self.tokenizer)
             if self.runtime.world_size > 1:
                 dist.barrier()
         return values
 
-    # ------------------------------------------------------------------ checkpoints
-
-    def _maybe_resume(self) -> bool:
-        root = self.cfg.checkpoint.dir
-        path = find_latest(root) if self.cfg.checkpoint.resume and Path(root).is_dir() else None
-        if path is None:
+    def _resume(self) -> bool:
+        """Continue from the latest checkpoint if there is one; whether it did."""
+        state = self.checkpoints.resume()
+        if state is None:
             return False
-        state = load_checkpoint(path, student=self.student, teacher=self.teacher, parallel=self.parallel)
         self.step = state["step"]
         self.prompts.load_state_dict(state["data"])
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
-        rng = "restored" if state["rng_restored"] else "reseeded (layout changed)"
-        self._say(f"resumed from {path} at step {self.step}; RNG {rng}")
         return True
 
-    def _save(self) -> None:
-        from megaopsd.convert import copy_side_files
-
-        path = save_checkpoint(
-            self.cfg.checkpoint.dir,
-            self.step,
-            student=self.student,
-            teacher=self.teacher,
-            parallel=self.parallel,
-            trainer_state={"data": self.prompts.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row},
-            keep_last=self.cfg.checkpoint.keep_last,
-            side_files=functools.partial(copy_side_files, self.cfg.model.hf_path),
-        )
-        self._say(f"saved {path}")
-
-    # ------------------------------------------------------------------ signals
-
-    def _stop_agreed(self) -> bool:
-        """Any rank that got a signal stops every rank at the same step boundary."""
-        flag = torch.tensor(float(self.stop.signum or 0), device=collective_device())
-        if self.runtime.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag > 0:
-            self.stop.signum = int(flag)
-        return bool(flag > 0)
+    def _trainer_state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides model, optimizer, teacher and RNG."""
+        return {"data": self.prompts.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row}
 
     # ------------------------------------------------------------------ logging
-
-    def _step_values(
-        self, result: StepResult, rollouts: list, timer: PhaseTimer, train_tokens: int
-    ) -> dict[str, float]:
-        m = result.metrics
-        lengths = [len(r.response_ids) for r in rollouts]
-        values = {
-            "train/loss": result.loss,
-            "train/divergence": m.get("divergence_sum", float("nan")),
-            "train/grad_norm": result.grad_norm,
-            "train/lr": result.lr,
-            "train/student_entropy": m.get("student_entropy_sum", float("nan")),
-            "train/teacher_entropy": m.get("teacher_entropy_sum", float("nan")),
-            "train/clipped_fraction": m.get("clipped_sum", 0.0),
-            "train/loss_tokens": result.num_tokens,
-            "train/skipped_nonfinite": float(result.skipped),
-            "rollout/response_length_mean": sum(lengths) / max(len(lengths), 1),
-            "rollout/truncated_fraction": sum(r.finish_reason == "length" for r in rollouts)
-            / max(len(rollouts), 1),
-            "rollout/logprob_abs_diff": m.get("logprob_abs_diff_sum", float("nan")),
-            "rollout/logprob_abs_diff_max": m.get("logprob_abs_diff_max", float("nan")),
-            **timer.as_scalars(),
-            "perf/train_tokens_per_s": train_tokens / max(timer.seconds["train"], 1e-9),
-        }
-        if "teacher_topk_mass_sum" in m:
-            values["train/teacher_topk_mass"] = m["teacher_topk_mass_sum"]
-        for reason, count in self.prompts.skipped().items():
-            values[f"data/skipped_{reason}"] = count
-        return values
 
     def _log(self, values: dict[str, float], *, force: bool = False) -> None:
         if force or self.step % self.cfg.logging.log_interval == 0 or self.step == 1:
@@ -372,7 +266,7 @@ class Trainer:
 
         self.writer.close()
         if self.evaluator is not None:
-            self.evaluator[1].close()
+            self.evaluator.close()
             self.evaluator = None
         if self.engine is not None:
             self.engine.close()

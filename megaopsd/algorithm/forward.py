@@ -21,7 +21,9 @@ from functools import partial
 import torch
 
 from megaopsd.algorithm.batch import PairedMicrobatch
-from megaopsd.algorithm.teacher import Teacher, unwrap
+from megaopsd.algorithm.teacher import Teacher
+from megaopsd.models.builder import unwrap_chunk
+from megaopsd.rollout.metrics import logprob_abs_diff_tokens
 
 # The per-token loss the last stage applies: (student_NV, teacher_NV, mask_N, target_N) -> (sum, metrics)
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
@@ -49,7 +51,7 @@ class PairedForward:
         raise ValueError("the schedule passed a model chunk that is not one of the student chunks")
 
     def __call__(self, data_iterator: Iterator[PairedMicrobatch], model: torch.nn.Module):
-        student = unwrap(model)
+        student = unwrap_chunk(model)
         mb = next(data_iterator).to(next(student.parameters()).device)
         teacher = self.teacher.chunk(self._chunk_index(model))
         received = student.decoder.input_tensor  # set by the schedule; None on the first stage
@@ -85,12 +87,10 @@ class PairedForward:
         reported["loss_sum"] = loss_sum.detach().clone()
         if self.logprob_fn is not None and mb.engine_logprobs_T is not None:
             student_logp = self.logprob_fn(student_NV.detach(), mb.target_ids_T)
-            diff = (student_logp.double() - mb.engine_logprobs_T.double()).abs()
-            reported["logprob_abs_diff_sum"] = (diff * mb.loss_mask_T).sum()
+            diff = logprob_abs_diff_tokens(mb.engine_logprobs_T, student_logp, mb.loss_mask_T)
+            reported["logprob_abs_diff_sum"] = diff.sum()
             # the worst token: a mean hides a few badly synced weights
-            reported["logprob_abs_diff_max"] = (
-                (diff * mb.loss_mask_T).max() if diff.numel() else diff.new_zeros(())
-            )
+            reported["logprob_abs_diff_max"] = diff.max() if diff.numel() else diff.new_zeros(())
         return loss_sum, num_tokens, reported
 
 

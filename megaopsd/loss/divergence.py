@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from megaopsd.config import LOSS_KINDS
 from megaopsd.loss import divergence_math as dm
 from megaopsd.loss.sharded import (
     LogSoftmax,
@@ -43,7 +44,7 @@ from megaopsd.loss.sharded import (
     valid_columns,
 )
 
-KINDS = ("jsd", "forward_kl", "reverse_kl", "topk", "topk_tail", "pg")
+KINDS = LOSS_KINDS  # the choices of loss.kind; _PATHS implements each (tests/unit/test_config.py)
 _TOPK_KINDS = ("topk", "topk_tail")
 
 

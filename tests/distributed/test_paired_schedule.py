@@ -8,127 +8,37 @@ the same gather/unshard code that exports weights exports gradients).
 
 from __future__ import annotations
 
-import dataclasses
-import random
-
 import pytest
 import torch
 
 from tests.dist_harness import run_ranks
+from tests.helpers import (
+    BUDGET_FOUR,
+    BUDGET_ONE,
+    export_full,
+    fixed_rollouts,
+    my_microbatches,
+    paired_setup,
+)
 
 pytestmark = pytest.mark.distributed
-
-BUDGET_ONE = 10**6  # one microbatch per step
-BUDGET_FOUR = 170  # cuts the 8 rollouts into several microbatches
-
-
-@dataclasses.dataclass
-class FixedRollout:
-    student_prompt_ids: list[int]
-    teacher_prompt_ids: list[int]
-    response_ids: list[int]
-
-
-def fixed_rollouts(vocab: int = 549, count: int = 8) -> list[FixedRollout]:
-    rng = random.Random(1234)
-    out = []
-    for i in range(count):
-        student = [rng.randrange(vocab) for _ in range(rng.randint(5, 14))]
-        # The teacher prompt holds the student's plus a "solution"; one is shorter on purpose.
-        extra = [rng.randrange(vocab) for _ in range(rng.randint(0, 12) if i != 3 else 0)]
-        teacher = student[:2] + extra + student[2:] if i != 3 else student[:3]
-        response = [rng.randrange(vocab) for _ in range(rng.randint(2, 9))]
-        out.append(FixedRollout(student, teacher, response))
-    return out
-
-
-def _setup(
-    hf_dir: str,
-    tp: int,
-    pp: int,
-    *,
-    sp: bool = False,
-    mode: str = "fixed",
-    decay: float = 0.9,
-    lr: float = 1e-3,
-):
-    from megaopsd.algorithm.loss import make_loss_fn
-    from megaopsd.algorithm.optim import wrap_student
-    from megaopsd.algorithm.teacher import make_teacher
-    from megaopsd.config import (
-        LossConfig,
-        ModelConfig,
-        ParallelConfig,
-        RuntimeConfig,
-        TeacherConfig,
-        TrainerConfig,
-    )
-    from megaopsd.convert import load_hf_weights
-    from megaopsd.models import build_model_chunks, load_hf_config
-    from megaopsd.runtime import Runtime
-
-    par_cfg = ParallelConfig(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp
-    )
-    runtime = Runtime.start(par_cfg, RuntimeConfig(seed=7))
-    spec = load_hf_config(hf_dir)
-    model_cfg = ModelConfig(hf_path=hf_dir)
-
-    def build():
-        return build_model_chunks(spec, model_cfg, runtime.parallel)
-
-    chunks = build()
-    load_hf_weights(chunks, spec, hf_dir, runtime.parallel)
-    teacher = make_teacher(TeacherConfig(mode=mode, ema_decay=decay), chunks, build)
-    student = wrap_student(
-        chunks, trainer=TrainerConfig(lr=lr, max_steps=100, clip_grad=1.0), parallel=par_cfg
-    )
-    loss_fn = make_loss_fn(
-        LossConfig(kind="jsd", beta=0.5, temperature=1.1),
-        vocab_size=spec.vocab_size,
-        tp_group=runtime.parallel.tp_group,
-    )
-    return runtime, spec, student, teacher, loss_fn
-
-
-def _my_microbatches(runtime, budget: int):
-    from megaopsd.algorithm.batch import build_microbatches
-
-    par = runtime.parallel
-    mine = fixed_rollouts()[par.dp_rank :: par.dp_size]
-    pad = par.tp_size if par.sequence_parallel else 1
-    return build_microbatches(mine, max_tokens=budget, pad_id=0, pad_multiple=pad)
-
-
-def _export(chunks, spec, runtime, *, grads: bool) -> dict[str, torch.Tensor] | None:
-    """HF-named full tensors on rank 0: the weights, or (grads=True) each param's main_grad."""
-    from megaopsd.algorithm.teacher import unwrap
-    from megaopsd.convert import export_hf_weights
-
-    modules = [unwrap(c) for c in chunks]
-    if grads:
-        with torch.no_grad():
-            for module in modules:
-                for param in module.parameters():
-                    param.copy_(param.main_grad)
-    out = {name: t.clone() for name, t in export_hf_weights(modules, spec, runtime.parallel)}
-    return out if torch.distributed.get_rank() == 0 else None
 
 
 def layout_worker(hf_dir: str, tp: int, pp: int, sp: bool, budgets: tuple[int, ...]):
     """Loss and HF-named gradients for each microbatch budget, on this layout."""
     from megaopsd.algorithm.step import forward_backward
 
-    runtime, spec, student, teacher, loss_fn = _setup(hf_dir, tp, pp, sp=sp)
+    runtime, parts = paired_setup(hf_dir, tp, pp, sp=sp)
+    spec, student, teacher, loss_fn = parts.spec, parts.student, parts.teacher, parts.loss_fn
     results = []
     for budget in budgets:
-        mbs = _my_microbatches(runtime, budget)
+        mbs = my_microbatches(runtime, budget)
         sums, tokens = forward_backward(
             student=student, teacher=teacher, microbatches=mbs, loss_fn=loss_fn, parallel=runtime.parallel
         )
         results.append({"loss": sums["loss_sum"] / tokens, "tokens": tokens, "num_mb": len(mbs)})
     # Gradients of the last budget (the weights are overwritten by grads: do it last).
-    grads = _export(student.chunks, spec, runtime, grads=True)
+    grads = export_full(student.chunks, spec, runtime, grads=True)
     runtime.shutdown()
     return {"runs": results, "grads": grads}
 
@@ -137,7 +47,8 @@ def reference_worker(hf_dir: str):
     """Student and teacher as two plain full-model forwards + a float64 full-vocab JSD."""
     from megaopsd.algorithm.batch import build_microbatch
 
-    runtime, spec, student, teacher, loss_fn = _setup(hf_dir, 1, 1)
+    runtime, parts = paired_setup(hf_dir, 1, 1)
+    spec, student, teacher, loss_fn = parts.spec, parts.student, parts.teacher, parts.loss_fn
     rollouts = fixed_rollouts()
     mb = build_microbatch(rollouts, list(range(len(rollouts))), pad_id=0)
     model, frozen = student.chunks[0], teacher.chunk(0)
@@ -230,19 +141,20 @@ def teacher_worker(hf_dir: str, tp: int, pp: int, mode: str, steps: int):
     """Train ``steps`` steps; return teacher/student weights per step and the received-tensor grads."""
     from megaopsd.algorithm import forward as forward_module
     from megaopsd.algorithm.step import train_step
-    from megaopsd.algorithm.teacher import unwrap
+    from megaopsd.models import unwrap_chunk
 
     received = []
     original_call = forward_module.PairedForward.__call__
 
     def capturing_call(self, data_iterator, model):
-        tensor = unwrap(model).decoder.input_tensor
+        tensor = unwrap_chunk(model).decoder.input_tensor
         if tensor is not None:
             received.append(tensor)
         return original_call(self, data_iterator, model)
 
     forward_module.PairedForward.__call__ = capturing_call
-    runtime, spec, student, teacher, loss_fn = _setup(hf_dir, tp, pp, mode=mode, decay=0.8, lr=3e-3)
+    runtime, parts = paired_setup(hf_dir, tp, pp, mode=mode, decay=0.8, lr=3e-3)
+    spec, student, teacher, loss_fn = parts.spec, parts.student, parts.teacher, parts.loss_fn
     copies = [teacher.chunk(i) for i in range(len(student.chunks))]
     isolated = (
         all(
@@ -254,8 +166,8 @@ def teacher_worker(hf_dir: str, tp: int, pp: int, mode: str, steps: int):
         else True
     )
     history = {
-        "teacher": [_export(copies, spec, runtime, grads=False)],
-        "student": [_export(student.chunks, spec, runtime, grads=False)],
+        "teacher": [export_full(copies, spec, runtime, grads=False)],
+        "student": [export_full(student.chunks, spec, runtime, grads=False)],
         "loss": [],
     }
     received_grads = []
@@ -264,20 +176,20 @@ def teacher_worker(hf_dir: str, tp: int, pp: int, mode: str, steps: int):
         result = train_step(
             student=student,
             teacher=teacher,
-            microbatches=_my_microbatches(runtime, BUDGET_FOUR),
+            microbatches=my_microbatches(runtime, BUDGET_FOUR),
             loss_fn=loss_fn,
             parallel=runtime.parallel,
         )
         history["loss"].append(result.loss)
         received_grads += [t.grad.clone() for t in received if t.grad is not None]
-        history["teacher"].append(_export(copies, spec, runtime, grads=False))
-        history["student"].append(_export(student.chunks, spec, runtime, grads=False))
+        history["teacher"].append(export_full(copies, spec, runtime, grads=False))
+        history["student"].append(export_full(student.chunks, spec, runtime, grads=False))
     isolated = (
         isolated and all(p.grad is None for c in copies for p in c.parameters())
         if mode != "current"
         else True
     )
-    mbs = _my_microbatches(runtime, BUDGET_FOUR)
+    mbs = my_microbatches(runtime, BUDGET_FOUR)
     runtime.shutdown()
     return {
         "history": history,

@@ -34,24 +34,25 @@ def greedy(engine) -> list[tuple[list[int], list[float]]]:
 def sync_worker(hf_dir: str, work: str) -> dict:
 
     from megaopsd.algorithm.step import train_step
-    from megaopsd.algorithm.teacher import unwrap
     from megaopsd.convert import export_hf_weights, save_model_checkpoint
+    from megaopsd.models import unwrap_chunk
     from megaopsd.rollout.types import EngineSettings
     from megaopsd.rollout.vllm_engine import VllmEngine
-    from tests.distributed.test_paired_schedule import BUDGET_ONE, _my_microbatches, _setup
+    from tests.helpers import BUDGET_ONE, my_microbatches, paired_setup
 
-    runtime, spec, student, teacher, loss_fn = _setup(hf_dir, 1, 1, lr=5e-2)
+    runtime, parts = paired_setup(hf_dir, 1, 1, lr=5e-2)
+    spec, student, teacher, loss_fn = parts.spec, parts.student, parts.teacher, parts.loss_fn
     settings = EngineSettings(model_path=hf_dir, max_model_len=512, kv_cache_bytes=64 << 20, in_process=True)
     engine = VllmEngine(settings)
     before = greedy(engine)
     result = train_step(
         student=student,
         teacher=teacher,
-        microbatches=_my_microbatches(runtime, BUDGET_ONE),
+        microbatches=my_microbatches(runtime, BUDGET_ONE),
         loss_fn=loss_fn,
         parallel=runtime.parallel,
     )
-    modules = [unwrap(c) for c in student.chunks]
+    modules = [unwrap_chunk(c) for c in student.chunks]
     stats = engine.update_weights(export_hf_weights(modules, spec, runtime.parallel))
     synced = greedy(engine)
     save_model_checkpoint(modules, Path(work) / "ckpt")

@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+import yaml
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from megaopsd.config import Config, ConfigError, load_config, validate
-from megaopsd.train import build_config
+from megaopsd.config import (
+    LOSS_KINDS,
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    LoggingConfig,
+    LossConfig,
+    ModelConfig,
+    default_tree,
+    load_config,
+    read_hf_config,
+    validate,
+)
+from megaopsd.train import build_config  # also registers the dataclass defaults with Hydra
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = str(CONF)
 
 
 def compose_config(overrides: list[str]):
@@ -124,7 +141,15 @@ def test_required_and_typed_fields():
 
 def test_validate_takes_hf_config_without_files():
     cfg = load_config({"model": {"hf_path": "unused"}, "parallel": {"tensor_model_parallel_size": 8}})
-    hf = {"num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 28}
+    hf = {
+        "architectures": ["Qwen3ForCausalLM"],
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "num_hidden_layers": 28,
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "vocab_size": 151936,
+    }
     validate(cfg, world_size=16, hf_config=hf)
     with pytest.raises(ConfigError, match="num_key_value_heads=8"):
         validate(
@@ -132,3 +157,72 @@ def test_validate_takes_hf_config_without_files():
             world_size=16,
             hf_config=hf,
         )
+
+
+def _conf_sections(path: Path) -> dict[str, dict]:
+    """A conf file's values by config section (a group file holds one section's keys)."""
+    data = yaml.safe_load(path.read_text()) or {}
+    data.pop("defaults", None)
+    if path.parent == CONF:
+        return {k: v for k, v in data.items() if k not in ("hydra", "run_name", "output_dir")}
+    return {path.parent.name: data}
+
+
+def test_conf_holds_only_what_differs_from_the_dataclass_defaults():
+    defaults = default_tree()
+    files = [p for p in CONF.rglob("*.yaml") if p.parent.name != "recipe"]
+    assert len(files) >= 5, files
+    for path in files:
+        for section, values in _conf_sections(path).items():
+            assert section in defaults, (path, section)
+            for key, value in values.items():
+                where = f"{path.relative_to(CONF)}: {section}.{key}"
+                assert key in defaults[section], f"{where} is not a field of the dataclass"
+                assert value != defaults[section][key], (
+                    f"{where}={value!r} repeats the dataclass default; remove it from the YAML"
+                )
+
+
+def test_composed_default_tree_is_the_dataclass_defaults_plus_conf(tiny_qwen3):
+    raw = compose_config([f"model.hf_path={tiny_qwen3}"])
+    cfg = load_config(OmegaConf.to_container(raw, resolve=True))
+    assert cfg == Config(
+        model=ModelConfig(hf_path=str(tiny_qwen3)),
+        data=DataConfig(train_files=("data/demo/train.jsonl",)),
+        checkpoint=CheckpointConfig(dir="outputs/tiny/checkpoints"),
+        logging=LoggingConfig(tensorboard_dir="outputs/tiny/tensorboard"),
+    )
+
+
+def test_choices_are_checked_for_configs_built_in_code(tiny_qwen3):
+    hf = read_hf_config(str(tiny_qwen3))
+    with pytest.raises(ConfigError, match=r"loss.kind='kl' is unknown; use one of jsd, forward_kl"):
+        validate(
+            Config(model=ModelConfig(hf_path="x"), loss=LossConfig(kind="kl")), world_size=1, hf_config=hf
+        )
+    with pytest.raises(ConfigError, match=r"rollout.dtype='fp16' is unknown"):
+        load_config({"model": {"hf_path": "x"}, "rollout": {"dtype": "fp16"}})
+
+
+def test_every_loss_kind_has_an_implementation():
+    from megaopsd.loss import KINDS
+    from megaopsd.loss.divergence import _PATHS
+
+    assert tuple(KINDS) == LOSS_KINDS and set(_PATHS) == set(LOSS_KINDS)
+
+
+def test_unsupported_architecture_fails_in_validation_before_any_process_group(
+    tiny_qwen3, tmp_path, monkeypatch, capsys
+):
+    model = tmp_path / "mistral"
+    model.mkdir()
+    hf = read_hf_config(str(tiny_qwen3))
+    (model / "config.json").write_text(json.dumps({**hf, "architectures": ["MistralForCausalLM"]}))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        build_config(compose_config([f"model.hf_path={model}"]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "unsupported architecture 'MistralForCausalLM'" in err and "docs/adding-a-model-family.md" in err
+    assert not dist.is_initialized()

@@ -51,7 +51,7 @@ def test_settings_from_config():
     assert (engine.in_process, engine.weight_transport) == (False, "auto")
     with pytest.raises(ValueError, match="needs in_process=True"):
         EngineSettings(model_path="/m", in_process=False, weight_transport="memory")
-    with pytest.raises(ValueError, match="use auto, memory or directory"):
+    with pytest.raises(ValueError, match="use one of auto, memory, directory"):
         EngineSettings(model_path="/m", weight_transport="nccl")
 
 

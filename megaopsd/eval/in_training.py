@@ -1,0 +1,62 @@
+"""Evaluation during training: the benchmarks and grader kept for the run, scored through the live engine.
+
+The benchmarks load (and may fail) when the evaluator starts, before the rollout engine does,
+so a bad benchmark name leaks no engine. Every evaluation uses the same request seeds
+(``runner.evaluate`` with a fixed step), so two evaluations differ by the weights only.
+
+    evaluator = InTrainingEvaluator.start(cfg.eval)      # None when evaluation is off
+    if evaluator is not None and eval_due(cfg.eval, step):
+        values = evaluator.evaluate(engine, tokenizer)   # eval/<benchmark>/...
+    evaluator.close()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from megaopsd.config import EvalConfig
+from megaopsd.eval.benchmarks import Benchmark, load_benchmark, parse_benchmark_arg
+from megaopsd.eval.grading import Grader, GradingSettings
+
+if TYPE_CHECKING:
+    from megaopsd.rollout.engine import RolloutEngine
+
+
+class InTrainingEvaluator:
+    """The loaded benchmarks and a long-lived grader (rank 0 only)."""
+
+    def __init__(self, cfg: EvalConfig, benchmarks: Sequence[Benchmark], grader: Grader):
+        self.cfg, self.benchmarks, self.grader = cfg, list(benchmarks), grader
+
+    @classmethod
+    def start(cls, cfg: EvalConfig) -> InTrainingEvaluator | None:
+        """Load the benchmarks and start the grader; None when evaluation is off."""
+        if not (cfg.interval or cfg.at_start):
+            return None
+        benchmarks = [load_benchmark(*parse_benchmark_arg(b), limit=cfg.limit) for b in cfg.benchmarks]
+        grader = Grader(GradingSettings(timeout_s=cfg.grading_timeout_s, num_workers=cfg.grading_workers))
+        return cls(cfg, benchmarks, grader)
+
+    def evaluate(self, engine: RolloutEngine, tokenizer: Any) -> dict[str, float]:
+        """``eval/<benchmark>/...`` of the engine's current weights."""
+        from megaopsd.eval.runner import evaluate
+        from megaopsd.rollout.types import SamplingSettings
+
+        return evaluate(
+            engine,
+            tokenizer,
+            self.benchmarks,
+            k=self.cfg.k,
+            sampling=SamplingSettings.from_config(self.cfg),
+            grader=self.grader,
+            enable_thinking=self.cfg.enable_thinking,
+        )
+
+    def close(self) -> None:
+        self.grader.close()
+
+
+def eval_due(cfg: EvalConfig, step: int) -> bool:
+    """Every ``cfg.interval`` steps (never when 0); every rank can ask, with or without an evaluator."""
+    return bool(cfg.interval) and step % cfg.interval == 0

@@ -1,0 +1,101 @@
+"""Shared test fixtures that are not pytest fixtures: fixed rollouts and the paired-step setup.
+
+Workers started by ``tests.dist_harness.run_ranks`` import these (pytest fixtures do not reach
+the worker processes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import torch
+
+BUDGET_ONE = 10**6  # one microbatch per step
+BUDGET_FOUR = 170  # cuts the 8 fixed rollouts into several microbatches
+
+
+@dataclasses.dataclass
+class FixedRollout:
+    student_prompt_ids: list[int]
+    teacher_prompt_ids: list[int]
+    response_ids: list[int]
+
+
+def fixed_rollouts(vocab: int = 549, count: int = 8) -> list[FixedRollout]:
+    """Deterministic rollouts of mixed lengths; rollout 3's teacher prompt is shorter on purpose."""
+    rng = random.Random(1234)
+    out = []
+    for i in range(count):
+        student = [rng.randrange(vocab) for _ in range(rng.randint(5, 14))]
+        # The teacher prompt holds the student's plus a "solution"; one is shorter on purpose.
+        extra = [rng.randrange(vocab) for _ in range(rng.randint(0, 12) if i != 3 else 0)]
+        teacher = student[:2] + extra + student[2:] if i != 3 else student[:3]
+        response = [rng.randrange(vocab) for _ in range(rng.randint(2, 9))]
+        out.append(FixedRollout(student, teacher, response))
+    return out
+
+
+def paired_setup(
+    hf_dir: str,
+    tp: int,
+    pp: int,
+    *,
+    sp: bool = False,
+    mode: str = "fixed",
+    decay: float = 0.9,
+    lr: float = 1e-3,
+):
+    """Start the runtime and build the components for the tiny model: JSD(0.5) at temperature 1.1.
+
+    Returns ``(runtime, components)``.
+    """
+    from megaopsd.components import build_components
+    from megaopsd.config import (
+        Config,
+        LossConfig,
+        ModelConfig,
+        ParallelConfig,
+        RuntimeConfig,
+        TeacherConfig,
+        TrainerConfig,
+    )
+    from megaopsd.runtime import Runtime
+
+    cfg = Config(
+        model=ModelConfig(hf_path=hf_dir),
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp
+        ),
+        runtime=RuntimeConfig(seed=7),
+        teacher=TeacherConfig(mode=mode, ema_decay=decay),
+        trainer=TrainerConfig(lr=lr, max_steps=100, clip_grad=1.0),
+        loss=LossConfig(kind="jsd", beta=0.5, temperature=1.1),
+    )
+    runtime = Runtime.start(cfg.parallel, cfg.runtime)
+    return runtime, build_components(cfg, runtime)
+
+
+def my_microbatches(runtime, budget: int):
+    """This data-parallel replica's share of ``fixed_rollouts()`` cut at ``budget`` tokens."""
+    from megaopsd.algorithm.batch import build_microbatches
+
+    par = runtime.parallel
+    mine = fixed_rollouts()[par.dp_rank :: par.dp_size]
+    pad = par.tp_size if par.sequence_parallel else 1
+    return build_microbatches(mine, max_tokens=budget, pad_id=0, pad_multiple=pad)
+
+
+def export_full(chunks, spec, runtime, *, grads: bool) -> dict[str, torch.Tensor] | None:
+    """HF-named full tensors on rank 0: the weights, or (grads=True) each param's main_grad."""
+    from megaopsd.convert import export_hf_weights
+    from megaopsd.models import unwrap_chunk
+
+    modules = [unwrap_chunk(c) for c in chunks]
+    if grads:
+        with torch.no_grad():
+            for module in modules:
+                for param in module.parameters():
+                    param.copy_(param.main_grad)
+    out = {name: t.clone() for name, t in export_hf_weights(modules, spec, runtime.parallel)}
+    return out if torch.distributed.get_rank() == 0 else None
