@@ -4,7 +4,7 @@
   tag, keeps engine/trainer logprobs within rounding at every step (worst token <= 1e-5), and
   lowers the divergence on a fixed prompt set by more than 20 % (a learning rate of ~0 does not);
   its PP2 step-8 checkpoint resumed in one process (another layout) reproduces the PP2 run's
-  losses of steps 9 and 10 within 1e-5;
+  losses and gradient norms of steps 9 and 10 within 1e-5 relative;
 - exact resume with an EMA teacher and attention dropout (an RNG consumer in every step):
   6 steps straight equal 3 steps + SIGKILL + resume to 6, bit for bit, and the same after a
   SIGTERM (which saves at the next step boundary and exits cleanly); the same resume with the
@@ -196,9 +196,10 @@ def test_two_process_recipe_logs_every_tag_and_learns(tiny_qwen3, fixed_prompts,
     assert "reseeded (layout changed)" in resumed.stdout
     after = scalars(other.parent / "tensorboard")
     assert sorted(after["train/loss"]) == [9, 10]
-    for tag in ("train/loss", "train/divergence"):
+    for tag in ("train/loss", "train/divergence", "train/grad_norm"):  # measured: 8e-8 relative
         for step in (9, 10):
-            assert abs(after[tag][step] - values[tag][step]) <= 1e-5, (tag, step, after[tag], values[tag])
+            error = abs(after[tag][step] - values[tag][step])
+            assert error <= 1e-5 * abs(values[tag][step]), (tag, step, after[tag], values[tag])
 
 
 def kill_once_checkpointed(args: list[str], out: Path, checkpoint: str = "iter_0000003") -> None:
