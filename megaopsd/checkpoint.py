@@ -132,12 +132,20 @@ def _distributed_optimizer_load_fixes(student: TrainableStudent):
 
 
 def _layout(parallel: ParallelState) -> dict[str, int]:
-    return {
+    layout = {
         "tp": parallel.tp_size,
         "pp": parallel.pp_size,
         "dp": parallel.dp_size,
         "vpp": parallel.vpp_size or 1,
     }
+    # Uneven stages only when set, so checkpoints of even layouts keep matching their layout.
+    for key, value in (
+        ("first_stage_layers", parallel.num_layers_in_first_pipeline_stage),
+        ("last_stage_layers", parallel.num_layers_in_last_pipeline_stage),
+    ):
+        if value is not None:
+            layout[key] = value
+    return layout
 
 
 def save_checkpoint(

@@ -26,10 +26,10 @@ from megaopsd.config import (
     ConfigError,
     default_tree,
     load_config,
-    read_hf_config,
+    target_world_size,
     validate,
-    world_size_from_env,
 )
+from megaopsd.dry_run import describe_layout, dry_run_report, estimate_memory_gib  # noqa: F401 (public API)
 
 DEFAULTS_NAME = "megaopsd_defaults"  # the first entry of conf/config.yaml's defaults list
 
@@ -46,65 +46,15 @@ def register_defaults() -> None:
 register_defaults()
 
 
-def describe_layout(cfg: Config, world_size: int) -> str:
-    """One line per fact about the parallel layout this config asks for."""
-    par = cfg.parallel
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    hf = read_hf_config(cfg.model.hf_path)
-    return "\n".join(
-        [
-            f"model: {hf.get('architectures', ['?'])[0]} from {cfg.model.hf_path} "
-            f"({hf['num_hidden_layers']} layers, hidden {hf['hidden_size']}, vocab {hf['vocab_size']})",
-            f"world size {world_size} = TP {tp} x PP {pp} x DP {world_size // (tp * pp)}"
-            + (
-                f", VPP {par.virtual_pipeline_model_parallel_size}"
-                if par.virtual_pipeline_model_parallel_size
-                else ""
-            )
-            + (", sequence parallel" if par.sequence_parallel else ""),
-            f"loss {cfg.loss.kind} (beta {cfg.loss.beta}), teacher {cfg.teacher.mode}",
-        ]
-    )
-
-
 def build_config(raw: DictConfig) -> Config:
     """Resolve, type and validate the composed config; exit(2) with one line if it is invalid."""
     try:
         cfg = load_config(OmegaConf.to_container(raw, resolve=True))
-        validate(cfg, world_size=world_size_from_env())
+        validate(cfg, world_size=target_world_size(cfg))
     except ConfigError as err:
         print(f"megaopsd: {err}", file=sys.stderr)
         sys.exit(2)
     return cfg
-
-
-def estimate_memory_gib(cfg: Config, world_size: int) -> dict[str, float]:
-    """Rough per-GPU memory of the largest stage: weights, grads, Adam, teacher, logits.
-
-    Activations besides the logits are left out (they depend on recompute and sequence lengths).
-    """
-    hf = read_hf_config(cfg.model.hf_path)
-    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    dp = world_size // (tp * pp)
-    h, layers, vocab = hf["hidden_size"], hf["num_hidden_layers"], hf["vocab_size"]
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or h // heads
-    kv = hf.get("num_key_value_heads") or heads
-    per_layer = h * head_dim * (2 * heads + 2 * kv) + 3 * h * hf["intermediate_size"] + 2 * h
-    embeddings = vocab * h * (1 if hf.get("tie_word_embeddings") else 2)
-    params = (per_layer * layers / pp + embeddings) / tp  # embeddings counted on the worst stage
-    weight_bytes = 2 if cfg.model.dtype == "bfloat16" else 4
-    adam = 8 + (4 if cfg.model.dtype == "bfloat16" else 0)  # exp_avg + exp_avg_sq (+ fp32 master)
-    gib = 1 << 30
-    estimate = {
-        "weights": params * weight_bytes / gib,
-        "grads (fp32)": params * 4 / gib,
-        "optimizer": params * adam / (dp if cfg.parallel.use_distributed_optimizer else 1) / gib,
-        "teacher copy": params * weight_bytes / gib if cfg.teacher.mode != "current" else 0.0,
-        "logits (both streams)": 2 * cfg.trainer.microbatch_tokens * vocab / tp * 4 / gib,
-    }
-    estimate["total"] = sum(estimate.values())
-    return estimate
 
 
 def quiet_libraries() -> None:
@@ -127,11 +77,8 @@ def quiet_libraries() -> None:
 def main(raw: DictConfig) -> None:
     quiet_libraries()
     cfg = build_config(raw)
-    world_size = world_size_from_env()
     if cfg.trainer.dry_run:
-        print(describe_layout(cfg, world_size))
-        for name, value in estimate_memory_gib(cfg, world_size).items():
-            print(f"  {name:<22}{value:8.2f} GiB per GPU")
+        print(dry_run_report(cfg, target_world_size(cfg)))
         return
     from megaopsd.trainer import run
 

@@ -1,4 +1,11 @@
-"""Shared fixtures: tiny Hugging Face models built once per test session (nothing downloaded)."""
+"""Shared fixtures (tiny Hugging Face models built once per session, nothing downloaded) and markers.
+
+Markers by directory: every test under ``tests/distributed/`` is ``distributed`` (spawns gloo
+processes) and every test under ``tests/e2e/`` is ``e2e``; ``slow`` stays on the tests
+themselves. Helpers that are not fixtures: ``tests/helpers.py`` (fixed rollouts, the paired
+setup), ``tests/dist_harness.py`` (multi-rank workers), ``tests/subprocess_job.py`` (a function
+in a fresh process).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,17 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 FAMILIES = ("qwen3", "qwen2", "llama")
+MARKERS_BY_DIRECTORY = {"distributed": pytest.mark.distributed, "e2e": pytest.mark.e2e}
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark each test by the directory it lives in (``tests/<dir>/...``)."""
+    for item in items:
+        parts = Path(item.path).resolve().relative_to(TESTS).parts
+        marker = MARKERS_BY_DIRECTORY.get(parts[0]) if len(parts) > 1 else None
+        if marker is not None:
+            item.add_marker(marker)
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +59,11 @@ def tiny_qwen3_dropout(tiny_qwen3, tmp_path_factory) -> Path:
     config["attention_dropout"] = 0.1
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_3layers(tmp_path_factory) -> Path:
+    """The tiny Qwen3 with 3 decoder layers: PP2 needs uneven stages (2 + 1 or 1 + 2)."""
+    from tools.make_tiny_model import make_tiny_model
+
+    return make_tiny_model("qwen3", tmp_path_factory.mktemp("tiny_3layers") / "qwen3", num_layers=3)

@@ -42,11 +42,14 @@ def paired_setup(
     pp: int,
     *,
     sp: bool = False,
+    stages: tuple[int | None, int | None] = (None, None),
     mode: str = "fixed",
     decay: float = 0.9,
     lr: float = 1e-3,
 ):
     """Start the runtime and build the components for the tiny model: JSD(0.5) at temperature 1.1.
+
+    ``stages``: layers on the first / last pipeline stage (uneven stages), None for an even split.
 
     Returns ``(runtime, components)``.
     """
@@ -65,7 +68,11 @@ def paired_setup(
     cfg = Config(
         model=ModelConfig(hf_path=hf_dir),
         parallel=ParallelConfig(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            sequence_parallel=sp,
+            num_layers_in_first_pipeline_stage=stages[0],
+            num_layers_in_last_pipeline_stage=stages[1],
         ),
         runtime=RuntimeConfig(seed=7),
         teacher=TeacherConfig(mode=mode, ema_decay=decay),

@@ -38,6 +38,9 @@ class ParallelState:
     tp_group: dist.ProcessGroup
     pp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
+    # Uneven pipeline stages (ParallelConfig); None: the layers split evenly.
+    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = None
 
     @property
     def is_first_stage(self) -> bool:
@@ -76,6 +79,8 @@ def initialize_parallel_state(cfg: ParallelConfig, *, seed: int, gloo_side_group
         tp_group=mps.get_tensor_model_parallel_group(),
         pp_group=mps.get_pipeline_model_parallel_group(),
         dp_group=mps.get_data_parallel_group(),
+        num_layers_in_first_pipeline_stage=cfg.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=cfg.num_layers_in_last_pipeline_stage,
     )
 
 

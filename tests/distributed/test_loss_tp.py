@@ -18,8 +18,6 @@ from torch.utils._pytree import tree_leaves
 from megaopsd.loss import KINDS, vocab_parallel_divergence
 from tests.dist_harness import run_ranks
 
-pytestmark = pytest.mark.distributed
-
 TP, T, F, TOP_K, CHUNK = 2, 29, 256, 6, 8
 W = F // TP
 # The cases run in float64: TP2 and TP1 differ by summation order only (rounding, ~1e-15).

@@ -24,11 +24,18 @@ from tests.helpers import (
 pytestmark = pytest.mark.distributed
 
 
-def layout_worker(hf_dir: str, tp: int, pp: int, sp: bool, budgets: tuple[int, ...]):
+def layout_worker(
+    hf_dir: str,
+    tp: int,
+    pp: int,
+    sp: bool,
+    budgets: tuple[int, ...],
+    stages: tuple[int | None, int | None] = (None, None),
+):
     """Loss and HF-named gradients for each microbatch budget, on this layout."""
     from megaopsd.algorithm.step import forward_backward
 
-    runtime, parts = paired_setup(hf_dir, tp, pp, sp=sp)
+    runtime, parts = paired_setup(hf_dir, tp, pp, sp=sp, stages=stages)
     spec, student, teacher, loss_fn = parts.spec, parts.student, parts.teacher, parts.loss_fn
     results = []
     for budget in budgets:
@@ -127,6 +134,25 @@ def test_layouts_match_single_process(baseline, tiny_qwen3, tp, pp, sp, world):
         layout_worker, world_size=world, args=(str(tiny_qwen3), tp, pp, sp, (BUDGET_ONE, BUDGET_FOUR))
     )
     _assert_matches(results[0], baseline)
+
+
+@pytest.fixture(scope="module")
+def baseline_3layers(tiny_qwen3_3layers):
+    return run_ranks(
+        layout_worker, world_size=1, args=(str(tiny_qwen3_3layers), 1, 1, False, (BUDGET_ONE, BUDGET_FOUR))
+    )[0]
+
+
+@pytest.mark.parametrize("stages", [(2, None), (None, 2)], ids=["2+1", "1+2"])
+def test_uneven_pipeline_stages_match_single_process(baseline_3layers, tiny_qwen3_3layers, stages):
+    """3 layers at PP2 (megatron's num_layers_in_first/last_pipeline_stage) equal TP1 within 1e-5."""
+    results = run_ranks(
+        layout_worker,
+        world_size=2,
+        args=(str(tiny_qwen3_3layers), 1, 2, False, (BUDGET_ONE, BUDGET_FOUR), stages),
+    )
+    _assert_matches(results[0], baseline_3layers)
+    assert any(".layers.2." in name for name in results[0]["grads"])  # all 3 layers, HF-named
 
 
 @pytest.mark.slow

@@ -10,12 +10,9 @@ those bits exist, so it would fail without the saved shadow.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from tests.dist_harness import run_ranks
-
-pytestmark = pytest.mark.distributed
 
 
 def _config(hf_dir: str, dtype: str):

@@ -27,8 +27,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.e2e
-
 REPO = Path(__file__).resolve().parents[2]
 TAGS = [
     "train/loss",
@@ -373,3 +371,41 @@ def test_distributed_optimizer_resume_is_bit_identical(tiny_qwen3, fixed_prompts
     # One process (TP1), in-process engine, a fixed teacher: the logprobs agree at step 1 and
     # after each of the five weight syncs that followed.
     assert_logprob_parity(scalars(straight / "tensorboard"), range(1, 7))
+
+
+def test_uneven_pipeline_stages_train_and_resume_at_the_other_split(
+    tiny_qwen3_3layers, fixed_prompts, tmp_path
+):
+    """3 layers on PP2 as 2 + 1: two OPSD steps with weight sync; the checkpoint resumes as 1 + 2."""
+    out = tmp_path / "uneven"
+    args = overrides(
+        tiny_qwen3_3layers,
+        out,
+        fixed_prompts,
+        **{
+            "trainer.max_steps": 2,
+            "checkpoint.save_interval": 2,
+            "parallel.num_layers_in_first_pipeline_stage": 2,
+        },
+    )
+    run(args, nproc=2)
+    values = scalars(out / "tensorboard")
+    assert sorted(values["train/loss"]) == [1, 2]
+    assert all(torch.isfinite(torch.tensor(v)) for v in values["train/loss"].values())
+    # step 2's rollouts come from weights synced after step 1, through the uneven stages' export
+    assert_logprob_parity(values, range(1, 3))
+    state = json.loads((out / "checkpoints" / "iter_0000002" / "trainer_state.json").read_text())
+    assert state["layout"] == {"tp": 1, "pp": 2, "dp": 1, "vpp": 1, "first_stage_layers": 2}
+    resumed = run(
+        overrides(
+            tiny_qwen3_3layers,
+            out,
+            fixed_prompts,
+            **{"trainer.max_steps": 3, "parallel.num_layers_in_last_pipeline_stage": 2},
+        ),
+        nproc=2,
+    )
+    assert "resumed from" in resumed.stdout and "reseeded (layout changed)" in resumed.stdout
+    after = scalars(out / "tensorboard")
+    assert sorted(after["train/loss"]) == [1, 2, 3]
+    assert_logprob_parity(after, range(1, 4))

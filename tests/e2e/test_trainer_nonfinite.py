@@ -8,11 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from tests.dist_harness import run_ranks
-
-pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 
