@@ -33,6 +33,8 @@ DType = Literal["float32", "bfloat16"]
 WeightTransport = Literal["auto", "memory", "directory"]
 TransformerImpl = Literal["local", "transformer_engine"]
 LrSchedule = Literal["constant", "cosine"]
+RecomputeGranularity = Literal["selective", "full"]
+RecomputeMethod = Literal["uniform", "block"]
 
 LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
 TEACHER_MODES: tuple[str, ...] = typing.get_args(TeacherMode)
@@ -53,6 +55,14 @@ class ModelConfig:
     dtype: DType = "float32"  # parameter dtype; bfloat16 uses Megatron mixed precision
     make_vocab_size_divisible_by: int = 128  # Megatron pads the vocabulary to a multiple of this x TP
     transformer_impl: TransformerImpl = "local"  # local | transformer_engine (GPU, needs TE installed)
+    # Activation recompute: null (keep activations) | selective (attention core) | full (whole
+    # layers, recomputed in backward). full: recompute_num_layers layers per group (uniform) or
+    # the first recompute_num_layers layers of each stage (block).
+    recompute_granularity: RecomputeGranularity | None = None
+    recompute_method: RecomputeMethod = "uniform"
+    recompute_num_layers: int = 1
+    # Further megatron TransformerConfig fields, applied last (e.g. {cross_entropy_loss_fusion: true}).
+    transformer_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,6 +76,8 @@ class ParallelConfig:
     num_layers_in_last_pipeline_stage: int | None = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False  # DP gradient reduce-scatter/all-reduce overlapped with backward
+    overlap_param_gather: bool = False  # distributed optimizer: parameter all-gather in bucket order
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,6 +87,8 @@ class RuntimeConfig:
     cpu_threads: int = 1  # torch intra-op threads per rank on CPU; 0 keeps torch's default
     seed: int = 1234
     distributed_timeout_minutes: int = 30
+    # Dense peak TFLOP/s of one GPU for perf/mfu; None: known H100/H200 figures for model.dtype.
+    device_peak_tflops: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -117,6 +131,7 @@ class DataConfig:
     solution_key: str = "solution"
     shuffle_seed: int = 0
     strict: bool = False
+    max_row_bytes: int = 1 << 20  # a longer jsonl line (or parquet row's text) is skipped as row_too_long
     max_prompt_tokens: int = 2048
     max_teacher_prompt_tokens: int | None = None  # None: same as max_prompt_tokens
     student_enable_thinking: bool = True
@@ -212,6 +227,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"config: {where}={value!r} has the wrong type; expected {annotation}")
+    if origin is dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config: {where}={value!r} must be a mapping with string keys")
+        return dict(value)
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
@@ -379,12 +398,32 @@ def _validate_parallel(cfg: Config, world_size: int, spec: HFModelSpec) -> None:
         field = "parallel.pipeline_model_parallel_size" if first is None and last is None else FIRST
         field = LAST if first is None and last is not None else field
         raise ConfigError(f"config: {field}: {problem}")
+    even_stages = first is None and last is None and problem is None
+    chunk_layers = spec.num_layers // (pp * (vpp or 1))
+    if (
+        even_stages
+        and cfg.model.recompute_granularity == "full"
+        and cfg.model.recompute_num_layers > chunk_layers
+    ):
+        _fail(
+            "model.recompute_num_layers",
+            cfg.model.recompute_num_layers,
+            f"exceeds the {chunk_layers} layers of a pipeline chunk",
+            f"use 1..{chunk_layers}",
+        )
     if vpp is not None and (vpp < 2 or pp < 2):
         _fail(
             "parallel.virtual_pipeline_model_parallel_size",
             vpp,
             "needs pipeline_model_parallel_size >= 2 and a value >= 2",
             "set it to null or raise PP",
+        )
+    if par.overlap_param_gather and not par.use_distributed_optimizer:
+        _fail(
+            "parallel.overlap_param_gather",
+            True,
+            "needs the distributed optimizer",
+            "set parallel.use_distributed_optimizer=true or overlap_param_gather=false",
         )
     if par.sequence_parallel and tp == 1:
         _fail(
@@ -466,6 +505,8 @@ def _validate_batch_and_engine(cfg: Config, world_size: int) -> None:
 
 def _validate_lengths_and_eval(cfg: Config) -> None:
     ro, ev, data = cfg.rollout, cfg.eval, cfg.data
+    if data.max_row_bytes < 1:
+        _fail("data.max_row_bytes", data.max_row_bytes, "must be >= 1", "use e.g. 1048576 (1 MiB)")
     if data.max_prompt_tokens + ro.max_new_tokens > ro.max_model_len:
         _fail(
             "rollout.max_model_len",
@@ -493,6 +534,20 @@ def _validate_lengths_and_eval(cfg: Config) -> None:
         )
 
 
+def _validate_recompute(model: ModelConfig) -> None:
+    if model.recompute_num_layers < 1:
+        _fail("model.recompute_num_layers", model.recompute_num_layers, "must be >= 1", "use e.g. 1")
+    recompute_keys = {"recompute_granularity", "recompute_method", "recompute_num_layers"}
+    clash = sorted(recompute_keys & set(model.transformer_overrides))
+    if clash:
+        _fail(
+            f"model.transformer_overrides.{clash[0]}",
+            model.transformer_overrides[clash[0]],
+            "duplicates a model field",
+            f"set model.{clash[0]} instead",
+        )
+
+
 def _validate_training(cfg: Config) -> None:
     tr, model, runtime = cfg.trainer, cfg.model, cfg.runtime
     if tr.max_steps < 1:
@@ -509,6 +564,14 @@ def _validate_training(cfg: Config) -> None:
             tr.warmup_steps,
             f"must be in [0, trainer.max_steps={tr.max_steps}]",
             "shorten the warmup",
+        )
+    _validate_recompute(model)
+    if runtime.device_peak_tflops is not None and runtime.device_peak_tflops <= 0:
+        _fail(
+            "runtime.device_peak_tflops",
+            runtime.device_peak_tflops,
+            "must be > 0",
+            "set the GPU's dense peak TFLOP/s, or null for the known H100/H200 figures",
         )
     if tr.microbatch_tokens < 2:
         _fail("trainer.microbatch_tokens", tr.microbatch_tokens, "must be >= 2", "use e.g. 8192")

@@ -97,7 +97,7 @@ def step_scalars(
     rollouts: Sequence[Rollout],
     timer: PhaseTimer,
     *,
-    train_tokens: int,
+    train_tokens: Mapping[str, float],
     data_skipped: Mapping[str, int],
 ) -> dict[str, float]:
     """The scalars of one training step, by TensorBoard tag.
@@ -106,7 +106,8 @@ def step_scalars(
         result: the paired update's result (losses are token means over the global batch).
         rollouts: this step's rollouts (all of them, as every rank received them).
         timer: the step's phase timer (``perf/<phase>_time_s``).
-        train_tokens: padded student + teacher tokens trained on, summed over data-parallel ranks.
+        train_tokens: ``{"real": ..., "padded": ...}`` student + teacher tokens fed through the
+            model without and with padding, summed over data-parallel ranks.
         data_skipped: prompts skipped so far by reason (``data/skipped_<reason>``).
     """
     m = result.metrics
@@ -127,7 +128,9 @@ def step_scalars(
         "rollout/logprob_abs_diff": m.get("logprob_abs_diff_sum", float("nan")),
         "rollout/logprob_abs_diff_max": m.get("logprob_abs_diff_max", float("nan")),
         **timer.as_scalars(),
-        "perf/train_tokens_per_s": train_tokens / max(timer.seconds["train"], 1e-9),
+        # Real tokens only: padding is work, not throughput.
+        "perf/train_tokens_per_s": train_tokens["real"] / max(timer.seconds["train"], 1e-9),
+        "perf/padding_fraction": 1.0 - train_tokens["real"] / max(train_tokens["padded"], 1.0),
     }
     if "teacher_topk_mass_sum" in m:
         values["train/teacher_topk_mass"] = m["teacher_topk_mass_sum"]

@@ -19,12 +19,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megaopsd.algorithm.batch import build_microbatches
+from megaopsd.algorithm.batch import build_microbatches, split_over_data_parallel
 from megaopsd.algorithm.step import StepResult, train_step
+from megaopsd.checkpoint import CheckpointError
 from megaopsd.checkpoint_manager import CheckpointManager
 from megaopsd.components import build_components
 from megaopsd.config import Config
 from megaopsd.eval.in_training import InTrainingEvaluator, eval_due
+from megaopsd.flops import utilisation_scalars
 from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line, step_scalars
 from megaopsd.models.builder import unwrap_chunk
 from megaopsd.runtime.distributed import collective_device
@@ -60,6 +62,8 @@ class Trainer:
             templates=templates,
             max_teacher_prompt_tokens=cfg.data.max_teacher_prompt_tokens,
         )
+        for problem in self.prompts.unreadable:  # the other sources loaded; say which one did not
+            self._say(f"warning: data: {problem}")
         parts = build_components(cfg, runtime)
         self.spec, self.teacher, self.student = parts.spec, parts.teacher, parts.student
         self.loss_fn, self.logprob_fn = parts.loss_fn, parts.logprob_fn
@@ -114,6 +118,17 @@ class Trainer:
             result, rollouts, timer, train_tokens=train_tokens, data_skipped=self.prompts.skipped()
         )
         values.update(evaluation)
+        values.update(
+            utilisation_scalars(
+                self.spec,
+                rollouts,
+                timer.seconds["train"],
+                device=self.runtime.device,
+                dtype=self.cfg.model.dtype,
+                peak_tflops_configured=self.cfg.runtime.device_peak_tflops,
+                world_size=self.runtime.world_size,
+            )
+        )
         if sync is not None:
             values["perf/weight_sync_gb"] = sync.bytes / 1e9
         if self.step == 1 or (
@@ -135,9 +150,11 @@ class Trainer:
             dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
-    def _paired_update(self, rollouts: list) -> tuple[StepResult, int]:
+    def _paired_update(self, rollouts: list) -> tuple[StepResult, dict[str, float]]:
+        """One optimizer step on this replica's share; returns the result and the global
+        (real, padded) token counts the two streams fed through the model."""
         par, tr = self.parallel, self.cfg.trainer
-        mine = rollouts[par.dp_rank :: par.dp_size]
+        mine = split_over_data_parallel(rollouts, par.dp_size, par.dp_rank)
         microbatches = build_microbatches(
             mine,
             max_tokens=tr.microbatch_tokens,
@@ -155,11 +172,15 @@ class Trainer:
             logprob_fn=self.logprob_fn,
         )
         tokens = torch.tensor(
-            float(sum(mb.batch_size * (mb.student_len + mb.teacher_len) for mb in microbatches)),
+            [
+                float(sum(mb.real_tokens for mb in microbatches)),
+                float(sum(mb.padded_tokens for mb in microbatches)),
+            ],
+            dtype=torch.float64,
             device=collective_device(),
         )
         dist.all_reduce(tokens, group=par.dp_group)
-        return result, int(tokens)
+        return result, {"real": float(tokens[0]), "padded": float(tokens[1])}
 
     def _check_nonfinite(self, result: StepResult) -> None:
         if not result.skipped:
@@ -288,6 +309,9 @@ def run(cfg: Config) -> int:
     except NonFiniteLossError as err:
         print(f"megaopsd: {err}", file=sys.stderr)
         return 4
+    except CheckpointError as err:
+        print(f"megaopsd: checkpoint: {err}", file=sys.stderr)
+        return 3
     finally:
         runtime.shutdown()
     return 0

@@ -42,6 +42,7 @@ def paired_setup(
     pp: int,
     *,
     sp: bool = False,
+    vpp: int | None = None,
     stages: tuple[int | None, int | None] = (None, None),
     mode: str = "fixed",
     decay: float = 0.9,
@@ -70,6 +71,7 @@ def paired_setup(
         parallel=ParallelConfig(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp,
             sequence_parallel=sp,
             num_layers_in_first_pipeline_stage=stages[0],
             num_layers_in_last_pipeline_stage=stages[1],
@@ -90,7 +92,8 @@ def my_microbatches(runtime, budget: int):
     par = runtime.parallel
     mine = fixed_rollouts()[par.dp_rank :: par.dp_size]
     pad = par.tp_size if par.sequence_parallel else 1
-    return build_microbatches(mine, max_tokens=budget, pad_id=0, pad_multiple=pad)
+    multiple = par.pp_size if par.vpp_size else 1  # the interleaved schedule's count rule
+    return build_microbatches(mine, max_tokens=budget, pad_id=0, pad_multiple=pad, count_multiple=multiple)
 
 
 def export_full(chunks, spec, runtime, *, grads: bool) -> dict[str, torch.Tensor] | None:

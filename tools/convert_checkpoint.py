@@ -98,6 +98,12 @@ def check_arguments(args: argparse.Namespace) -> None:
     else:
         source, flag = args.ckpt, "--ckpt"
         _check_source(source, flag, needs=("config.json", "metadata.json"))
+        from megaopsd.convert.safe_load import UnsafeCheckpointError, check_metadata
+
+        try:
+            check_metadata(source)  # nothing in a checkpoint from elsewhere may run code
+        except UnsafeCheckpointError as exc:
+            raise ConvertError(f"{flag} {source}: {exc}") from exc
     try:
         spec = load_hf_config(source)
         check_tensor_parallel(spec, args.tp)

@@ -10,7 +10,7 @@
   SIGTERM (which saves at the next step boundary and exits cleanly); the same resume with the
   RNG restore skipped differs (the positive control);
 - a SIGKILL while a checkpoint is being written never leaves ``latest`` naming a broken one;
-- bad data rows are skipped and counted; strict mode names the first bad line.
+- bad data rows: tests/e2e/test_hostile_data.py (a fuzzed corpus through the same run).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ TAGS = [
     "perf/train_time_s",
     "perf/weight_sync_time_s",
     "perf/train_tokens_per_s",
+    "perf/padding_fraction",
+    "perf/train_gflops",  # perf/mfu instead on a GPU
 ]
 
 
@@ -299,36 +301,6 @@ def test_sigkill_during_checkpoint_write_keeps_latest_readable(tiny_qwen3, fixed
     assert "resumed from" in resumed.stdout and "step 1" in resumed.stdout
     assert (ckpt / "latest").read_text().strip() == "iter_0000004"
     assert not list(ckpt.glob("*.partial"))
-
-
-def test_bad_rows_are_skipped_and_counted_or_rejected_in_strict_mode(tiny_qwen3, fixed_prompts, tmp_path):
-    data = tmp_path / "mixed.jsonl"
-    good = fixed_prompts.read_text().splitlines()
-    bad = [
-        '{"problem": "", "solution": "x"}',
-        "not json",
-        '{"problem": "What is 1+1?"}',
-        '{"problem": 3, "solution": "4"}',
-    ]
-    data.write_text("\n".join([good[0], bad[0], good[1], bad[1], bad[2], *good[2:], bad[3]]) + "\n")
-    out = tmp_path / "lenient"
-    run(overrides(tiny_qwen3, out, data, **{"trainer.max_steps": 1, "trainer.warmup_steps": 0}), nproc=1)
-    values = scalars(out / "tensorboard")
-    skipped = {
-        tag.removeprefix("data/skipped_"): v[1]
-        for tag, v in values.items()
-        if tag.startswith("data/skipped_")
-    }
-    assert sum(skipped.values()) == 4 and len(skipped) >= 3, skipped
-    strict = subprocess.run(
-        command(overrides(tiny_qwen3, tmp_path / "strict", data, **{"data.strict": "true"}), 1),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert strict.returncode != 0
-    assert f"{data}:2" in strict.stderr, strict.stderr[-2000:]
 
 
 def test_in_training_eval_logs_eval_tags(tiny_qwen3, fixed_prompts, tmp_path):
