@@ -1,29 +1,31 @@
-"""Benchmark: megaopsd's weight sync into a running vLLM engine vs the engine's own reload and a memcpy.
+"""Benchmark: the trainer's weight sync (Megatron export + transport + engine load) vs the engine's own reload.
 
-For each model (the tiny Qwen3 and the ~100M ``small`` preset, made on the fly):
+For each trainer layout (TP1 in one process; TP2 and PP2 in two gloo processes with a colocated
+vLLM engine of TP1 in each, as ``rollout.placement=colocated`` runs them), on a model made on
+the fly (``--preset``, default ``small``: ~100M parameters, tied embeddings, float32):
 
-- engine reload: ``collective_rpc("reload_weights", weights_iterator=<ready list>)`` from an
-  in-memory HF state dict already in engine order (tied lm_head included): the floor set by
-  vLLM's own loading and CPU repacking;
-- megaopsd memory: ``VllmEngine.update_weights`` from the same tensors as a trainer would hand
-  them over (module ordering, buckets, in-memory transport, reload, prefix-cache reset);
-- megaopsd directory: the same through safetensors shards under /dev/shm (the transport of a
-  multiprocess engine; here on the in-process engine so the numbers compare);
-- copy: ``dst.copy_(src)`` of the same tensors into preallocated buffers.
+- trainer: ``megaopsd.rollout.refit.refit``, exactly what the trainer calls after a step: the
+  streaming Megatron -> HF export (TP gather inside the stage, broadcast by the owning rank),
+  buckets, the in-memory transport into every engine, prefix-cache reset;
+- engine: each engine's own ``collective_rpc("reload_weights", weights_iterator=...)`` from a
+  ready in-memory HF state dict of the same weights, in engine order: the floor set by vLLM's
+  loading and CPU repacking, with the whole state dict already in memory;
+- rank0 directory (beside, world 2 only): the ``rollout.placement=rank0`` path: export to
+  rank 0, safetensors shards under /dev/shm, ``reload_weights(weights_path=...)`` into rank 0's
+  engine (in-process here, so vLLM's multiprocess RPC cost is not included).
 
-overhead_ratio = megaopsd memory / engine reload (goal <= 1.5); copy_ratio = megaopsd memory / copy
-(how far above a plain copy of the bytes; the engine's repacking sets this floor on CPU);
-gbps = bytes / megaopsd memory seconds. Medians over ``--repeats`` runs after one warm-up.
-The source is an HF state dict for now; the trainer's Megatron export plugs in as ``source``.
+Each timing runs from a barrier to the slowest rank's end; medians over ``--repeats`` interleaved
+rounds after a warm-up. overhead_ratio = trainer / engine (goal <= 1.5). peak_extra_mb = what the
+sync holds beyond the parameters on the worst rank (accounted on CPU: largest bucket + largest
+TP gather; see refit.py).
 
-    .venv/bin/python bench/weight_sync.py                      # tiny + small, ~2 min on 2 cores
-    .venv/bin/python bench/weight_sync.py --models tiny --repeats 3
+    .venv/bin/python bench/weight_sync.py                       # small model, TP1, TP2, PP2
+    .venv/bin/python bench/weight_sync.py --preset tiny --layouts tp1,pp2 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -34,130 +36,126 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from megaopsd.rollout import (  # noqa: E402
-    DirectoryTransport,
-    EngineSettings,
-    VllmEngine,
-    iter_buckets,
-    order_by_module,
-    sync_weights,
-)
-from tools.make_tiny_model import make_tiny_model  # noqa: E402
-
-MIB = 1 << 20
+LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 2), "pp2": (1, 2, 2)}  # tp, pp, processes
 
 
-def _seconds(fn: Callable[[], object]) -> float:
+def _timed(fn: Callable[[], object]) -> float:
+    """Seconds from a barrier to the slowest rank's end."""
+    import torch
+    import torch.distributed as dist
+
+    dist.barrier()
     start = time.perf_counter()
     fn()
-    return time.perf_counter() - start
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return float(elapsed)
 
 
-def measure(model_dir: Path, *, repeats: int, bucket_bytes: int, threads: int) -> dict[str, float]:
-    """Time the four paths on one model; returns seconds, bytes and parameter count."""
-    state = load_file(str(model_dir / "model.safetensors"))
-    tied = json.loads((model_dir / "config.json").read_text()).get("tie_word_embeddings", False)
-    # the engine-order list the engine's own reload gets: same tensors, no megaopsd code on the clock
-    ready = [
-        pair
-        for b in iter_buckets(order_by_module(state.items()), bucket_bytes=1 << 62, tie_word_embeddings=tied)
-        for pair in b
-    ]
-    nbytes = sum(t.nbytes for _, t in ready)
-    copies = [torch.empty_like(t) for _, t in ready]
+def worker(hf_dir: str, tp: int, pp: int, repeats: int, bucket_mib: int, threads: int) -> dict:
+    from safetensors.torch import load_file
 
-    engine = VllmEngine(
-        EngineSettings(
-            model_path=str(model_dir),
-            max_model_len=512,
-            kv_cache_bytes=64 * MIB,
-            weight_bucket_bytes=bucket_bytes,
-        )
-    )
-    torch._C.set_num_threads(threads)  # the in-process engine made torch.set_num_threads a no-op and reset it
-    directory = DirectoryTransport(engine.llm)
-    try:
+    from megaopsd.components import build_components
+    from megaopsd.config import load_config
+    from megaopsd.convert import export_hf_weights, export_plan
+    from megaopsd.rollout.fleet import start_fleet
+    from megaopsd.rollout.refit import refit
+    from megaopsd.rollout.weight_sync import DirectoryTransport, iter_buckets, order_by_module, sync_weights
+    from megaopsd.runtime.parallel import Runtime
 
-        def engine_reload() -> None:
-            engine.llm.collective_rpc(
-                "reload_weights", kwargs={"weights_iterator": ready, "is_checkpoint_format": True}
-            )
-
-        def megaopsd_memory() -> None:  # what the trainer calls: the source iterator on the clock
-            stats = engine.update_weights(order_by_module(state.items()))
-            assert stats.bytes == nbytes, (stats.bytes, nbytes)
-
-        def megaopsd_directory() -> None:
-            sync_weights(
-                order_by_module(state.items()), directory, bucket_bytes=bucket_bytes, tie_word_embeddings=tied
-            )
-
-        def copy() -> None:
-            for dst, (_, src) in zip(copies, ready):
-                dst.copy_(src)
-
-        paths = {
-            "engine": engine_reload,
-            "memory": megaopsd_memory,
-            "directory": megaopsd_directory,
-            "copy": copy,
+    cfg = load_config(
+        {
+            "model": {"hf_path": hf_dir},
+            "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
+            "runtime": {"cpu_threads": threads},
+            "teacher": {"mode": "current"},  # no teacher copy: only the student's shards matter here
+            "rollout": {"max_model_len": 512, "kv_cache_gib": 0.0625, "weight_bucket_mb": bucket_mib},
         }
-        for fn in paths.values():
-            fn()  # warm-up: first-touch allocations, lazy imports
-        result = {"params": sum(t.numel() for t in state.values()), "bytes": nbytes}
-        result["buckets"] = engine.update_weights(order_by_module(state.items())).buckets
-        # interleave the paths in each round so machine noise hits them alike
-        rounds: dict[str, list[float]] = {key: [] for key in paths}
-        for _ in range(repeats):
-            for key, fn in paths.items():
-                rounds[key].append(_seconds(fn))
-        result.update({key: statistics.median(values) for key, values in rounds.items()})
-        return result
-    finally:
+    )
+    runtime = Runtime.start(cfg.parallel, cfg.runtime)
+    par = runtime.parallel
+    parts = build_components(cfg, runtime)  # the trainer's construction path
+    spec, chunks = parts.spec, parts.chunks
+    fleet = start_fleet(cfg, runtime)
+    tied = bool(spec.tie_word_embeddings)
+    plan = export_plan(chunks, spec, par, include_tied_lm_head=tied)
+    state = load_file(str(Path(hf_dir) / "model.safetensors"))
+    whole = 1 << 62
+    ready = [
+        p
+        for b in iter_buckets(order_by_module(state.items()), bucket_bytes=whole, tie_word_embeddings=tied)
+        for p in b
+    ]
+    directory = DirectoryTransport(fleet.engine.llm) if runtime.is_main and runtime.world_size > 1 else None
+    llm = fleet.engine.llm
+    peaks: list[float] = []
+
+    def trainer() -> None:
+        peaks.append(refit(fleet, chunks, spec, par, plan)["perf/weight_sync_peak_mb"])
+
+    def engine() -> None:
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": ready, "is_checkpoint_format": True})
+
+    def rank0_directory() -> None:
+        weights = export_hf_weights(chunks, spec, par, dst_ranks=(0,), plan=plan)
+        if directory is None:
+            for _ in weights:
+                pass
+            return
+        sync_weights(weights, directory, bucket_bytes=bucket_mib << 20, tie_word_embeddings=tied)
+
+    paths = {"trainer": trainer, "engine": engine}
+    if runtime.world_size > 1:
+        paths["rank0_dir"] = rank0_directory
+    for fn in paths.values():
+        fn()  # warm-up
+    rounds: dict[str, list[float]] = {key: [] for key in paths}
+    for _ in range(repeats):
+        for key, fn in paths.items():
+            rounds[key].append(_timed(fn))
+    result = {key: statistics.median(v) for key, v in rounds.items()}
+    result["peak_extra_mb"] = max(peaks)
+    result["bytes"] = plan.total_bytes
+    if directory is not None:
         directory.close()
-        engine.close()
+    fleet.close()
+    runtime.shutdown()
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="tiny,small", help="comma list of make_tiny_model presets")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--bucket-mib", type=int, default=512)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads for every path (1: stable on a shared 2-core box)",
-    )
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    from bench._ranks import run_ranks
+    from tools.make_tiny_model import make_tiny_model
 
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small", help="make_tiny_model preset (tiny or small)")
+    parser.add_argument("--layouts", default="tp1,tp2,pp2")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--bucket-mib", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-weight-sync-") as tmp:
-        for preset in args.models.split(","):
-            model_dir = make_tiny_model("qwen3", Path(tmp) / preset, preset=preset)
-            row = measure(
-                model_dir, repeats=args.repeats, bucket_bytes=args.bucket_mib * MIB, threads=args.threads
-            )
-            rows.append((preset, row))
-
-    header = f"{'model':<6} {'params':>10} {'MB':>7} {'bkts':>4} {'engine s':>9} {'memory s':>9} {'dir s':>8} {'copy s':>8} {'overhead':>8} {'vs copy':>8} {'GB/s':>6} {'copy GB/s':>9}"
+        model = str(make_tiny_model("qwen3", Path(tmp) / args.preset, preset=args.preset))
+        for layout in args.layouts.split(","):
+            tp, pp, world = LAYOUTS[layout]
+            job = (model, tp, pp, args.repeats, args.bucket_mib, args.threads)
+            rows.append((layout, run_ranks(worker, world_size=world, args=job)[0]))
+    header = f"{'layout':<7} {'MB':>7} {'trainer s':>10} {'engine s':>9} {'rank0 dir s':>12} {'overhead':>9} {'peak MB':>8}"
     print(header)
     print("-" * len(header))
-    for preset, r in rows:
+    for layout, r in rows:
+        directory = f"{r['rank0_dir']:>12.4f}" if "rank0_dir" in r else f"{'-':>12}"
         print(
-            f"{preset:<6} {r['params']:>10,} {r['bytes'] / 1e6:>7.1f} {r['buckets']:>4} {r['engine']:>9.4f} {r['memory']:>9.4f} "
-            f"{r['directory']:>8.4f} {r['copy']:>8.4f} {r['memory'] / r['engine']:>8.2f} {r['memory'] / r['copy']:>8.1f} "
-            f"{r['bytes'] / r['memory'] / 1e9:>6.2f} {r['bytes'] / r['copy'] / 1e9:>9.2f}"
+            f"{layout:<7} {r['bytes'] / 1e6:>7.1f} {r['trainer']:>10.4f} {r['engine']:>9.4f} {directory} "
+            f"{r['trainer'] / r['engine']:>9.2f} {r['peak_extra_mb']:>8.1f}"
         )
-    preset, r = rows[-1]
-    print(
-        f"RESULT weight_sync overhead_ratio={r['memory'] / r['engine']:.2f} copy_ratio={r['memory'] / r['copy']:.1f} "
-        f"gbps={r['bytes'] / r['memory'] / 1e9:.2f}"
-    )
+    for layout, r in rows:
+        directory = f" rank0_dir_s={r['rank0_dir']:.4f}" if "rank0_dir" in r else ""
+        print(
+            f"RESULT weight_sync layout={layout} overhead_ratio={r['trainer'] / r['engine']:.2f} "
+            f"peak_extra_mb={r['peak_extra_mb']:.1f} trainer_s={r['trainer']:.4f} engine_s={r['engine']:.4f}{directory}"
+        )
     return 0
 
 

@@ -31,12 +31,14 @@ DType = Literal["float32", "bfloat16"]
 WeightTransport = Literal["auto", "memory", "directory"]
 TransformerImpl = Literal["local", "transformer_engine"]
 LrSchedule = Literal["constant", "cosine"]
+Placement = Literal["colocated", "rank0"]
 
 LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
 TEACHER_MODES: tuple[str, ...] = typing.get_args(TeacherMode)
 DEVICES: tuple[str, ...] = typing.get_args(Device)
 DTYPES: tuple[str, ...] = typing.get_args(DType)
 WEIGHT_TRANSPORTS: tuple[str, ...] = typing.get_args(WeightTransport)
+PLACEMENTS: tuple[str, ...] = typing.get_args(Placement)
 ADD_A_MODEL = "use a Qwen3, Qwen2/2.5 or Llama 3.x model (docs/adding-a-model-family.md)"
 REQUIRED = "???"  # a required field in the Hydra defaults tree (OmegaConf's "missing" marker)
 
@@ -102,6 +104,14 @@ class RolloutConfig:
     weight_transport: WeightTransport = "auto"  # auto | memory | directory
     weight_bucket_mb: int = 512
     weight_sync_dir: str | None = None  # directory transport; None uses /dev/shm
+    # Where engines live with more than one trainer process: colocated (a vLLM worker in every
+    # trainer process, world / tensor_parallel_size engines) or rank0 (one engine in its own
+    # process). None: colocated. A single trainer process always keeps one in-process engine.
+    placement: Placement | None = None
+    tensor_parallel_size: int = 1  # each colocated engine's TP (ranks r*k .. r*k+k-1 form one engine)
+    sleep_level: int = 1  # CUDA: free the KV cache (1) or weights too (2) while training; 0 never sleeps
+    gpu_memory_utilization: float = 0.3  # CUDA: the engine's share of each GPU (weights + KV cache)
+    enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -442,17 +452,78 @@ def _validate_batch_and_engine(cfg: Config, world_size: int) -> None:
             f"pipeline_model_parallel_size={par.pipeline_model_parallel_size} microbatches",
             "raise trainer.prompts_per_step",
         )
-    if ro.in_process and world_size > 1:
+    placement = rollout_placement(ro, world_size)
+    in_process = placement == "colocated" or (placement == "single" and ro.in_process is not False)
+    if ro.weight_transport == "memory" and not in_process:
+        _fail("rollout.weight_transport", "memory", "needs an in-process engine", "use auto or directory")
+
+
+def rollout_placement(cfg: RolloutConfig, world_size: int) -> str:
+    """``single`` (one process, in-process engine), ``colocated`` or ``rank0``."""
+    if world_size == 1:
+        return "single"
+    return cfg.placement or "colocated"
+
+
+def _validate_placement(cfg: Config, world_size: int, hf: Mapping[str, Any]) -> None:
+    ro = cfg.rollout
+    placement = rollout_placement(ro, world_size)
+    k = ro.tensor_parallel_size
+    if k < 1 or world_size % k:
+        _fail(
+            "rollout.tensor_parallel_size",
+            k,
+            f"does not divide the world size {world_size}",
+            "use 1 or a divisor of the number of trainer processes",
+        )
+    if k > 1 and placement != "colocated":
+        _fail(
+            "rollout.tensor_parallel_size",
+            k,
+            f"needs rollout.placement=colocated (placement here: {placement})",
+            "set rollout.tensor_parallel_size=1",
+        )
+    heads = hf.get("num_attention_heads")
+    if heads is not None and heads % k:
+        _fail(
+            "rollout.tensor_parallel_size",
+            k,
+            f"does not divide num_attention_heads={heads}",
+            "pick an engine TP that divides the head count",
+        )
+    engines = world_size // k if placement == "colocated" else 1
+    if cfg.trainer.prompts_per_step % engines:
+        _fail(
+            "trainer.prompts_per_step",
+            cfg.trainer.prompts_per_step,
+            f"does not split evenly over {engines} colocated engines",
+            f"use a multiple of {engines} or raise rollout.tensor_parallel_size",
+        )
+    if ro.in_process and placement == "rank0":
         _fail(
             "rollout.in_process",
             True,
-            f"hangs at engine start with {world_size} trainer processes",
+            f"hangs at engine start with {world_size} trainer processes and placement rank0",
             "set it to null",
         )
-    if ro.weight_transport == "memory" and (
-        ro.in_process is False or (ro.in_process is None and world_size > 1)
-    ):
-        _fail("rollout.weight_transport", "memory", "needs an in-process engine", "use auto or directory")
+    if ro.weight_transport == "directory" and placement == "colocated":
+        _fail(
+            "rollout.weight_transport",
+            "directory",
+            "is for an engine in its own process; colocated engines load from memory",
+            "use auto, or rollout.placement=rank0",
+        )
+    if ro.sleep_level not in (0, 1, 2):
+        _fail(
+            "rollout.sleep_level",
+            ro.sleep_level,
+            "is unknown",
+            "use 0 (never), 1 (KV cache) or 2 (+ weights)",
+        )
+    if not 0.0 < ro.gpu_memory_utilization <= 1.0:
+        _fail(
+            "rollout.gpu_memory_utilization", ro.gpu_memory_utilization, "is outside (0, 1]", "use e.g. 0.3"
+        )
 
 
 def _validate_lengths_and_eval(cfg: Config) -> None:
@@ -549,6 +620,7 @@ def validate(cfg: Config, *, world_size: int, hf_config: Mapping[str, Any] | Non
     _validate_algorithm(cfg)
     _validate_lengths_and_eval(cfg)
     _validate_batch_and_engine(cfg, world_size)
+    _validate_placement(cfg, world_size, hf)
 
 
 def world_size_from_env() -> int:

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from megaopsd.algorithm.step import StepResult
-    from megaopsd.rollout.types import Rollout
 
 
 class MetricsWriter:
@@ -94,23 +93,25 @@ def status_line(step: int, max_steps: int, values: Mapping[str, float]) -> str:
 
 def step_scalars(
     result: StepResult,
-    rollouts: Sequence[Rollout],
+    rollout_totals: tuple[float, float, float],
     timer: PhaseTimer,
     *,
     train_tokens: int,
     data_skipped: Mapping[str, int],
+    engines: int = 1,
 ) -> dict[str, float]:
     """The scalars of one training step, by TensorBoard tag.
 
     Args:
         result: the paired update's result (losses are token means over the global batch).
-        rollouts: this step's rollouts (all of them, as every rank received them).
+        rollout_totals: response tokens, rollouts and truncated rollouts of the whole step.
         timer: the step's phase timer (``perf/<phase>_time_s``).
         train_tokens: padded student + teacher tokens trained on, summed over data-parallel ranks.
         data_skipped: prompts skipped so far by reason (``data/skipped_<reason>``).
+        engines: rollout engines that generated the step (``rollout/engines``).
     """
     m = result.metrics
-    lengths = [len(r.response_ids) for r in rollouts]
+    length_sum, count, truncated = rollout_totals
     values = {
         "train/loss": result.loss,
         "train/divergence": m.get("divergence_sum", float("nan")),
@@ -121,10 +122,11 @@ def step_scalars(
         "train/clipped_fraction": m.get("clipped_sum", 0.0),
         "train/loss_tokens": result.num_tokens,
         "train/skipped_nonfinite": float(result.skipped),
-        "rollout/response_length_mean": sum(lengths) / max(len(lengths), 1),
-        "rollout/truncated_fraction": sum(r.finish_reason == "length" for r in rollouts)
-        / max(len(rollouts), 1),
+        "rollout/response_length_mean": length_sum / max(count, 1.0),
+        "rollout/truncated_fraction": truncated / max(count, 1.0),
         "rollout/logprob_abs_diff": m.get("logprob_abs_diff_sum", float("nan")),
+        "rollout/logprob_abs_diff_max": m.get("logprob_abs_diff_max", float("nan")),
+        "rollout/engines": float(engines),
         **timer.as_scalars(),
         "perf/train_tokens_per_s": train_tokens / max(timer.seconds["train"], 1e-9),
     }

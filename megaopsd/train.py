@@ -78,11 +78,18 @@ def build_config(raw: DictConfig) -> Config:
     return cfg
 
 
-def estimate_memory_gib(cfg: Config, world_size: int) -> dict[str, float]:
-    """Rough per-GPU memory of the largest stage: weights, grads, Adam, teacher, logits.
+def estimate_memory_gib(cfg: Config, world_size: int, *, gpu_gib: float = 80.0) -> dict[str, float]:
+    """Rough per-GPU memory of the largest stage, per phase: trainer state, logits, engine.
 
-    Activations besides the logits are left out (they depend on recompute and sequence lengths).
+    Colocated rollouts put an engine worker on every GPU: during generation it holds its
+    weights (the full model / engine TP) and its KV cache (``rollout.gpu_memory_utilization`` of
+    a ``gpu_gib`` GPU in all) next to the trainer's weights, grads, optimizer and teacher; while
+    the trainer trains the engine sleeps (level 1 moves its weights to host memory and frees the
+    KV cache; level 0 keeps both). Activations besides the logits are left out (they depend on
+    recompute and sequence lengths). ``total`` is the larger of the two phases.
     """
+    from megaopsd.config import rollout_placement
+
     hf = read_hf_config(cfg.model.hf_path)
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     dp = world_size // (tp * pp)
@@ -101,9 +108,21 @@ def estimate_memory_gib(cfg: Config, world_size: int) -> dict[str, float]:
         "grads (fp32)": params * 4 / gib,
         "optimizer": params * adam / (dp if cfg.parallel.use_distributed_optimizer else 1) / gib,
         "teacher copy": params * weight_bytes / gib if cfg.teacher.mode != "current" else 0.0,
-        "logits (both streams)": 2 * cfg.trainer.microbatch_tokens * vocab / tp * 4 / gib,
     }
-    estimate["total"] = sum(estimate.values())
+    trainer = sum(estimate.values())
+    estimate["logits (both streams)"] = 2 * cfg.trainer.microbatch_tokens * vocab / tp * 4 / gib
+    ro = cfg.rollout
+    engine_weights = engine_kv = 0.0
+    if rollout_placement(ro, world_size) == "colocated" or world_size == 1:
+        engine_bytes = 2 if (ro.dtype or cfg.model.dtype) == "bfloat16" else 4
+        engine_weights = (per_layer * layers + embeddings) * engine_bytes / ro.tensor_parallel_size / gib
+        engine_kv = max(ro.gpu_memory_utilization * gpu_gib - engine_weights, 0.0)
+    estimate["engine weights"] = engine_weights
+    estimate["engine KV cache"] = engine_kv
+    asleep = engine_weights + engine_kv if ro.sleep_level == 0 else 0.0
+    estimate["during generation"] = trainer + engine_weights + engine_kv
+    estimate["during training"] = trainer + estimate["logits (both streams)"] + asleep
+    estimate["total"] = max(estimate["during generation"], estimate["during training"])
     return estimate
 
 

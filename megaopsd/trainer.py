@@ -1,10 +1,11 @@
 """The OPSD training loop.
 
-    prompts -> rollouts (vLLM, rank 0) -> paired step (all ranks) -> optimizer -> teacher update
-    -> weight sync (Megatron export -> engine) -> log -> checkpoint
+    prompts -> rollouts (vLLM engines) -> paired step (all ranks) -> optimizer -> teacher update
+    -> weight sync (Megatron export -> engines, in memory) -> log -> checkpoint
 
-Every rank builds the same prompts from the same data stream; rank 0 owns the rollout engine
-and broadcasts the rollouts; each data-parallel replica trains on its share of them. The
+Every rank builds the same prompts from the same data stream. The engines (one in-process
+engine, a vLLM worker in every trainer process, or one engine on rank 0: ``rollout.placement``)
+sit behind one ``EngineFleet``; each data-parallel replica receives the rollouts it trains on. The
 student starts from a Hugging Face directory (imported on the fly) and resumes from
 ``<checkpoint.dir>/latest`` when it exists. SIGTERM / SIGUSR1 ask for a checkpoint and a clean
 exit at the next step boundary (Slurm preemption).
@@ -12,7 +13,6 @@ exit at the next step boundary (Slurm preemption).
 
 from __future__ import annotations
 
-import signal
 import sys
 from typing import Any
 
@@ -29,9 +29,7 @@ from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line, step_scalar
 from megaopsd.models.builder import unwrap_chunk
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import Runtime
-from megaopsd.runtime.signals import StopRequest, stop_signals_blocked
-
-MIB = 1 << 20
+from megaopsd.runtime.signals import StopRequest
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,9 +63,11 @@ class Trainer:
         self.loss_fn, self.logprob_fn = parts.loss_fn, parts.logprob_fn
         self.checkpoints = CheckpointManager(cfg, runtime, student=self.student, teacher=self.teacher)
         self.writer = MetricsWriter(cfg.logging.tensorboard_dir, enabled=runtime.is_main)
-        # Benchmarks load (and may fail) before the engine starts, so a failure leaks no engine.
-        self.evaluator = InTrainingEvaluator.start(cfg.eval) if runtime.is_main else None
-        self.engine = self._start_engine() if runtime.is_main else None
+        # Benchmarks load (and may fail) before the engines start, so a failure leaks no engine.
+        # Every rank evaluates: its engine generates part of the samples (grading is repeated).
+        self.evaluator = InTrainingEvaluator.start(cfg.eval)
+        self.fleet = self._start_engines()
+        self.export_plan = None  # the weight export's plan, agreed once
         # An in-process vLLM engine installs its own SIGTERM handler; take the signals back.
         self.stop = stop.install()
         self.step = 0
@@ -107,15 +107,19 @@ class Trainer:
             with timer.phase("train"):
                 result, train_tokens = self._paired_update(rollouts)
             with timer.phase("weight_sync"):
-                sync = self._sync_weights() if not result.skipped else None
+                sync = self._sync_weights() if not result.skipped or self.fleet.needs_weights else {}
             evaluation = self._evaluate(timer) if eval_due(self.cfg.eval, self.step) else {}
         self._check_nonfinite(result)
         values = step_scalars(
-            result, rollouts, timer, train_tokens=train_tokens, data_skipped=self.prompts.skipped()
+            result,
+            self._rollout_totals(rollouts),
+            timer,
+            train_tokens=train_tokens,
+            data_skipped=self.prompts.skipped(),
+            engines=self.fleet.layout.num_engines,
         )
         values.update(evaluation)
-        if sync is not None:
-            values["perf/weight_sync_gb"] = sync.bytes / 1e9
+        values.update(sync)
         if self.step == 1 or (
             self.cfg.logging.text_sample_interval and self.step % self.cfg.logging.text_sample_interval == 0
         ):
@@ -123,23 +127,31 @@ class Trainer:
         return values
 
     def _rollouts(self, prompts: list) -> list:
-        """Rank 0 samples; every rank receives the same rollouts."""
-        from megaopsd.rollout.engine import generate_rollouts
+        """The rollouts this rank's data-parallel replica trains on (the engines split the prompts)."""
         from megaopsd.rollout.types import SamplingSettings
 
-        holder: list[Any] = [None]
-        if self.runtime.is_main:
-            sampling = SamplingSettings.from_config(self.cfg.rollout)
-            holder[0] = generate_rollouts(self.engine, prompts, sampling, step=self.step)
-        if self.runtime.world_size > 1:
-            dist.broadcast_object_list(holder, src=0)
-        return holder[0]
+        sampling = SamplingSettings.from_config(self.cfg.rollout)
+        return self.fleet.rollouts(prompts, sampling, step=self.step)
+
+    def _rollout_totals(self, rollouts: list) -> tuple[float, float, float]:
+        """Response tokens, rollouts and truncated rollouts, summed over the data-parallel replicas."""
+        counts = torch.tensor(
+            [
+                float(sum(len(r.response_ids) for r in rollouts)),
+                float(len(rollouts)),
+                float(sum(r.finish_reason == "length" for r in rollouts)),
+            ],
+            dtype=torch.float64,
+            device=collective_device(),
+        )
+        dist.all_reduce(counts, group=self.parallel.dp_group)
+        length_sum, count, truncated = (float(v) for v in counts)
+        return length_sum, count, truncated
 
     def _paired_update(self, rollouts: list) -> tuple[StepResult, int]:
         par, tr = self.parallel, self.cfg.trainer
-        mine = rollouts[par.dp_rank :: par.dp_size]
         microbatches = build_microbatches(
-            mine,
+            rollouts,
             max_tokens=tr.microbatch_tokens,
             pad_id=self.pad_id,
             pad_multiple=par.tp_size if par.sequence_parallel else 1,
@@ -178,51 +190,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ engine and weights
 
-    def _start_engine(self):
-        from megaopsd.rollout.types import EngineSettings
-        from megaopsd.rollout.vllm_engine import VllmEngine
+    def _start_engines(self):
+        from megaopsd.config import rollout_placement
+        from megaopsd.rollout.fleet import start_fleet
 
         ro = self.cfg.rollout
-        in_process = ro.in_process if ro.in_process is not None else self.runtime.world_size == 1
-        settings = EngineSettings.from_config(
-            self.cfg.model.hf_path,
-            ro,
-            dtype=ro.dtype or self.cfg.model.dtype,
-            in_process=in_process,
-            enforce_eager=True,
-            weight_transport=ro.weight_transport,
-            weight_bucket_bytes=ro.weight_bucket_mb * MIB,
-            weight_sync_dir=ro.weight_sync_dir,
-        )
-        self._say(f"starting the rollout engine ({'in-process' if in_process else 'own process'})")
-        # The engine's processes must survive a preemption notice (USR1). SIGTERM stays theirs:
-        # vLLM's own shutdown terminates them with it.
-        with stop_signals_blocked([signal.SIGUSR1]):
-            return VllmEngine(settings)
+        placement = rollout_placement(ro, self.runtime.world_size)
+        engines = self.runtime.world_size // ro.tensor_parallel_size if placement == "colocated" else 1
+        self._say(f"starting {engines} rollout engine(s), placement {placement}")
+        return start_fleet(self.cfg, self.runtime)
 
-    def _sync_weights(self):
-        """Stream the student's HF weights through the export mapping into the engine."""
-        from megaopsd.convert import export_hf_weights
+    def _sync_weights(self) -> dict[str, float]:
+        """Refit every engine from the student's own shards, in memory (``rollout/refit.py``)."""
+        from megaopsd.convert import export_plan
+        from megaopsd.rollout.refit import refit
 
         modules = [unwrap_chunk(c) for c in self.student.chunks]
-        weights = export_hf_weights(modules, self.spec, self.parallel, dst_ranks=(0,))
-        if not self.runtime.is_main:
-            for _ in weights:  # take part in the gathers and sends
-                pass
-            return None
-        return self.engine.update_weights(weights)
+        if self.export_plan is None:
+            tied = bool(self.spec.tie_word_embeddings)
+            self.export_plan = export_plan(modules, self.spec, self.parallel, include_tied_lm_head=tied)
+        return refit(self.fleet, modules, self.spec, self.parallel, self.export_plan)
 
     # ------------------------------------------------------------------ evaluation and checkpoints
 
     def _evaluate(self, timer: PhaseTimer) -> dict[str, float]:
-        """``eval/<benchmark>/...`` through the live engine (rank 0); the others wait for it."""
-        values: dict[str, float] = {}
+        """``eval/<benchmark>/...`` through all engines; every rank grades the same samples."""
         with timer.phase("eval"):
-            if self.runtime.is_main:
-                values = self.evaluator.evaluate(self.engine, self.tokenizer)
-            if self.runtime.world_size > 1:
-                dist.barrier()
-        return values
+            return self.evaluator.evaluate(self.fleet, self.tokenizer)
 
     def _resume(self) -> bool:
         """Continue from the latest checkpoint if there is one; whether it did."""
@@ -268,9 +262,9 @@ class Trainer:
         if self.evaluator is not None:
             self.evaluator.close()
             self.evaluator = None
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        if self.fleet is not None:
+            self.fleet.close()
+            self.fleet = None
         release_save_workers()
 
 

@@ -40,7 +40,8 @@ class PairedForward:
     loss_fn: LossFn
     sequence_parallel_size: int = 1  # TP size when sequence parallel is on, else 1
     # When set, microbatches carrying the engine's logprobs also report the mismatch
-    # sum |engine logprob - student logprob| over loss tokens (``logprob_abs_diff_sum``).
+    # sum |engine logprob - student logprob| over loss tokens (``logprob_abs_diff_sum``) and
+    # its per-token maximum (``logprob_abs_diff_max``).
     logprob_fn: LogprobFn | None = None
 
     def _chunk_index(self, model: torch.nn.Module) -> int:
@@ -88,6 +89,7 @@ class PairedForward:
             student_logp = self.logprob_fn(student_NV.detach(), mb.target_ids_T)
             diff = logprob_abs_diff_tokens(mb.engine_logprobs_T, student_logp, mb.loss_mask_T)
             reported["logprob_abs_diff_sum"] = diff.sum()
+            reported["logprob_abs_diff_max"] = diff.max()
         return loss_sum, num_tokens, reported
 
 

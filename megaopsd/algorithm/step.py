@@ -30,27 +30,35 @@ class StepResult:
     lr: float
     num_tokens: int  # loss tokens in the global batch
     skipped: bool  # the optimizer skipped the update (non-finite gradients)
-    metrics: dict[str, float]  # other token means reported by the loss (divergence, entropies, ...)
+    metrics: dict[
+        str, float
+    ]  # other token means reported by the loss (divergence, entropies, ...); *_max: maxima
 
 
 def _reduce_metrics(outputs: list[dict[str, torch.Tensor]], parallel: ParallelState) -> dict[str, float]:
     """Sum per-microbatch metric sums over microbatches and DP ranks, on every pipeline stage.
 
-    Only the last stage has loss outputs; it tells the other stages the metric names first.
+    Metrics named ``*_max`` are maxima instead (reduced with max). Only the last stage has loss
+    outputs; it tells the other stages the metric names first.
     """
     names = [sorted(outputs[0]) if outputs else []]
     if parallel.pp_size > 1:
         last = dist.get_global_rank(parallel.pp_group, parallel.pp_size - 1)
         dist.broadcast_object_list(names, src=last, group=parallel.pp_group)
     names = names[0]
+    is_max = torch.tensor([name.endswith("_max") for name in names], device=collective_device())
     sums = torch.zeros(len(names), dtype=torch.float64, device=collective_device())
     for out in outputs:
         for i, name in enumerate(names):
-            sums[i] += out[name].double()
+            value = out[name].double()
+            sums[i] = torch.maximum(sums[i], value) if is_max[i] else sums[i] + value
     if parallel.pp_size > 1:
         dist.broadcast(sums, src=last, group=parallel.pp_group)
+    maxima = sums.clone()
     dist.all_reduce(sums, group=parallel.dp_group)
-    return {name: float(sums[i]) for i, name in enumerate(names)}
+    dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=parallel.dp_group)
+    reduced = torch.where(is_max, maxima, sums)
+    return {name: float(reduced[i]) for i, name in enumerate(names)}
 
 
 def forward_backward(
@@ -153,5 +161,7 @@ def train_step(
         lr=lr,
         num_tokens=num_tokens,
         skipped=not ok,
-        metrics={name: value / denominator for name, value in sums.items()},
+        metrics={
+            name: value if name.endswith("_max") else value / denominator for name, value in sums.items()
+        },
     )

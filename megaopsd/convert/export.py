@@ -131,6 +131,13 @@ def export_plan(
     return ExportPlan(tuple(items))
 
 
+@dataclasses.dataclass
+class ExportMeter:
+    """Bytes an export allocates on this rank for one parameter at a time (TP gathers), at peak."""
+
+    gather_peak_bytes: int = 0
+
+
 def _gather_full(ref: ParamRef, parallel: ParallelState, is_owner: bool) -> torch.Tensor | None:
     """The TP-gathered Megatron tensor of ``ref`` on the owner (TP rank 0); None elsewhere.
 
@@ -151,10 +158,11 @@ def export_hf_weights(
     spec: HFModelSpec,
     parallel: ParallelState,
     *,
-    dst_ranks: Sequence[int] = (0,),
+    dst_ranks: Sequence[int] | None = (0,),
     include_tied_lm_head: bool = False,
     dtype: torch.dtype | None = None,
     plan: ExportPlan | None = None,
+    meter: ExportMeter | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream the model's Hugging Face tensors to ``dst_ranks``.
 
@@ -165,10 +173,12 @@ def export_hf_weights(
         chunks: this rank's GPTModel chunks (any TP/PP/VPP layout).
         spec: the model's HF config.
         parallel: this rank's layout.
-        dst_ranks: global ranks that receive the tensors.
+        dst_ranks: global ranks that receive the tensors; None: every rank, each tensor
+            broadcast from the rank that owns it (colocated engines: one per rank or TP group).
         include_tied_lm_head: see ``export_plan``.
         dtype: see ``export_plan``.
         plan: a plan from ``export_plan`` with the same options (computed here when None).
+        meter: records the largest TP gather this rank made (bytes).
 
     Yields:
         ``(hf_name, tensor)`` on destination ranks, in ``plan`` order; tensors are full
@@ -182,22 +192,34 @@ def export_hf_weights(
     # Look parameters up in the superset (tied lm_head included); the plan decides what is sent.
     refs = {ref.key: ref for ref in local_params(chunks, mapping_for(spec), spec, include_tied_lm_head=True)}
     device = next(iter(chunks[0].parameters())).device
+    broadcast = dst_ranks is None
     for item in plan.items:
         tensors: list[torch.Tensor] | None = None
         if me in item.producers:
             full = _gather_full(refs[item.key], parallel, is_owner=me == item.owner)
             if me == item.owner:
-                tensors = [t.to(item.dtype) for t in refs[item.key].rule.layout.to_hf(full, geo)]
-                for dst in dst_ranks:
-                    if dst != me:
-                        for tensor in tensors:
-                            dist.send(tensor.contiguous(), dst)
-        if me not in dst_ranks:
+                if meter is not None and full is not None and parallel.tp_size > 1:
+                    size = full.numel() * full.element_size() * 2  # the shards and their concatenation
+                    meter.gather_peak_bytes = max(meter.gather_peak_bytes, size)
+                tensors = [t.to(item.dtype).contiguous() for t in refs[item.key].rule.layout.to_hf(full, geo)]
+                del full
+                if broadcast:
+                    for tensor in tensors:
+                        dist.broadcast(tensor, item.owner)
+                else:
+                    for dst in dst_ranks:
+                        if dst != me:
+                            for tensor in tensors:
+                                dist.send(tensor, dst)
+        if not broadcast and me not in dst_ranks:
             continue
         if me != item.owner:
             tensors = []
             for shape in item.shapes:
                 buffer = torch.empty(shape, dtype=item.dtype, device=device)
-                dist.recv(buffer, item.owner)
+                if broadcast:
+                    dist.broadcast(buffer, item.owner)
+                else:
+                    dist.recv(buffer, item.owner)
                 tensors.append(buffer)
         yield from zip(item.hf_names, tensors)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 class InTrainingEvaluator:
-    """The loaded benchmarks and a long-lived grader (rank 0 only)."""
+    """The loaded benchmarks and a long-lived grader (on every rank: the engines generate together)."""
 
     def __init__(self, cfg: EvalConfig, benchmarks: Sequence[Benchmark], grader: Grader):
         self.cfg, self.benchmarks, self.grader = cfg, list(benchmarks), grader

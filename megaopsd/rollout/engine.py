@@ -41,6 +41,17 @@ class RolloutEngine(Protocol):
         """Load ``(hf_name, full_tensor)`` pairs (fused members adjacent) and drop stale caches."""
         ...
 
+    def sleep(self, level: int) -> None:
+        """Free GPU memory while the trainer trains: the KV cache (1), the weights too (2).
+
+        A no-op where the engine cannot sleep (CPU).
+        """
+        ...
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Take back what ``sleep`` freed: ``["weights"]``, ``["kv_cache"]`` or everything (None)."""
+        ...
+
     def close(self) -> None:
         """Release the engine (processes, memory)."""
         ...
@@ -57,7 +68,8 @@ def generate_rollouts(
     """Sample ``sampling.n`` responses for each prompt pair's student prompt.
 
     Returns:
-        Rollouts ordered prompt-major (all samples of prompt 0, then prompt 1, ...).
+        Rollouts ordered prompt-major (all samples of prompt 0, then prompt 1, ...); their
+        ``prompt_index`` is global (``first_prompt_index`` + position in ``prompts``).
     """
     completions = engine.generate(
         [pair.student_prompt_ids for pair in prompts],
@@ -66,11 +78,11 @@ def generate_rollouts(
         first_prompt_index=first_prompt_index,
     )
     rollouts = []
-    for prompt_index, (pair, samples) in enumerate(zip(prompts, completions, strict=True)):
+    for offset, (pair, samples) in enumerate(zip(prompts, completions, strict=True)):
         for sample_index, completion in enumerate(samples):
             rollouts.append(
                 Rollout(
-                    prompt_index=prompt_index,
+                    prompt_index=first_prompt_index + offset,
                     sample_index=sample_index,
                     example_id=pair.example_id,
                     student_prompt_ids=pair.student_prompt_ids,

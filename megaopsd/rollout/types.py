@@ -84,6 +84,15 @@ class EngineSettings:
         weight_bucket_bytes: target bytes per weight-sync bucket (a fused module is never split).
         weight_sync_dir: where the directory transport writes; ``None`` uses /dev/shm when it
             exists, else the system temp directory.
+        tensor_parallel_size: the engine's TP size (ranks of a torchrun job with
+            ``external_launcher``).
+        external_launcher: this process is one worker of an engine spread over the trainer's
+            own processes (vLLM's ``external_launcher``: built on every rank after
+            torch.distributed exists; all ranks of one engine submit the same requests).
+        enable_sleep_mode: let ``sleep``/``wake_up`` free and restore GPU memory (CUDA only;
+            vLLM refuses it on CPU).
+        gpu_memory_utilization: the engine's share of the GPU (CUDA); ``None`` sizes the KV cache
+            by ``kv_cache_bytes`` instead (CPU).
     """
 
     model_path: str
@@ -97,11 +106,19 @@ class EngineSettings:
     weight_transport: str = "auto"
     weight_bucket_bytes: int = 512 * MIB
     weight_sync_dir: str | None = None
+    tensor_parallel_size: int = 1
+    external_launcher: bool = False
+    enable_sleep_mode: bool = False
+    gpu_memory_utilization: float | None = None
 
     def __post_init__(self) -> None:
         check_choice("weight_transport", self.weight_transport, WEIGHT_TRANSPORTS)
         if self.weight_transport == "memory" and not self.in_process:
             raise ValueError("weight_transport=memory needs in_process=True; use directory (or auto)")
+        if self.external_launcher and not self.in_process:
+            raise ValueError("external_launcher engines run in the trainer's process; set in_process=True")
+        if self.tensor_parallel_size > 1 and not self.external_launcher:
+            raise ValueError("tensor_parallel_size > 1 needs external_launcher=True (colocated engines)")
 
     @classmethod
     def from_config(cls, model_path: str, cfg: RolloutConfig, **overrides: object) -> EngineSettings:
@@ -137,7 +154,7 @@ class Rollout:
     """One student response with everything the trainer needs to score it in both roles.
 
     Attributes:
-        prompt_index: the prompt's position in this step's batch.
+        prompt_index: the prompt's position in this step's batch (global over all engines).
         sample_index: which of the ``n`` responses to that prompt (0-based).
         example_id: where the problem came from (``file:line``), for logs.
         student_prompt_ids: the exact ids vLLM generated from (built once by the prompt builder).

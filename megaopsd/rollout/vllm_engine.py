@@ -8,10 +8,12 @@ before temperature/top-k/top-p, for the sampled token (``SamplingParams(logprobs
 are what the trainer's student logprobs of the same tokens should equal, whatever the
 sampling settings (the ``rollout/logprob_abs_diff`` metric).
 
-Engine modes (see docs/vllm-engine.md):
+Engine modes (see docs/vllm-engine.md; colocated engines: docs/rollout.md):
 
-- ``in_process=True``: the engine core runs in this process (2-7 s start). Not usable under
-  torchrun with several ranks (it hangs at init). Weights travel in memory.
+- ``in_process=True``: the engine core runs in this process (2-7 s start). Weights travel in
+  memory. A plain in-process engine hangs at init under torchrun with several ranks; there use
+- ``external_launcher=True``: every trainer rank builds a worker of an engine of
+  ``tensor_parallel_size`` ranks, after the trainer's process group exists (colocated rollouts).
 - ``in_process=False``: vLLM's multiprocess engine (~20 s start); weights travel through
   safetensors files (tensors cannot cross its RPC).
 """
@@ -78,16 +80,30 @@ class VllmEngine:
         with _engine_mode_env(settings.in_process):
             from vllm import LLM
 
+            memory: dict[str, Any] = (
+                {"gpu_memory_utilization": settings.gpu_memory_utilization}
+                if settings.gpu_memory_utilization is not None
+                else {"kv_cache_memory_bytes": settings.kv_cache_bytes}
+            )
+            placement: dict[str, Any] = {}
+            if settings.external_launcher:
+                placement = {
+                    "distributed_executor_backend": "external_launcher",
+                    "tensor_parallel_size": settings.tensor_parallel_size,
+                }
+            if settings.enable_sleep_mode:
+                placement["enable_sleep_mode"] = True
             self.llm = LLM(
                 model=settings.model_path,
                 tokenizer=settings.tokenizer_path or settings.model_path,
                 dtype=settings.dtype,
                 max_model_len=settings.max_model_len,
-                kv_cache_memory_bytes=settings.kv_cache_bytes,
                 enforce_eager=settings.enforce_eager,
                 seed=settings.seed,
                 logprobs_mode="raw_logprobs",
                 use_tqdm_on_load=False,
+                **memory,
+                **placement,
             )
         self.eos_token_id: int = self.llm.get_tokenizer().eos_token_id
         hf_config = self.llm.llm_engine.model_config.hf_config
@@ -167,6 +183,16 @@ class VllmEngine:
             bucket_bytes=self.settings.weight_bucket_bytes,
             tie_word_embeddings=self.tie_word_embeddings,
         )
+
+    def sleep(self, level: int) -> None:
+        """Free the KV cache (level 1) or the weights too (level 2); a no-op without sleep mode."""
+        if self.settings.enable_sleep_mode:
+            self.llm.sleep(level=level)
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Restore ``tags`` (``weights``, ``kv_cache``; None: all); a no-op without sleep mode."""
+        if self.settings.enable_sleep_mode:
+            self.llm.wake_up(tags=None if tags is None else list(tags))
 
     def close(self) -> None:
         """Shut the engine down (its processes, KV cache) and remove transfer files.

@@ -267,6 +267,8 @@ class WeightSyncStats:
         bytes: tensor bytes sent (a tied lm_head counted again).
         tensors: tensors sent.
         buckets: buckets sent.
+        max_bucket_bytes: the largest bucket: what this rank holds beyond its parameters while
+            the engine loads it (the export's TP gather comes on top, see the trainer).
     """
 
     transport: str
@@ -274,6 +276,7 @@ class WeightSyncStats:
     bytes: int
     tensors: int
     buckets: int
+    max_bucket_bytes: int = 0
 
     @property
     def gbps(self) -> float:
@@ -300,13 +303,15 @@ def sync_weights(
     Returns:
         Seconds, bytes, tensor and bucket counts of this sync.
     """
-    counts = {"bytes": 0, "tensors": 0, "buckets": 0}
+    counts = {"bytes": 0, "tensors": 0, "buckets": 0, "max_bucket_bytes": 0}
 
     def counted() -> Iterator[list[WeightPair]]:
         for bucket in iter_buckets(
             weights, bucket_bytes=bucket_bytes, tie_word_embeddings=tie_word_embeddings
         ):
-            counts["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
+            size = sum(t.numel() * t.element_size() for _, t in bucket)
+            counts["bytes"] += size
+            counts["max_bucket_bytes"] = max(counts["max_bucket_bytes"], size)
             counts["tensors"] += len(bucket)
             counts["buckets"] += 1
             yield bucket

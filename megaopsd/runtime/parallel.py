@@ -38,6 +38,7 @@ class ParallelState:
     tp_group: dist.ProcessGroup
     pp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
+    mp_group: dist.ProcessGroup | None = None  # the TP x PP ranks of this data-parallel replica
 
     @property
     def is_first_stage(self) -> bool:
@@ -76,6 +77,7 @@ def initialize_parallel_state(cfg: ParallelConfig, *, seed: int, gloo_side_group
         tp_group=mps.get_tensor_model_parallel_group(),
         pp_group=mps.get_pipeline_model_parallel_group(),
         dp_group=mps.get_data_parallel_group(),
+        mp_group=mps.get_model_parallel_group(),
     )
 
 

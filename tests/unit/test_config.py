@@ -85,7 +85,27 @@ INVALID = [
     (["model.hf_path=/nonexistent/model"], 1, ["model.hf_path='/nonexistent/model'", "no config.json"]),
     (["trainer.prompts_per_step=3"], 2, ["3 rollouts do not split evenly over 2 data-parallel replicas"]),
     (["checkpoint.save_interval=0"], 1, ["checkpoint.save_interval=0", ">= 1"]),
-    (["rollout.in_process=true"], 2, ["rollout.in_process=True", "hangs"]),
+    (["rollout.in_process=true", "++rollout.placement=rank0"], 2, ["rollout.in_process=True", "hangs"]),
+    (["++rollout.placement=everywhere"], 2, ["rollout.placement='everywhere'", "colocated, rank0"]),
+    (["++rollout.tensor_parallel_size=3"], 2, ["rollout.tensor_parallel_size=3", "world size 2"]),
+    (
+        ["++rollout.tensor_parallel_size=3", "trainer.prompts_per_step=3"],
+        3,
+        ["rollout.tensor_parallel_size=3", "num_attention_heads=4"],
+    ),
+    (
+        ["++rollout.tensor_parallel_size=2", "++rollout.placement=rank0"],
+        2,
+        ["rollout.tensor_parallel_size=2", "placement=colocated"],
+    ),
+    (
+        ["trainer.prompts_per_step=6", "parallel.tensor_model_parallel_size=2"],
+        4,
+        ["prompts_per_step=6", "4 colocated engines"],
+    ),
+    (["rollout.weight_transport=directory"], 2, ["rollout.weight_transport='directory'", "placement=rank0"]),
+    (["++rollout.sleep_level=3"], 1, ["rollout.sleep_level=3"]),
+    (["++rollout.gpu_memory_utilization=0"], 1, ["rollout.gpu_memory_utilization=0.0"]),
     (["loss.kind=pg", "loss.clip=2.0"], 1, ["loss.clip=2.0", "not defined for loss.kind=pg"]),
     (["rollout.max_new_tokens=4000"], 1, ["rollout.max_model_len=4096", "rollout.max_new_tokens=4000"]),
 ]

