@@ -72,7 +72,7 @@ def _sharded_state(student: TrainableStudent, teacher: Teacher, *, is_loading: b
     state["optimizer"] = student.optimizer.sharded_state_dict(
         state, is_loading=is_loading, metadata=SHARDING_METADATA
     )
-    if teacher.mode != "current":
+    if teacher.holds_weights:
         for index in range(len(student.chunks)):
             state[f"teacher{index}"] = teacher.chunk(index).sharded_state_dict(prefix="teacher.")
     state["scheduler"] = student.scheduler.state_dict()
@@ -246,7 +246,7 @@ def load_checkpoint(
     with _distributed_optimizer_load_fixes(student):
         student.optimizer.load_state_dict(loaded["optimizer"])
     student.scheduler.load_state_dict(loaded["scheduler"])
-    if teacher.mode != "current":
+    if teacher.holds_weights:
         for index in range(len(student.chunks)):
             teacher.load_chunk_state(index, loaded[f"teacher{index}"])
     body = json.loads((path / STATE_FILE).read_text())

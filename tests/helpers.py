@@ -45,6 +45,7 @@ def paired_setup(
     mode: str = "fixed",
     decay: float = 0.9,
     lr: float = 1e-3,
+    lora: dict | None = None,
 ):
     """Start the runtime and build the components for the tiny model: JSD(0.5) at temperature 1.1.
 
@@ -53,6 +54,7 @@ def paired_setup(
     from megaopsd.components import build_components
     from megaopsd.config import (
         Config,
+        LoraConfig,
         LossConfig,
         ModelConfig,
         ParallelConfig,
@@ -71,6 +73,7 @@ def paired_setup(
         teacher=TeacherConfig(mode=mode, ema_decay=decay),
         trainer=TrainerConfig(lr=lr, max_steps=100, clip_grad=1.0),
         loss=LossConfig(kind="jsd", beta=0.5, temperature=1.1),
+        lora=LoraConfig(**(lora or {})),
     )
     runtime = Runtime.start(cfg.parallel, cfg.runtime)
     return runtime, build_components(cfg, runtime)
