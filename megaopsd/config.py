@@ -33,6 +33,8 @@ TransformerImpl = Literal["local", "transformer_engine"]
 LrSchedule = Literal["constant", "cosine"]
 Placement = Literal["colocated", "rank0"]
 LoraInit = Literal["kaiming", "gaussian"]
+RecomputeGranularity = Literal["selective", "full"]
+RecomputeMethod = Literal["uniform", "block"]
 
 LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
 TEACHER_MODES: tuple[str, ...] = typing.get_args(TeacherMode)
@@ -54,6 +56,14 @@ class ModelConfig:
     dtype: DType = "float32"  # parameter dtype; bfloat16 uses Megatron mixed precision
     make_vocab_size_divisible_by: int = 128  # Megatron pads the vocabulary to a multiple of this x TP
     transformer_impl: TransformerImpl = "local"  # local | transformer_engine (GPU, needs TE installed)
+    # Activation recompute: null (keep activations) | selective (attention core) | full (whole
+    # layers, recomputed in backward). full: recompute_num_layers layers per group (uniform) or
+    # the first recompute_num_layers layers of each stage (block).
+    recompute_granularity: RecomputeGranularity | None = None
+    recompute_method: RecomputeMethod = "uniform"
+    recompute_num_layers: int = 1
+    # Further megatron TransformerConfig fields, applied last (e.g. {cross_entropy_loss_fusion: true}).
+    transformer_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,6 +73,8 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: int | None = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False  # DP gradient reduce-scatter/all-reduce overlapped with backward
+    overlap_param_gather: bool = False  # distributed optimizer: parameter all-gather in bucket order
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,6 +84,8 @@ class RuntimeConfig:
     cpu_threads: int = 1  # torch intra-op threads per rank on CPU; 0 keeps torch's default
     seed: int = 1234
     distributed_timeout_minutes: int = 30
+    # Dense peak TFLOP/s of one GPU for perf/mfu; None: known H100/H200 figures for model.dtype.
+    device_peak_tflops: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -239,6 +253,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"config: {where}={value!r} has the wrong type; expected {annotation}")
+    if origin is dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config: {where}={value!r} must be a mapping with string keys")
+        return dict(value)
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
@@ -405,12 +423,27 @@ def _validate_parallel(cfg: Config, world_size: int, spec: HFModelSpec) -> None:
             f"x virtual stages {vpp or 1} does not divide num_hidden_layers={spec.num_layers}",
             "pick PP (and VPP) so every stage gets the same number of layers",
         )
+    chunk_layers = spec.num_layers // (pp * (vpp or 1))
+    if cfg.model.recompute_granularity == "full" and cfg.model.recompute_num_layers > chunk_layers:
+        _fail(
+            "model.recompute_num_layers",
+            cfg.model.recompute_num_layers,
+            f"exceeds the {chunk_layers} layers of a pipeline chunk",
+            f"use 1..{chunk_layers}",
+        )
     if vpp is not None and (vpp < 2 or pp < 2):
         _fail(
             "parallel.virtual_pipeline_model_parallel_size",
             vpp,
             "needs pipeline_model_parallel_size >= 2 and a value >= 2",
             "set it to null or raise PP",
+        )
+    if par.overlap_param_gather and not par.use_distributed_optimizer:
+        _fail(
+            "parallel.overlap_param_gather",
+            True,
+            "needs the distributed optimizer",
+            "set parallel.use_distributed_optimizer=true or overlap_param_gather=false",
         )
     if par.sequence_parallel and tp == 1:
         _fail(
@@ -608,6 +641,20 @@ def _validate_lengths_and_eval(cfg: Config) -> None:
         )
 
 
+def _validate_recompute(model: ModelConfig) -> None:
+    if model.recompute_num_layers < 1:
+        _fail("model.recompute_num_layers", model.recompute_num_layers, "must be >= 1", "use e.g. 1")
+    recompute_keys = {"recompute_granularity", "recompute_method", "recompute_num_layers"}
+    clash = sorted(recompute_keys & set(model.transformer_overrides))
+    if clash:
+        _fail(
+            f"model.transformer_overrides.{clash[0]}",
+            model.transformer_overrides[clash[0]],
+            "duplicates a model field",
+            f"set model.{clash[0]} instead",
+        )
+
+
 def _validate_training(cfg: Config) -> None:
     tr, model, runtime = cfg.trainer, cfg.model, cfg.runtime
     if tr.max_steps < 1:
@@ -624,6 +671,14 @@ def _validate_training(cfg: Config) -> None:
             tr.warmup_steps,
             f"must be in [0, trainer.max_steps={tr.max_steps}]",
             "shorten the warmup",
+        )
+    _validate_recompute(model)
+    if runtime.device_peak_tflops is not None and runtime.device_peak_tflops <= 0:
+        _fail(
+            "runtime.device_peak_tflops",
+            runtime.device_peak_tflops,
+            "must be > 0",
+            "set the GPU's dense peak TFLOP/s, or null for the known H100/H200 figures",
         )
     if tr.microbatch_tokens < 2:
         _fail("trainer.microbatch_tokens", tr.microbatch_tokens, "must be >= 2", "use e.g. 8192")

@@ -25,6 +25,7 @@ from megaopsd.checkpoint_manager import CheckpointManager
 from megaopsd.components import build_components
 from megaopsd.config import Config
 from megaopsd.eval.in_training import InTrainingEvaluator, eval_due
+from megaopsd.flops import utilisation_scalars
 from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line, step_scalars
 from megaopsd.models.builder import unwrap_chunk
 from megaopsd.runtime.distributed import collective_device
@@ -120,6 +121,18 @@ class Trainer:
         )
         values.update(evaluation)
         values.update(sync)
+        utilisation = utilisation_scalars(
+            self.spec,
+            rollouts,
+            timer.seconds["train"],
+            device=self.runtime.device,
+            dtype=self.cfg.model.dtype,
+            peak_tflops_configured=self.cfg.runtime.device_peak_tflops,
+            world_size=self.runtime.world_size,
+        )
+        # ``rollouts`` is this replica's share (the engines split the prompts); the replicas hold
+        # equal shares, so all ranks together do dp_size times its FLOPs.
+        values.update({k: v * self.parallel.dp_size for k, v in utilisation.items()})
         if self.step == 1 or (
             self.cfg.logging.text_sample_interval and self.step % self.cfg.logging.text_sample_interval == 0
         ):
@@ -148,7 +161,9 @@ class Trainer:
         length_sum, count, truncated = (float(v) for v in counts)
         return length_sum, count, truncated
 
-    def _paired_update(self, rollouts: list) -> tuple[StepResult, int]:
+    def _paired_update(self, rollouts: list) -> tuple[StepResult, dict[str, float]]:
+        """One optimizer step on this replica's share; returns the result and the global
+        (real, padded) token counts the two streams fed through the model."""
         par, tr = self.parallel, self.cfg.trainer
         microbatches = build_microbatches(
             rollouts,
@@ -167,11 +182,15 @@ class Trainer:
             logprob_fn=self.logprob_fn,
         )
         tokens = torch.tensor(
-            float(sum(mb.batch_size * (mb.student_len + mb.teacher_len) for mb in microbatches)),
+            [
+                float(sum(mb.real_tokens for mb in microbatches)),
+                float(sum(mb.padded_tokens for mb in microbatches)),
+            ],
+            dtype=torch.float64,
             device=collective_device(),
         )
         dist.all_reduce(tokens, group=par.dp_group)
-        return result, int(tokens)
+        return result, {"real": float(tokens[0]), "padded": float(tokens[1])}
 
     def _check_nonfinite(self, result: StepResult) -> None:
         if not result.skipped:

@@ -42,6 +42,7 @@ def paired_setup(
     pp: int,
     *,
     sp: bool = False,
+    vpp: int | None = None,
     mode: str = "fixed",
     decay: float = 0.9,
     lr: float = 1e-3,
@@ -67,7 +68,10 @@ def paired_setup(
     cfg = Config(
         model=ModelConfig(hf_path=hf_dir),
         parallel=ParallelConfig(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp,
+            sequence_parallel=sp,
         ),
         runtime=RuntimeConfig(seed=7),
         teacher=TeacherConfig(mode=mode, ema_decay=decay),
@@ -86,7 +90,8 @@ def my_microbatches(runtime, budget: int):
     par = runtime.parallel
     mine = fixed_rollouts()[par.dp_rank :: par.dp_size]
     pad = par.tp_size if par.sequence_parallel else 1
-    return build_microbatches(mine, max_tokens=budget, pad_id=0, pad_multiple=pad)
+    multiple = par.pp_size if par.vpp_size else 1  # the interleaved schedule's count rule
+    return build_microbatches(mine, max_tokens=budget, pad_id=0, pad_multiple=pad, count_multiple=multiple)
 
 
 def export_full(chunks, spec, runtime, *, grads: bool) -> dict[str, torch.Tensor] | None:

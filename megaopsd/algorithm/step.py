@@ -70,8 +70,12 @@ def forward_backward(
     parallel: ParallelState,
     forward_only: bool = False,
     logprob_fn: LogprobFn | None = None,
+    all_position_logits: bool = False,
 ) -> tuple[dict[str, float], int]:
     """Zero the grads and run every microbatch through one paired schedule.
+
+    ``all_position_logits`` selects the older last-stage path (output layer at every
+    position); the default applies it to the scored rows only, with the same result.
 
     Returns the loss outputs summed over microbatches and DP ranks (same on every rank) and
     the global number of loss tokens. After it, each parameter's ``main_grad`` holds the
@@ -88,6 +92,7 @@ def forward_backward(
         loss_fn=loss_fn,
         sequence_parallel_size=parallel.tp_size if parallel.sequence_parallel else 1,
         logprob_fn=logprob_fn,
+        all_position_logits=all_position_logits,
     )
     num_chunks = len(student.chunks)
     iterators = [iter(microbatches) for _ in range(num_chunks)]
@@ -124,6 +129,15 @@ def _all_finite(student: TrainableStudent, loss_sum: float) -> bool:
     return bool(flag)
 
 
+def _gather_params_now(student: TrainableStudent) -> None:
+    """With ``overlap_param_gather`` the distributed optimizer leaves the updated parameters
+    scattered until the next forward; the teacher update, the rollout refit and checkpoints
+    read them right after the step, so gather them here (synchronously)."""
+    for chunk in student.chunks:
+        if getattr(chunk, "ddp_config", None) is not None and chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 def train_step(
     *,
     student: TrainableStudent,
@@ -151,6 +165,7 @@ def train_step(
     lr = student.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
     if ok:
         ok, grad_norm, _ = student.optimizer.step()
+        _gather_params_now(student)
         if ok:
             student.scheduler.step(increment=1)
             teacher.after_optimizer_step()

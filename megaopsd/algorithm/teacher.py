@@ -124,7 +124,8 @@ def _frozen_copies(student: list[torch.nn.Module], build_chunks: Callable[[], li
 class AdapterView:
     """The student's chunk run with its LoRA adapters in ``mode`` ("off" or "shadow"): no copy.
 
-    Everything but the call (``set_input_tensor``, ``parameters`` ...) is the student chunk's.
+    Everything but the call (``set_input_tensor``, ``parameters``, attribute writes) is the
+    student chunk's.
     """
 
     def __init__(self, module: torch.nn.Module, mode: str):
@@ -141,6 +142,14 @@ class AdapterView:
 
     def __getattr__(self, name: str):
         return getattr(self._module, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        # Flags set on the chunk (e.g. ``post_process`` by models.forward.decoder_hidden) must
+        # reach the module itself.
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._module, name, value)
 
 
 class AdaptersOffTeacher(Teacher):

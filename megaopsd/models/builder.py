@@ -120,6 +120,32 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
+def megatron_overrides(model_cfg: ModelConfig) -> dict[str, Any]:
+    """TransformerConfig fields from the config: activation recompute, then ``transformer_overrides``.
+
+    Raises:
+        ValueError: an override names no TransformerConfig field.
+    """
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    known = {field.name for field in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(set(model_cfg.transformer_overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"model.transformer_overrides.{unknown[0]} is not a megatron TransformerConfig field; "
+            "check the name against megatron/core/transformer/transformer_config.py"
+        )
+    overrides: dict[str, Any] = {}
+    if model_cfg.recompute_granularity is not None:
+        overrides["recompute_granularity"] = model_cfg.recompute_granularity
+        if model_cfg.recompute_granularity == "full":
+            overrides["recompute_method"] = model_cfg.recompute_method
+            overrides["recompute_num_layers"] = model_cfg.recompute_num_layers
+    return overrides | dict(model_cfg.transformer_overrides)
+
+
 def layer_spec(spec: HFModelSpec, transformer_impl: str) -> ModuleSpec:
     """The megatron ``ModuleSpec`` of one decoder layer for ``transformer_impl``."""
     from megatron.core.models.gpt import gpt_layer_specs
@@ -168,7 +194,8 @@ def build_model_chunks(
         spec: the parsed HF config (``load_hf_config``).
         model_cfg: dtype, vocab padding and layer implementation.
         parallel: this rank's layout (``runtime.parallel``); megatron's parallel state must exist.
-        config_overrides: extra TransformerConfig fields (e.g. activation recompute).
+        config_overrides: extra TransformerConfig fields; None takes them from ``model_cfg``
+            (``megatron_overrides``: activation recompute and ``transformer_overrides``).
 
     Returns:
         ``[GPTModel]`` of length ``vpp_size or 1``; chunk ``i`` is built with ``vp_stage=i``.
@@ -176,6 +203,8 @@ def build_model_chunks(
     """
     from megatron.core.models.gpt import GPTModel
 
+    if config_overrides is None:
+        config_overrides = megatron_overrides(model_cfg)
     config = transformer_config(spec, model_cfg, parallel, config_overrides)
     block_spec = layer_spec(spec, model_cfg.transformer_impl)
     _, padded = vocab_sizes(spec, model_cfg, parallel.tp_size)

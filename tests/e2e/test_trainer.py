@@ -38,6 +38,8 @@ TAGS = [
     "perf/train_time_s",
     "perf/weight_sync_time_s",
     "perf/train_tokens_per_s",
+    "perf/padding_fraction",
+    "perf/train_gflops",  # perf/mfu instead on a GPU
 ]
 
 
