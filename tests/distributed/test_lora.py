@@ -26,7 +26,7 @@ def _logits(chunk, mb):
 def identity_worker(hf_dir: str):
     """Single process: logits of the base, of zero-B adapters, of the teacher with non-zero adapters."""
     from megaopsd.algorithm.batch import build_microbatch
-    from megaopsd.algorithm.step import train_step
+    from megaopsd.algorithm.step import forward_backward, train_step
     from megaopsd.models.lora import adapter_mode, adapters_of
 
     runtime, parts = paired_setup(hf_dir, 1, 1, mode="fixed", lr=3e-3, lora=LORA)
@@ -54,6 +54,18 @@ def identity_worker(hf_dir: str):
         losses.append(result.loss)
     trained = _logits(model, mb)
     teacher_after = _logits(teacher.chunk(0), mb)
+    # The schedule's teacher stream is the adapters-off base: its loss equals a two-pass loss
+    # with the base as teacher, and differs from one with the adapters on.
+    sums, tokens = forward_backward(
+        student=student, teacher=teacher, microbatches=[mb], loss_fn=parts.loss_fn, parallel=runtime.parallel
+    )
+    s_rows = model(mb.student_tokens_BL, mb.position_ids(mb.student_tokens_BL), None)
+    s_rows = s_rows.reshape(-1, s_rows.shape[-1])[mb.student_index_T]
+    two_pass = {}
+    for name, t_logits in (("base", teacher_after), ("adapters_on", trained)):
+        t_rows = t_logits.reshape(-1, t_logits.shape[-1])[mb.teacher_index_T]
+        loss = parts.loss_fn(s_rows, t_rows, mb.loss_mask_T, mb.target_ids_T)[0]
+        two_pass[name] = float(loss) / mb.num_loss_tokens
     max_b = max(float(p.abs().max()) for a in adapters for p in a.B.values())
     runtime.shutdown()
     return {
@@ -63,6 +75,8 @@ def identity_worker(hf_dir: str):
         "teacher_after": teacher_after,
         "max_b": max_b,
         "losses": losses,
+        "schedule_loss": sums["loss_sum"] / tokens,
+        "two_pass": two_pass,
         "num_adapters": len(adapters),
         "trainable": sum(p.numel() for p in trainable),
         "all_lora": all(".lora." in n for n, p in model.named_parameters() if p.requires_grad),
@@ -77,6 +91,9 @@ def test_zero_b_is_the_base_and_the_adapters_off_teacher_stays_the_base(tiny_qwe
     assert r["max_b"] > 0 and not torch.allclose(r["trained"], r["base"], atol=1e-4)
     assert torch.equal(r["teacher_after"], r["base"])  # adapters off: the base, exactly
     assert r["losses"][-1] < r["losses"][0]
+    loss, two_pass = r["schedule_loss"], r["two_pass"]
+    assert abs(loss - two_pass["base"]) <= 1e-6 * two_pass["base"], (loss, two_pass)
+    assert abs(loss - two_pass["adapters_on"]) > 1e-3 * two_pass["base"], (loss, two_pass)
     # Only adapters train: DDP's grad buffer and the optimizer hold exactly the adapter elements.
     assert r["all_lora"] and r["num_adapters"] == 4 * 4  # 4 linears x 4 layers
     assert r["buffer_numel"] == r["trainable"] == r["opt_params"]
