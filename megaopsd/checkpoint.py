@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megaopsd.algorithm.optim import TrainableStudent
-from megaopsd.algorithm.teacher import Teacher
+from megaopsd.algorithm.teacher import AdapterEmaTeacher, Teacher
 from megaopsd.runtime.parallel import ParallelState
 from megaopsd.runtime.rng import capture_rng_state, restore_rng_state
 from megaopsd.runtime.signals import stop_signals_blocked
@@ -67,6 +67,9 @@ def _sharded_state(student: TrainableStudent, teacher: Teacher, *, is_loading: b
 
     # The same model layout as tools/convert_checkpoint.py, so export-hf reads trainer checkpoints.
     state: dict[str, Any] = model_sharded_state_dict(student.chunks)
+    if _has_adapters(student):
+        # LoRA: the base comes from model.hf_path (checked by fingerprint), only adapters are saved.
+        state = {key: {k: v for k, v in chunk.items() if ".lora." in k} for key, chunk in state.items()}
     if is_loading:
         _prepare_optimizer_state(student)
     state["optimizer"] = student.optimizer.sharded_state_dict(
@@ -75,8 +78,45 @@ def _sharded_state(student: TrainableStudent, teacher: Teacher, *, is_loading: b
     if teacher.holds_weights:
         for index in range(len(student.chunks)):
             state[f"teacher{index}"] = teacher.chunk(index).sharded_state_dict(prefix="teacher.")
+    if isinstance(teacher, AdapterEmaTeacher):
+        state["teacher_lora"] = teacher.sharded_averages()
     state["scheduler"] = student.scheduler.state_dict()
     return state
+
+
+def _has_adapters(student: TrainableStudent) -> bool:
+    from megaopsd.models.lora import adapters_of
+
+    return bool(adapters_of(student.chunks[:1]))
+
+
+def _load_model(student: TrainableStudent, loaded: dict[str, Any]) -> None:
+    """Model entries into the chunks; with LoRA the adapters only (every one of them)."""
+    from megaopsd.convert.dist_ckpt import load_model_state, model_state_key
+    from megaopsd.models.builder import unwrap_chunk
+
+    if not _has_adapters(student):
+        load_model_state(student.chunks, loaded)
+        return
+    for i, chunk in enumerate(student.chunks):
+        result = unwrap_chunk(chunk).load_state_dict(
+            loaded[model_state_key(i, len(student.chunks))], strict=False
+        )
+        missing = [k for k in result.missing_keys if ".lora." in k]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"the checkpoint's adapters do not match the model (missing {missing[:3]}, unexpected "
+                f"{result.unexpected_keys[:3]}); resume with the lora.* settings the run was started with"
+            )
+
+
+def _check_fingerprint(path: Path, expected: str | None) -> None:
+    saved = json.loads((path / STATE_FILE).read_text()).get("base_fingerprint")
+    if saved is not None and expected is not None and saved != expected:
+        raise RuntimeError(
+            f"{path} holds LoRA adapters trained on a different base model (fingerprint {saved}, "
+            f"model.hf_path has {expected}); point model.hf_path at the run's base model"
+        )
 
 
 def _prepare_optimizer_state(student: TrainableStudent) -> None:
@@ -234,21 +274,23 @@ def load_checkpoint(
     student: TrainableStudent,
     teacher: Teacher,
     parallel: ParallelState,
+    base_fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler, teacher and RNG from ``path``; return trainer state."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    from megaopsd.convert.dist_ckpt import load_model_state
-
+    _check_fingerprint(path, base_fingerprint)
     loaded = dist_checkpointing.load(_sharded_state(student, teacher, is_loading=True), str(path))
-    load_model_state(student.chunks, loaded)
+    _load_model(student, loaded)
     with _distributed_optimizer_load_fixes(student):
         student.optimizer.load_state_dict(loaded["optimizer"])
     student.scheduler.load_state_dict(loaded["scheduler"])
     if teacher.holds_weights:
         for index in range(len(student.chunks)):
             teacher.load_chunk_state(index, loaded[f"teacher{index}"])
+    if isinstance(teacher, AdapterEmaTeacher):
+        teacher.load_averages(loaded["teacher_lora"])
     body = json.loads((path / STATE_FILE).read_text())
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if (

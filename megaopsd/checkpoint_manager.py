@@ -39,6 +39,19 @@ class CheckpointManager:
         self.hf_path = cfg.model.hf_path
         self.student, self.teacher = student, teacher
         self.saved_step: int | None = None  # the newest step known to be on disk
+        # LoRA checkpoints hold adapters only: the base they were trained on is checked on resume.
+        self.base_fingerprint = None
+        self.lora_state: dict[str, Any] = {}
+        if cfg.lora.enabled:
+            from megaopsd.models.lora import base_fingerprint
+
+            self.base_fingerprint = base_fingerprint(cfg.model.hf_path)
+            # What export-hf needs to rebuild the model: the adapters' settings and the base.
+            self.lora_state = {
+                "base_fingerprint": self.base_fingerprint,
+                "base_model": str(Path(cfg.model.hf_path).resolve()),
+                "lora": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg.lora).items()},
+            }
 
     def resume(self) -> dict[str, Any] | None:
         """Load ``<dir>/latest`` when resuming is on and it exists; its trainer state, else None."""
@@ -47,7 +60,11 @@ class CheckpointManager:
         if path is None:
             return None
         state = load_checkpoint(
-            path, student=self.student, teacher=self.teacher, parallel=self.runtime.parallel
+            path,
+            student=self.student,
+            teacher=self.teacher,
+            parallel=self.runtime.parallel,
+            base_fingerprint=self.base_fingerprint,
         )
         self.saved_step = state["step"]  # the resumed step is on disk
         rng = "restored" if state["rng_restored"] else "reseeded (layout changed)"
@@ -68,7 +85,7 @@ class CheckpointManager:
             student=self.student,
             teacher=self.teacher,
             parallel=self.runtime.parallel,
-            trainer_state=trainer_state,
+            trainer_state={**trainer_state, **self.lora_state},
             keep_last=self.cfg.keep_last,
             side_files=functools.partial(copy_side_files, self.hf_path),
         )

@@ -78,6 +78,24 @@ def build_config(raw: DictConfig) -> Config:
     return cfg
 
 
+def lora_params(hf: dict, lora) -> int:
+    """Adapter elements of one decoder layer: rank x (in + out) of every targeted module."""
+    h, ffn = hf["hidden_size"], hf["intermediate_size"]
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or h // heads
+    kv = hf.get("num_key_value_heads") or heads
+    sizes = {
+        "q_proj": (h, heads * head_dim),
+        "k_proj": (h, kv * head_dim),
+        "v_proj": (h, kv * head_dim),
+        "o_proj": (heads * head_dim, h),
+        "gate_proj": (h, ffn),
+        "up_proj": (h, ffn),
+        "down_proj": (ffn, h),
+    }
+    return sum(lora.rank * sum(sizes[name]) for name in lora.target_modules)
+
+
 def estimate_memory_gib(cfg: Config, world_size: int, *, gpu_gib: float = 80.0) -> dict[str, float]:
     """Rough per-GPU memory of the largest stage, per phase: trainer state, logits, engine.
 
@@ -103,11 +121,18 @@ def estimate_memory_gib(cfg: Config, world_size: int, *, gpu_gib: float = 80.0) 
     weight_bytes = 2 if cfg.model.dtype == "bfloat16" else 4
     adam = 8 + (4 if cfg.model.dtype == "bfloat16" else 0)  # exp_avg + exp_avg_sq (+ fp32 master)
     gib = 1 << 30
+    trained = params
+    teacher_copy = params * weight_bytes if cfg.teacher.mode != "current" else 0.0
+    if cfg.lora.enabled:
+        # Adapters train alone (grads and Adam on them only); the fixed teacher is the base with
+        # the adapters off (no copy), the EMA teacher a float32 average of the adapters.
+        trained = lora_params(hf, cfg.lora) * layers / pp  # upper bound: TP splits one factor of each
+        teacher_copy = trained * 4 if cfg.teacher.mode == "ema" else 0.0
     estimate = {
-        "weights": params * weight_bytes / gib,
-        "grads (fp32)": params * 4 / gib,
-        "optimizer": params * adam / (dp if cfg.parallel.use_distributed_optimizer else 1) / gib,
-        "teacher copy": params * weight_bytes / gib if cfg.teacher.mode != "current" else 0.0,
+        "weights": (params + (trained if cfg.lora.enabled else 0)) * weight_bytes / gib,
+        "grads (fp32)": trained * 4 / gib,
+        "optimizer": trained * adam / (dp if cfg.parallel.use_distributed_optimizer else 1) / gib,
+        "teacher copy": teacher_copy / gib,
     }
     trainer = sum(estimate.values())
     estimate["logits (both streams)"] = 2 * cfg.trainer.microbatch_tokens * vocab / tp * 4 / gib

@@ -4,6 +4,8 @@
     torchrun --nproc-per-node 2 tools/convert_checkpoint.py import-hf --hf-dir H --out C --tp 2 --pp 1
     # megatron dist checkpoint (any saved layout) -> HF safetensors + config + tokenizer
     python tools/convert_checkpoint.py export-hf --ckpt C --out H2
+    # a LoRA run's checkpoint (adapters only): merged HF model + a PEFT adapter
+    python tools/convert_checkpoint.py export-hf --ckpt C --out H2 --peft-out A
 
 import-hf runs at the layout it saves (world size = TP x PP x DP; DP replicas only idle).
 export-hf loads the checkpoint at the running layout (``--tp``/``--pp``, default one process),
@@ -50,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this run (default 1)")
     exp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this run (default 1)")
     exp.add_argument("--max-shard-size-mb", type=int, default=2048, help="safetensors shard size limit")
+    exp.add_argument(
+        "--peft-out", type=Path, help="(LoRA checkpoints) also write the adapters as a PEFT adapter here"
+    )
+    exp.add_argument(
+        "--base", type=Path, help="(LoRA checkpoints) base model directory; default the one the run used"
+    )
     for p in (imp, exp):
         p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -134,6 +142,8 @@ def run(args: argparse.Namespace) -> None:
                 force=args.force,
                 max_shard_bytes=args.max_shard_size_mb * 2**20,
                 progress=progress,
+                base_dir=args.base,
+                peft_out=args.peft_out,
             )
         if runtime.is_main:
             print(f"{args.command}: wrote {args.out}")

@@ -191,6 +191,30 @@ class AdapterEmaTeacher(Teacher):
     def chunk(self, index: int) -> AdapterView:
         return self._views[index]
 
+    def sharded_averages(self) -> dict:
+        """The averages as megatron sharded tensors (TP-split like the adapters), for checkpoints."""
+        from megatron.core.transformer.utils import (
+            make_sharded_tensor_for_checkpoint,
+            make_tp_sharded_tensor_for_checkpoint,
+        )
+
+        from megaopsd.models.lora import adapters_of
+
+        out = {}
+        for adapters in adapters_of(self._student):
+            row = adapters.kind == "row"
+            for kind in ("A", "B"):
+                for member in adapters.members:
+                    name = f"{adapters.layer}.{kind}.{member}"
+                    key = f"teacher_lora.{name}"
+                    if (kind == "A") == row:
+                        out[name] = make_tp_sharded_tensor_for_checkpoint(
+                            self.averages[name], key, 1 if row else 0
+                        )
+                    else:
+                        out[name] = make_sharded_tensor_for_checkpoint(self.averages[name], key)
+        return out
+
     @torch.no_grad()
     def load_averages(self, averages: dict[str, torch.Tensor]) -> None:
         """Restore the averages saved from ``averages`` (a checkpoint)."""

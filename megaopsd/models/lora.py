@@ -198,8 +198,53 @@ def _attach(
         return output + adapters.delta(input_), bias
 
     linear.forward = forward
+    _fix_sharded_state(linear, adapters)
     weight.lora_adapters = adapters  # the export merges through this (see ``merged_shard``)
     return adapters
+
+
+def _fix_sharded_state(linear: torch.nn.Module, adapters: LoraAdapters) -> None:
+    """megatron's linear treats every entry but ``weight``/``bias`` as replicated; the adapter
+    shards are re-declared with their TP split so checkpoints reshard like the base weights."""
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    original = linear.sharded_state_dict
+    row = adapters.kind == "row"
+
+    def sharded_state_dict(prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        state = original(prefix=prefix, sharded_offsets=sharded_offsets, metadata=metadata)
+        local, axes = {}, {}
+        for kind, params in (("A", adapters.A), ("B", adapters.B)):
+            split = (kind == "A") == row  # row: A split on inputs; column: B split on outputs
+            for member, param in params.items():
+                key = f"lora.{kind}.{member}"
+                local[key] = param
+                if split:
+                    axes[key] = 1 if row else 0
+        state.update(make_sharded_tensors_for_checkpoint(local, prefix, axes, sharded_offsets))
+        return state
+
+    linear.sharded_state_dict = sharded_state_dict
+
+
+def base_fingerprint(hf_path: str) -> str:
+    """A content fingerprint of the base model: config.json, and for every weight file its
+    name, size, its last 64 KiB and 64 KiB samples at 17 evenly spaced offsets (a different checkpoint of the
+    same architecture differs in every sample; hashing 16 GB would take a minute)."""
+    from pathlib import Path
+
+    root = Path(hf_path)
+    digest = hashlib.sha256((root / "config.json").read_bytes())
+    for path in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as handle:
+            for i in range(17):
+                handle.seek(size * i // 17)
+                digest.update(handle.read(1 << 16))
+            handle.seek(max(size - (1 << 16), 0))
+            digest.update(handle.read())
+    return digest.hexdigest()[:32]
 
 
 def add_lora(chunks: Sequence[torch.nn.Module], cfg: LoraConfig) -> list[LoraAdapters]:

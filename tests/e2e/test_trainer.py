@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -297,3 +298,77 @@ def test_distributed_optimizer_resume_is_bit_identical(tiny_qwen3, fixed_prompts
     out = run(args, nproc=1)
     assert "resumed from" in out.stdout and "step 3" in out.stdout
     assert_identical(straight / "checkpoints" / "iter_0000006", killed / "checkpoints" / "iter_0000006")
+
+
+def test_lora_resume_after_sigkill_is_bit_identical_and_refit_keeps_logprob_parity(
+    tiny_qwen3, fixed_prompts, tmp_path
+):
+    """LoRA + adapters-off fixed teacher: adapters-only checkpoints resume bit for bit; the merged
+    refit keeps the engine's logprobs equal to the trainer's after every sync."""
+    lora = {"lora.rank": 8, "lora.alpha": 16, "trainer.lr": "2e-3"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run(overrides(tiny_qwen3, straight, fixed_prompts, **lora), nproc=1)
+    args = overrides(tiny_qwen3, killed, fixed_prompts, **lora)
+    kill_once_checkpointed(args, killed)
+    out = run(args, nproc=1)
+    assert "resumed from" in out.stdout and "step 3" in out.stdout
+    a, b = straight / "checkpoints" / "iter_0000006", killed / "checkpoints" / "iter_0000006"
+    assert_identical(a, b)
+    model_keys = [k for k in checkpoint_tensors(a) if not k.startswith(("optimizer", "teacher"))]
+    assert model_keys and all(".lora." in k for k in model_keys), model_keys[:5]  # no base weights
+    assert json.loads((a / "trainer_state.json").read_text())["base_fingerprint"]
+    values = scalars(straight / "tensorboard")
+    assert values["train/loss"][6] < values["train/loss"][1]
+    for step in range(1, 7):  # step 1: the base; later steps: W + (alpha/r) B A pushed by the refit
+        assert values["rollout/logprob_abs_diff_max"][step] <= 1e-5, (
+            step,
+            values["rollout/logprob_abs_diff_max"],
+        )
+    check_peft_export(a, tiny_qwen3, tmp_path)
+    # A different base model is refused on resume (the fingerprint).
+    other = tmp_path / "other_base"
+    shutil.copytree(tiny_qwen3, other)
+    weights = next(other.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(64)
+    weights.write_bytes(bytes(data))
+    wrong = subprocess.run(
+        command(overrides(other, killed, fixed_prompts, **lora, **{"trainer.max_steps": 8}), 1),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert wrong.returncode != 0 and "different base model" in wrong.stdout + wrong.stderr
+
+
+def check_peft_export(ckpt: Path, base: Path, tmp_path: Path) -> None:
+    """export-hf of a LoRA checkpoint: the PEFT adapter loads with peft, and peft's merge of it on
+    the base gives the logits of megaopsd's merged export (within 1e-5)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged_dir, adapter_dir = tmp_path / "merged", tmp_path / "adapter"
+    tool = [sys.executable, str(REPO / "tools/convert_checkpoint.py"), "export-hf", "--ckpt", str(ckpt)]
+    out = subprocess.run(
+        [*tool, "--out", str(merged_dir), "--peft-out", str(adapter_dir), "--no-progress"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert (adapter_dir / "adapter_config.json").is_file() and (
+        adapter_dir / "adapter_model.safetensors"
+    ).is_file()
+    ids = torch.tensor([[1, 5, 9, 33, 7, 2, 100, 41]])
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logits = plain(ids).logits
+        peft_model = PeftModel.from_pretrained(plain, adapter_dir).eval()
+        adapted = peft_model(ids).logits
+        peft_merged = peft_model.merge_and_unload()(ids).logits
+        ours = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()(ids).logits
+    assert (adapted - base_logits).abs().max() > 1e-4  # the adapters were trained
+    assert (adapted - ours).abs().max() <= 1e-5, float((adapted - ours).abs().max())
+    assert (peft_merged - ours).abs().max() <= 1e-5, float((peft_merged - ours).abs().max())
