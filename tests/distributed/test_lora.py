@@ -157,3 +157,83 @@ def test_layouts_match_single_process(single, tiny_qwen3, tp, pp, world):
         # (norm ~1e-4 after one step), so float32 reordering over TP shows: measured <= 2.1e-5.
         tol = 1e-5 if "lora_B" in name else 5e-5
         assert _rel(result["grads"][name], ref) <= tol, (name, _rel(result["grads"][name], ref))
+
+
+def save_worker(hf_dir: str, ckpt_root: str, tp: int, mode: str):
+    """Train two steps with LoRA at TP ``tp`` and save through the trainer's CheckpointManager."""
+    from megaopsd.algorithm.step import train_step
+    from megaopsd.checkpoint_manager import CheckpointManager
+    from megaopsd.convert.peft import gather_adapters
+
+    runtime, parts, cfg = paired_setup(
+        hf_dir, tp, 1, mode=mode, lr=3e-3, lora=LORA, checkpoint_dir=ckpt_root, with_config=True
+    )
+    for _ in range(2):
+        train_step(
+            student=parts.student,
+            teacher=parts.teacher,
+            microbatches=my_microbatches(runtime, BUDGET_FOUR),
+            loss_fn=parts.loss_fn,
+            parallel=runtime.parallel,
+        )
+    manager = CheckpointManager(cfg, runtime, student=parts.student, teacher=parts.teacher)
+    manager.save(2, {"data": {}})
+    adapters = gather_adapters(parts.chunks, runtime.parallel)
+    runtime.shutdown()
+    return adapters
+
+
+def test_tp2_checkpoint_exports_a_peft_adapter_matching_the_merged_export(tiny_qwen3, tmp_path):
+    """A TP2 LoRA checkpoint holds adapters only; export-hf at TP1 writes a merged HF model and a
+    PEFT adapter that peft loads on the base in transformers, with logits equal within 1e-5."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path / "ckpt"
+    trained = run_ranks(save_worker, world_size=2, args=(str(tiny_qwen3), str(root), 2, "fixed"))[0]
+    ckpt = root / "iter_0000002"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["lora"]["rank"] == 4 and state["base_fingerprint"]
+    repo = Path(__file__).resolve().parents[2]
+    merged_dir, adapter_dir = tmp_path / "merged", tmp_path / "adapter"
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "tools/convert_checkpoint.py"),
+            "export-hf",
+            "--ckpt",
+            str(ckpt),
+            "--out",
+            str(merged_dir),
+            "--peft-out",
+            str(adapter_dir),
+            "--no-progress",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    # The adapters reshard from TP2 to TP1 exactly.
+    exported = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    assert sorted(exported) == sorted(trained)
+    for name, tensor in trained.items():
+        assert torch.equal(exported[name], tensor), name
+    ids = torch.tensor([[1, 5, 9, 33, 7, 2, 100, 41]])
+    plain = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logits = plain(ids).logits
+        peft_model = PeftModel.from_pretrained(plain, adapter_dir).eval()
+        adapted = peft_model(ids).logits
+        peft_merged = peft_model.merge_and_unload()(ids).logits
+        ours = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()(ids).logits
+    assert (adapted - base_logits).abs().max() > 1e-4  # the adapters were trained
+    assert (adapted - ours).abs().max() <= 1e-5, float((adapted - ours).abs().max())
+    assert (peft_merged - ours).abs().max() <= 1e-5, float((peft_merged - ours).abs().max())
