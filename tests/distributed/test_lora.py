@@ -237,3 +237,56 @@ def test_tp2_checkpoint_exports_a_peft_adapter_matching_the_merged_export(tiny_q
     assert (adapted - base_logits).abs().max() > 1e-4  # the adapters were trained
     assert (adapted - ours).abs().max() <= 1e-5, float((adapted - ours).abs().max())
     assert (peft_merged - ours).abs().max() <= 1e-5, float((peft_merged - ours).abs().max())
+
+
+def ema_worker(hf_dir: str, steps: int):
+    """LoRA + ema teacher: per step the student's adapters and the teacher's averages."""
+    from megaopsd.algorithm.batch import build_microbatch
+    from megaopsd.algorithm.step import train_step
+    from megaopsd.models.lora import adapters_of
+
+    runtime, parts = paired_setup(hf_dir, 1, 1, mode="ema", decay=0.8, lr=3e-3, lora=LORA)
+    adapters = adapters_of(parts.chunks)
+
+    def student_adapters():
+        return {
+            f"{a.layer}.{k}.{m}": p.detach().clone()
+            for a in adapters
+            for k, d in (("A", a.A), ("B", a.B))
+            for m, p in d.items()
+        }
+
+    history = {
+        "student": [student_adapters()],
+        "teacher": [{k: v.clone() for k, v in parts.teacher.averages.items()}],
+    }
+    for _ in range(steps):
+        train_step(
+            student=parts.student,
+            teacher=parts.teacher,
+            microbatches=my_microbatches(runtime, BUDGET_FOUR),
+            loss_fn=parts.loss_fn,
+            parallel=runtime.parallel,
+        )
+        history["student"].append(student_adapters())
+        history["teacher"].append({k: v.clone() for k, v in parts.teacher.averages.items()})
+    rollouts = fixed_rollouts()
+    mb = build_microbatch(rollouts, list(range(len(rollouts))), pad_id=0)
+    history["logits"] = {
+        "teacher": _logits(parts.teacher.chunk(0), mb),
+        "student": _logits(parts.chunks[0], mb),
+    }
+    runtime.shutdown()
+    return history
+
+
+def test_ema_teacher_averages_the_adapters_only(tiny_qwen3):
+    h = run_ranks(ema_worker, world_size=1, args=(str(tiny_qwen3), 3))[0]
+    expected = {k: v.double() for k, v in h["teacher"][0].items()}
+    assert sorted(expected) == sorted(h["student"][0]) and len(expected) == 2 * 7 * 4
+    for step in range(1, 4):
+        for name in expected:
+            expected[name] = 0.8 * expected[name] + 0.2 * h["student"][step][name].double()
+            assert _rel(h["teacher"][step][name], expected[name]) <= 1e-6, (step, name)
+    # The teacher runs the shared base with the averaged adapters: not the student's logits.
+    assert not torch.allclose(h["logits"]["teacher"], h["logits"]["student"], atol=1e-6)
