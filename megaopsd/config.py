@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from megaopsd.stages import FIRST, LAST, check_stages
+
 if TYPE_CHECKING:  # importing megaopsd.models pulls in torch; validate imports it when it runs
     from megaopsd.models.hf_config import HFModelSpec
 
@@ -71,6 +73,10 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None
+    # Uneven pipeline stages (megatron-core's own options): layers on the first / last stage;
+    # the stages in between share the rest evenly. None: every stage gets the same number.
+    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False  # DP gradient reduce-scatter/all-reduce overlapped with backward
@@ -159,6 +165,7 @@ class DataConfig:
     solution_key: str = "solution"
     shuffle_seed: int = 0
     strict: bool = False
+    max_row_bytes: int = 1 << 20  # a longer jsonl line (or parquet row's text) is skipped as row_too_long
     max_prompt_tokens: int = 2048
     max_teacher_prompt_tokens: int | None = None  # None: same as max_prompt_tokens
     student_enable_thinking: bool = True
@@ -179,6 +186,8 @@ class TrainerConfig:
     skip_first_tokens: int = 0  # leave the first k response tokens of every rollout out of the loss
     max_nonfinite_steps: int = 3  # this many non-finite steps in a row: save and stop
     dry_run: bool = False  # validate, print the layout and a memory estimate, load nothing
+    # The GPU count the dry run plans for (e.g. nodes x GPUs per node); None: this launch's world size.
+    dry_run_world_size: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -409,22 +418,28 @@ def _validate_parallel(cfg: Config, world_size: int, spec: HFModelSpec) -> None:
             "parallel.tensor_model_parallel_size",
             tp,
             f"x pipeline_model_parallel_size={pp} does not divide the world size {world_size}",
-            f"launch a multiple of {tp * pp} processes or change TP/PP",
+            f"set trainer.dry_run_world_size to the target GPU count (a multiple of {tp * pp})"
+            if cfg.trainer.dry_run
+            else f"launch a multiple of {tp * pp} processes or change TP/PP",
         )
     from megaopsd.models.hf_config import tensor_parallel_problem
 
     problem = tensor_parallel_problem(spec, tp)
     if problem is not None:
         _fail("parallel.tensor_model_parallel_size", tp, problem, "pick a TP that divides both head counts")
-    if spec.num_layers % (pp * (vpp or 1)) != 0:
-        _fail(
-            "parallel.pipeline_model_parallel_size",
-            pp,
-            f"x virtual stages {vpp or 1} does not divide num_hidden_layers={spec.num_layers}",
-            "pick PP (and VPP) so every stage gets the same number of layers",
-        )
+    first, last = par.num_layers_in_first_pipeline_stage, par.num_layers_in_last_pipeline_stage
+    problem = check_stages(spec.num_layers, pp, vpp, first, last)
+    if problem is not None:
+        field = "parallel.pipeline_model_parallel_size" if first is None and last is None else FIRST
+        field = LAST if first is None and last is not None else field
+        raise ConfigError(f"config: {field}: {problem}")
+    even_stages = first is None and last is None and problem is None
     chunk_layers = spec.num_layers // (pp * (vpp or 1))
-    if cfg.model.recompute_granularity == "full" and cfg.model.recompute_num_layers > chunk_layers:
+    if (
+        even_stages
+        and cfg.model.recompute_granularity == "full"
+        and cfg.model.recompute_num_layers > chunk_layers
+    ):
         _fail(
             "model.recompute_num_layers",
             cfg.model.recompute_num_layers,
@@ -614,6 +629,8 @@ def _validate_placement(cfg: Config, world_size: int, hf: Mapping[str, Any]) -> 
 
 def _validate_lengths_and_eval(cfg: Config) -> None:
     ro, ev, data = cfg.rollout, cfg.eval, cfg.data
+    if data.max_row_bytes < 1:
+        _fail("data.max_row_bytes", data.max_row_bytes, "must be >= 1", "use e.g. 1048576 (1 MiB)")
     if data.max_prompt_tokens + ro.max_new_tokens > ro.max_model_len:
         _fail(
             "rollout.max_model_len",
@@ -699,6 +716,13 @@ def _validate_training(cfg: Config) -> None:
         _fail(
             "model.transformer_impl", "transformer_engine", "needs a GPU", "use local with runtime.device=cpu"
         )
+    if tr.dry_run_world_size is not None and tr.dry_run_world_size < 1:
+        _fail(
+            "trainer.dry_run_world_size",
+            tr.dry_run_world_size,
+            "must be >= 1",
+            "set it to the target cluster's GPU count (nodes x GPUs per node) or null",
+        )
     if tr.max_nonfinite_steps < 1:
         _fail("trainer.max_nonfinite_steps", tr.max_nonfinite_steps, "must be >= 1", "use e.g. 3")
     if cfg.checkpoint.keep_last < 1:
@@ -729,6 +753,14 @@ def validate(cfg: Config, *, world_size: int, hf_config: Mapping[str, Any] | Non
     _validate_lengths_and_eval(cfg)
     _validate_batch_and_engine(cfg, world_size)
     _validate_placement(cfg, world_size, hf)
+
+
+def target_world_size(cfg: Config) -> int:
+    """The world size to validate against: ``trainer.dry_run_world_size`` for a dry run that
+    names one (planning a cluster job from a laptop), else this launch's world size."""
+    if cfg.trainer.dry_run and cfg.trainer.dry_run_world_size is not None:
+        return cfg.trainer.dry_run_world_size
+    return world_size_from_env()
 
 
 def world_size_from_env() -> int:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from megaopsd.algorithm.batch import build_microbatches
 from megaopsd.algorithm.step import StepResult, train_step
+from megaopsd.checkpoint import CheckpointError
 from megaopsd.checkpoint_manager import CheckpointManager
 from megaopsd.components import build_components
 from megaopsd.config import Config
@@ -59,6 +60,8 @@ class Trainer:
             templates=templates,
             max_teacher_prompt_tokens=cfg.data.max_teacher_prompt_tokens,
         )
+        for problem in self.prompts.unreadable:  # the other sources loaded; say which one did not
+            self._say(f"warning: data: {problem}")
         parts = build_components(cfg, runtime)
         self.spec, self.teacher, self.student = parts.spec, parts.teacher, parts.student
         self.loss_fn, self.logprob_fn = parts.loss_fn, parts.logprob_fn
@@ -301,6 +304,9 @@ def run(cfg: Config) -> int:
     except NonFiniteLossError as err:
         print(f"megaopsd: {err}", file=sys.stderr)
         return 4
+    except CheckpointError as err:
+        print(f"megaopsd: checkpoint: {err}", file=sys.stderr)
+        return 3
     finally:
         runtime.shutdown()
     return 0

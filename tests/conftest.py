@@ -43,3 +43,11 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_qwen3(tiny_models) -> Path:
     return tiny_models["qwen3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_3layers(tmp_path_factory) -> Path:
+    """The tiny Qwen3 with 3 decoder layers: PP2 needs uneven stages (2 + 1 or 1 + 2)."""
+    from tools.make_tiny_model import make_tiny_model
+
+    return make_tiny_model("qwen3", tmp_path_factory.mktemp("tiny_3layers") / "qwen3", num_layers=3)

@@ -43,6 +43,7 @@ def paired_setup(
     *,
     sp: bool = False,
     vpp: int | None = None,
+    stages: tuple[int | None, int | None] = (None, None),
     mode: str = "fixed",
     decay: float = 0.9,
     lr: float = 1e-3,
@@ -51,6 +52,8 @@ def paired_setup(
     with_config: bool = False,
 ):
     """Start the runtime and build the components for the tiny model: JSD(0.5) at temperature 1.1.
+
+    ``stages``: layers on the first / last pipeline stage (uneven stages), None for an even split.
 
     Returns ``(runtime, components)``, or ``(runtime, components, config)`` with ``with_config``.
     """
@@ -75,6 +78,8 @@ def paired_setup(
             pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=vpp,
             sequence_parallel=sp,
+            num_layers_in_first_pipeline_stage=stages[0],
+            num_layers_in_last_pipeline_stage=stages[1],
         ),
         runtime=RuntimeConfig(seed=7),
         teacher=TeacherConfig(mode=mode, ema_decay=decay),

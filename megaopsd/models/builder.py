@@ -103,6 +103,10 @@ def transformer_config(
         tensor_model_parallel_size=parallel.tp_size,
         pipeline_model_parallel_size=parallel.pp_size,
         virtual_pipeline_model_parallel_size=parallel.vpp_size,
+        # megatron places and numbers the layers of uneven stages itself (layer_number includes
+        # the offset), so conversion and checkpoints follow without arithmetic of ours.
+        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
         sequence_parallel=parallel.sequence_parallel,
         bias_activation_fusion=fused,
         masked_softmax_fusion=fused,

@@ -21,6 +21,8 @@ from tests.helpers import (
     paired_setup,
 )
 
+pytestmark = pytest.mark.distributed
+
 
 def _local_grads(student) -> dict[str, torch.Tensor]:
     return {
@@ -30,7 +32,15 @@ def _local_grads(student) -> dict[str, torch.Tensor]:
     }
 
 
-def layout_worker(hf_dir: str, tp: int, pp: int, sp: bool, budgets: tuple[int, ...], vpp: int | None = None):
+def layout_worker(
+    hf_dir: str,
+    tp: int,
+    pp: int,
+    sp: bool,
+    budgets: tuple[int, ...],
+    stages: tuple[int | None, int | None] = (None, None),
+    vpp: int | None = None,
+):
     """Loss and HF-named gradients for each microbatch budget, on this layout.
 
     Also runs the last budget with logits at every position (the older last-stage path) and
@@ -38,7 +48,7 @@ def layout_worker(hf_dir: str, tp: int, pp: int, sp: bool, budgets: tuple[int, .
     """
     from megaopsd.algorithm.step import forward_backward
 
-    runtime, parts = paired_setup(hf_dir, tp, pp, sp=sp, vpp=vpp)
+    runtime, parts = paired_setup(hf_dir, tp, pp, sp=sp, vpp=vpp, stages=stages)
     spec, student, teacher, loss_fn = parts.spec, parts.student, parts.teacher, parts.loss_fn
 
     def run(budget: int, all_positions: bool):
@@ -171,13 +181,35 @@ def test_layouts_match_single_process(baseline, tiny_qwen3, tp, pp, sp, world):
 def test_pp2_vpp2_matches_single_process(baseline, tiny_qwen3):
     # Several microbatches only: with VPP2 at PP2 a step of exactly 2 microbatches hung in gloo
     # p2p (both paths; seen 2026-12-01, not yet understood).
-    results = run_ranks(layout_worker, world_size=2, args=(str(tiny_qwen3), 1, 2, False, (BUDGET_FOUR,), 2))
+    results = run_ranks(
+        layout_worker, world_size=2, args=(str(tiny_qwen3), 1, 2, False, (BUDGET_FOUR,), (None, None), 2)
+    )
     run, ref = results[0]["runs"][0], baseline["runs"][1]
     assert run["tokens"] == ref["tokens"] and run["num_mb"] % 2 == 0
     assert abs(run["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (run, ref)
     for name, grad in baseline["grads"].items():
         assert _rel(results[0]["grads"][name], grad) <= 1e-5, name
     _assert_paths_agree(results)
+
+
+@pytest.fixture(scope="module")
+def baseline_3layers(tiny_qwen3_3layers):
+    return run_ranks(
+        layout_worker, world_size=1, args=(str(tiny_qwen3_3layers), 1, 1, False, (BUDGET_ONE, BUDGET_FOUR))
+    )[0]
+
+
+@pytest.mark.parametrize("stages", [(2, None), (None, 2)], ids=["2+1", "1+2"])
+def test_uneven_pipeline_stages_match_single_process(baseline_3layers, tiny_qwen3_3layers, stages):
+    """3 layers at PP2 (megatron's num_layers_in_first/last_pipeline_stage) equal TP1 within 1e-5."""
+    results = run_ranks(
+        layout_worker,
+        world_size=2,
+        args=(str(tiny_qwen3_3layers), 1, 2, False, (BUDGET_ONE, BUDGET_FOUR), stages),
+    )
+    _assert_matches(results[0], baseline_3layers)
+    _assert_paths_agree(results)
+    assert any(".layers.2." in name for name in results[0]["grads"])  # all 3 layers, HF-named
 
 
 @pytest.mark.slow

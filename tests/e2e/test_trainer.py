@@ -7,7 +7,7 @@
 - exact resume: 6 steps straight equal 3 steps + SIGKILL + resume to 6, bit for bit, and the
   same after a SIGTERM (which saves at the next step boundary and exits cleanly);
 - a SIGKILL while a checkpoint is being written never leaves ``latest`` naming a broken one;
-- bad data rows are skipped and counted; strict mode names the first bad line.
+- bad data rows: tests/e2e/test_hostile_data.py (a fuzzed corpus through the same run).
 """
 
 from __future__ import annotations
@@ -236,36 +236,6 @@ def test_sigkill_during_checkpoint_write_keeps_latest_readable(tiny_qwen3, fixed
     assert not list(ckpt.glob("*.partial"))
 
 
-def test_bad_rows_are_skipped_and_counted_or_rejected_in_strict_mode(tiny_qwen3, fixed_prompts, tmp_path):
-    data = tmp_path / "mixed.jsonl"
-    good = fixed_prompts.read_text().splitlines()
-    bad = [
-        '{"problem": "", "solution": "x"}',
-        "not json",
-        '{"problem": "What is 1+1?"}',
-        '{"problem": 3, "solution": "4"}',
-    ]
-    data.write_text("\n".join([good[0], bad[0], good[1], bad[1], bad[2], *good[2:], bad[3]]) + "\n")
-    out = tmp_path / "lenient"
-    run(overrides(tiny_qwen3, out, data, **{"trainer.max_steps": 1, "trainer.warmup_steps": 0}), nproc=1)
-    values = scalars(out / "tensorboard")
-    skipped = {
-        tag.removeprefix("data/skipped_"): v[1]
-        for tag, v in values.items()
-        if tag.startswith("data/skipped_")
-    }
-    assert sum(skipped.values()) == 4 and len(skipped) >= 3, skipped
-    strict = subprocess.run(
-        command(overrides(tiny_qwen3, tmp_path / "strict", data, **{"data.strict": "true"}), 1),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert strict.returncode != 0
-    assert f"{data}:2" in strict.stderr, strict.stderr[-2000:]
-
-
 def test_in_training_eval_logs_eval_tags(tiny_qwen3, fixed_prompts, tmp_path):
     out = tmp_path / "with_eval"
     extra = {
@@ -339,3 +309,40 @@ def test_lora_resume_after_sigkill_is_bit_identical_and_refit_keeps_logprob_pari
         timeout=600,
     )
     assert wrong.returncode != 0 and "different base model" in wrong.stdout + wrong.stderr
+
+
+def test_uneven_pipeline_stages_train_and_resume_at_the_other_split(
+    tiny_qwen3_3layers, fixed_prompts, tmp_path
+):
+    """3 layers on PP2 as 2 + 1: two OPSD steps with weight sync; the checkpoint resumes as 1 + 2."""
+    out = tmp_path / "uneven"
+    args = overrides(
+        tiny_qwen3_3layers,
+        out,
+        fixed_prompts,
+        **{
+            "trainer.max_steps": 2,
+            "checkpoint.save_interval": 2,
+            "parallel.num_layers_in_first_pipeline_stage": 2,
+        },
+    )
+    run(args, nproc=2)
+    values = scalars(out / "tensorboard")
+    assert sorted(values["train/loss"]) == [1, 2]
+    assert all(torch.isfinite(torch.tensor(v)) for v in values["train/loss"].values())
+    # step 2's rollouts come from weights synced after step 1, through the uneven stages' export
+    assert max(values["rollout/logprob_abs_diff"].values()) <= 1e-4, values["rollout/logprob_abs_diff"]
+    state = json.loads((out / "checkpoints" / "iter_0000002" / "trainer_state.json").read_text())
+    assert state["layout"] == {"tp": 1, "pp": 2, "dp": 1, "vpp": 1, "first_stage_layers": 2}
+    resumed = run(
+        overrides(
+            tiny_qwen3_3layers,
+            out,
+            fixed_prompts,
+            **{"trainer.max_steps": 3, "parallel.num_layers_in_last_pipeline_stage": 2},
+        ),
+        nproc=2,
+    )
+    assert "resumed from" in resumed.stdout and "reseeded (layout changed)" in resumed.stdout
+    after = scalars(out / "tensorboard")
+    assert sorted(after["train/loss"]) == [1, 2, 3] and after["rollout/logprob_abs_diff"][3] <= 1e-4

@@ -108,8 +108,16 @@ INVALID = [
     (["++rollout.gpu_memory_utilization=0"], 1, ["rollout.gpu_memory_utilization=0.0"]),
     (["loss.kind=pg", "loss.clip=2.0"], 1, ["loss.clip=2.0", "not defined for loss.kind=pg"]),
     (["rollout.max_new_tokens=4000"], 1, ["rollout.max_model_len=4096", "rollout.max_new_tokens=4000"]),
-    (["parallel.overlap_param_gather=true"], 1, ["parallel.overlap_param_gather=True", "distributed optimizer"]),
-    (["model.recompute_granularity=everything"], 1, ["model.recompute_granularity='everything'", "selective"]),
+    (
+        ["parallel.overlap_param_gather=true"],
+        1,
+        ["parallel.overlap_param_gather=True", "distributed optimizer"],
+    ),
+    (
+        ["model.recompute_granularity=everything"],
+        1,
+        ["model.recompute_granularity='everything'", "selective"],
+    ),
     (["model.recompute_method=ring"], 1, ["model.recompute_method='ring'", "uniform, block"]),
     (
         ["model.recompute_granularity=full", "model.recompute_num_layers=3", "parallel=pp2"],
