@@ -119,17 +119,44 @@ def trainer_memory_gib(cfg: Config, plan: DryRunPlan) -> dict[str, float]:
     }
 
 
+def engine_memory_gib(cfg: Config, plan: DryRunPlan, *, gpu_gib: float = 80.0) -> dict[str, float]:
+    """The colocated engine on each GPU: its weights (full model / engine TP) and KV cache.
+
+    During generation the engine holds both next to the trainer's state; while the trainer
+    trains it sleeps (level 1 moves its weights to host memory and frees the KV cache; level 0
+    keeps both), which ``estimate_memory_gib`` accounts per phase.
+    """
+    from megaopsd.config import rollout_placement
+
+    ro = cfg.rollout
+    if not (rollout_placement(ro, plan.world_size) == "colocated" or plan.world_size == 1):
+        return {"engine weights": 0.0, "engine KV cache": 0.0}
+    engine_bytes = 2 if (ro.dtype or cfg.model.dtype) == "bfloat16" else 4
+    whole = sum(plan.stage_params()) * plan.tp  # every stage's parameters, unsharded
+    weights = whole * engine_bytes / ro.tensor_parallel_size / GIB
+    kv = max(ro.gpu_memory_utilization * gpu_gib - weights, 0.0)
+    return {"engine weights": weights, "engine KV cache": kv}
+
+
 # Every part of the per-GPU memory estimate; see the module docstring.
-MEMORY_PARTS: tuple[Callable[[Config, DryRunPlan], dict[str, float]], ...] = (trainer_memory_gib,)
+MEMORY_PARTS: tuple[Callable[[Config, DryRunPlan], dict[str, float]], ...] = (
+    trainer_memory_gib,
+    engine_memory_gib,
+)
 
 
 def estimate_memory_gib(cfg: Config, world_size: int) -> dict[str, float]:
-    """Rough per-GPU memory by part, plus ``total``, for ``cfg`` on ``world_size`` GPUs."""
+    """Rough per-GPU memory by part, per phase (generation / training), and ``total`` (the larger)."""
     plan = DryRunPlan.of(cfg, world_size)
     estimate: dict[str, float] = {}
     for part in MEMORY_PARTS:
         estimate.update(part(cfg, plan))
-    estimate["total"] = sum(estimate.values())
+    engine = estimate.get("engine weights", 0.0) + estimate.get("engine KV cache", 0.0)
+    trainer = sum(estimate.values()) - engine - estimate["logits (both streams)"]
+    asleep = engine if cfg.rollout.sleep_level == 0 else 0.0
+    estimate["during generation"] = trainer + engine
+    estimate["during training"] = trainer + estimate["logits (both streams)"] + asleep
+    estimate["total"] = max(estimate["during generation"], estimate["during training"])
     return estimate
 
 
