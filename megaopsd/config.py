@@ -523,6 +523,15 @@ def _validate_lora(cfg: Config) -> None:
             f"holds unknown or no modules {unknown}",
             f"choose among {', '.join(LORA_TARGETS)}",
         )
+    for fused in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+        chosen = [m for m in fused if m in lora.target_modules]
+        if chosen and len(chosen) != len(fused):
+            _fail(
+                "lora.target_modules",
+                list(lora.target_modules),
+                f"holds {chosen} but not all of {list(fused)}, which megatron fuses into one layer",
+                "target all of them or none",
+            )
     if cfg.model.transformer_impl != "local":
         _fail(
             "model.transformer_impl",
