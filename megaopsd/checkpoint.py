@@ -1,7 +1,8 @@
 """Save and resume the full training state, atomically.
 
 A checkpoint is ``<dir>/iter_NNNNNNN/`` holding a megatron-core distributed checkpoint
-(torch_dist) of the student model, its optimizer, the teacher copy (fixed / EMA) and, in
+(torch_dist) of the student model, its optimizer, the teacher copy (fixed / EMA, with the EMA's
+float32 average when the model is not float32) and, in
 ``common.pt``, the LR scheduler; plus ``trainer_state.json`` (step, data position, layout)
 ``rng/rank_XXXXX.safetensors`` (every RNG of every rank, as tensors and plain numbers) and
 ``manifest.json`` (every file with its size, written last). The ``latest`` file names the
@@ -185,6 +186,8 @@ def _sharded_state(student: TrainableStudent, teacher: Teacher, *, is_loading: b
     if teacher.holds_weights:
         for index in range(len(student.chunks)):
             state[f"teacher{index}"] = teacher.chunk(index).sharded_state_dict(prefix="teacher.")
+            if getattr(teacher, "has_shadow", False):  # a non-float32 EMA: its float32 average
+                state[f"teacher_shadow{index}"] = teacher.shadow_sharded_state(index)
     if isinstance(teacher, AdapterEmaTeacher):
         state["teacher_lora"] = teacher.sharded_averages()
     state["scheduler"] = student.scheduler.state_dict()
@@ -395,6 +398,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _has_teacher_shadow(path: Path) -> bool:
+    """Whether the checkpoint holds an EMA teacher's float32 shadow (older ones do not)."""
+    from megatron.core import dist_checkpointing
+
+    from megaopsd.algorithm.teacher import EmaTeacher
+
+    return any(
+        k.startswith(EmaTeacher.SHADOW_PREFIX) for k in dist_checkpointing.load_tensors_metadata(str(path))
+    )
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -411,14 +425,20 @@ def load_checkpoint(
 
     path = Path(path)
     _check_fingerprint(path, base_fingerprint)
-    loaded = load_dist_checkpoint(_sharded_state(student, teacher, is_loading=True), str(path))
+    wanted = _sharded_state(student, teacher, is_loading=True)
+    if any(k.startswith("teacher_shadow") for k in wanted) and not _has_teacher_shadow(path):
+        wanted = {k: v for k, v in wanted.items() if not k.startswith("teacher_shadow")}
+    loaded = load_dist_checkpoint(wanted, str(path))
     _load_model(student, loaded)
     with _distributed_optimizer_load_fixes(student):
         student.optimizer.load_state_dict(loaded["optimizer"])
     student.scheduler.load_state_dict(loaded["scheduler"])
     if teacher.holds_weights:
         for index in range(len(student.chunks)):
-            teacher.load_chunk_state(index, loaded[f"teacher{index}"])
+            shadow = (
+                {"shadow": loaded[f"teacher_shadow{index}"]} if f"teacher_shadow{index}" in loaded else {}
+            )
+            teacher.load_chunk_state(index, loaded[f"teacher{index}"], **shadow)
     if isinstance(teacher, AdapterEmaTeacher):
         teacher.load_averages(loaded["teacher_lora"])
     body = json.loads((path / STATE_FILE).read_text())

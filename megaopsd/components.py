@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -40,12 +40,13 @@ class Components:
     logprob_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # student logprobs of sampled ids
 
 
-def build_components(cfg: Config, runtime: Runtime) -> Components:
+def build_components(cfg: Config, runtime: Runtime, *, think_token_ids: Sequence[int] = ()) -> Components:
     """Build the student (weights from ``cfg.model.hf_path``), its teacher, optimizer and loss.
 
     Args:
         cfg: the validated config (model, parallel, teacher, trainer and loss sections are read).
         runtime: the started runtime; its parallel state decides this rank's chunks.
+        think_token_ids: the tokenizer's think tags, for the thinking-boundary metrics.
 
     Returns:
         The components; the student and the teacher hold identical weights at return.
@@ -74,6 +75,8 @@ def build_components(cfg: Config, runtime: Runtime) -> Components:
         build_chunks=build,
         teacher=teacher,
         student=student,
-        loss_fn=make_loss_fn(cfg.loss, vocab_size=spec.vocab_size, tp_group=tp_group),
+        loss_fn=make_loss_fn(
+            cfg.loss, vocab_size=spec.vocab_size, tp_group=tp_group, think_token_ids=think_token_ids
+        ),
         logprob_fn=functools.partial(token_logprobs, vocab_size=spec.vocab_size, tp_group=tp_group),
     )

@@ -174,7 +174,8 @@ def describe_layout(cfg: Config, world_size: int) -> str:
     ]
     if plan.pp > 1:
         lines.append("layers per pipeline stage: " + " + ".join(map(str, plan.stage_layers)))
-    lines.append(f"loss {cfg.loss.kind} (beta {cfg.loss.beta}), teacher {cfg.teacher.mode}")
+    clip = f", {cfg.loss.clip_mode} clip {cfg.loss.clip:g}" if cfg.loss.clip is not None else ""
+    lines.append(f"loss {cfg.loss.kind} (beta {cfg.loss.beta}{clip}), teacher {cfg.teacher.mode}")
     return "\n".join(lines)
 
 

@@ -92,11 +92,26 @@ def utilisation_scalars(
     dtype: str,
     peak_tflops_configured: float | None,
     world_size: int,
+    dp_group: Any = None,
 ) -> dict[str, float]:
     """``perf/train_gflops`` (model FLOPs of both streams per second, all ranks together) and,
-    on a GPU whose peak is known or configured, ``perf/mfu`` (per GPU)."""
+    on a GPU whose peak is known or configured, ``perf/mfu`` (per GPU).
+
+    ``rollouts`` are the ones this data-parallel replica trained on; with ``dp_group`` the
+    FLOPs are summed over the replicas.
+    """
     lengths = [(len(r.student_prompt_ids), len(r.teacher_prompt_ids), len(r.response_ids)) for r in rollouts]
-    flops_per_s = paired_step_flops(ModelShape.of(spec), lengths) / max(train_seconds, 1e-9)
+    flops = float(paired_step_flops(ModelShape.of(spec), lengths))
+    if dp_group is not None:
+        import torch
+        import torch.distributed as dist
+
+        from megaopsd.runtime.distributed import collective_device
+
+        total = torch.tensor(flops, dtype=torch.float64, device=collective_device())
+        dist.all_reduce(total, group=dp_group)
+        flops = float(total)
+    flops_per_s = flops / max(train_seconds, 1e-9)
     values = {"perf/train_gflops": flops_per_s / 1e9}
     if device.type == "cuda":
         import torch

@@ -27,6 +27,7 @@ from megaopsd.components import build_components
 from megaopsd.config import Config
 from megaopsd.eval.in_training import InTrainingEvaluator, eval_due
 from megaopsd.flops import utilisation_scalars
+from megaopsd.loss.boundary import think_token_ids
 from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line, step_scalars
 from megaopsd.models.builder import unwrap_chunk
 from megaopsd.runtime.distributed import collective_device
@@ -50,9 +51,11 @@ class Trainer:
         self.cfg, self.runtime, self.parallel = cfg, runtime, runtime.parallel
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        templates = PromptTemplates(
+        templates = PromptTemplates.from_style(
+            cfg.data.prompt_style,
             student_enable_thinking=cfg.data.student_enable_thinking,
             teacher_enable_thinking=cfg.data.teacher_enable_thinking,
+            teacher_think_prefix=cfg.data.teacher_think_prefix,
         )
         self.prompts = build_prompt_stream(
             cfg.data,
@@ -62,7 +65,7 @@ class Trainer:
         )
         for problem in self.prompts.unreadable:  # the other sources loaded; say which one did not
             self._say(f"warning: data: {problem}")
-        parts = build_components(cfg, runtime)
+        parts = build_components(cfg, runtime, think_token_ids=think_token_ids(self.tokenizer))
         self.spec, self.teacher, self.student = parts.spec, parts.teacher, parts.student
         self.loss_fn, self.logprob_fn = parts.loss_fn, parts.logprob_fn
         self.checkpoints = CheckpointManager(cfg, runtime, student=self.student, teacher=self.teacher)
@@ -72,6 +75,8 @@ class Trainer:
         self.evaluator = InTrainingEvaluator.start(cfg.eval)
         self.fleet = self._start_engines()
         self.export_plan = None  # the weight export's plan, agreed once
+        # Every rank rewrites the same teacher prompts (the fleet's generate is collective).
+        self.reason_first = self._make_reason_first() if cfg.teacher.reason_first else None
         # An in-process vLLM engine installs its own SIGTERM handler; take the signals back.
         self.stop = stop.install()
         self.step = 0
@@ -123,19 +128,19 @@ class Trainer:
             engines=self.fleet.layout.num_engines,
         )
         values.update(evaluation)
-        values.update(sync)
-        utilisation = utilisation_scalars(
-            self.spec,
-            rollouts,
-            timer.seconds["train"],
-            device=self.runtime.device,
-            dtype=self.cfg.model.dtype,
-            peak_tflops_configured=self.cfg.runtime.device_peak_tflops,
-            world_size=self.runtime.world_size,
+        values.update(
+            utilisation_scalars(
+                self.spec,
+                rollouts,
+                timer.seconds["train"],
+                device=self.runtime.device,
+                dtype=self.cfg.model.dtype,
+                peak_tflops_configured=self.cfg.runtime.device_peak_tflops,
+                world_size=self.runtime.world_size,
+                dp_group=self.parallel.dp_group,
+            )
         )
-        # ``rollouts`` is this replica's share (the engines split the prompts); the replicas hold
-        # equal shares, so all ranks together do dp_size times its FLOPs.
-        values.update({k: v * self.parallel.dp_size for k, v in utilisation.items()})
+        values.update(sync)
         if self.step == 1 or (
             self.cfg.logging.text_sample_interval and self.step % self.cfg.logging.text_sample_interval == 0
         ):
@@ -146,6 +151,9 @@ class Trainer:
         """The rollouts this rank's data-parallel replica trains on (the engines split the prompts)."""
         from megaopsd.rollout.types import SamplingSettings
 
+        prompts = list(prompts)
+        if self.reason_first is not None:  # teacher prompts become prompt + rationale + transition
+            prompts = self.reason_first.apply(self.fleet, prompts, step=self.step)
         sampling = SamplingSettings.from_config(self.cfg.rollout)
         return self.fleet.rollouts(prompts, sampling, step=self.step)
 
@@ -222,6 +230,12 @@ class Trainer:
         self._say(f"starting {engines} rollout engine(s), placement {placement}")
         return start_fleet(self.cfg, self.runtime)
 
+    def _make_reason_first(self):
+        from megaopsd.data.reason_first import ReasonFirst, reason_first_sampling
+
+        sampling = reason_first_sampling(self.cfg.teacher, self.cfg.rollout)
+        return ReasonFirst(self.tokenizer, sampling, cache=self.cfg.teacher.reason_cache)
+
     def _sync_weights(self) -> dict[str, float]:
         """Refit every engine from the student's own shards, in memory (``rollout/refit.py``)."""
         from megaopsd.convert import export_plan
@@ -272,6 +286,8 @@ class Trainer:
             f"{self.tokenizer.decode(first.response_ids)}"
         )
         self.writer.text(self.step, "rollout/sample", body)
+        if self.reason_first is not None:
+            self.writer.text(self.step, "teacher/reason_first", self.reason_first.text_sample())
 
     def _say(self, message: str) -> None:
         if self.runtime.is_main:

@@ -26,12 +26,14 @@ import torch
 
 from megaopsd.algorithm.batch import PairedMicrobatch
 from megaopsd.algorithm.teacher import Teacher
+from megaopsd.loss.boundary import first_token_mask
 from megaopsd.models.builder import unwrap_chunk
 from megaopsd.models.forward import decoder_hidden, rows_logits
 from megaopsd.rollout.metrics import logprob_abs_diff_tokens
 
-# The per-token loss the last stage applies: (student_NV, teacher_NV, mask_N, target_N) -> (sum, metrics)
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+# The per-token loss the last stage applies: (student_NV, teacher_NV, mask_N, target_N, first_N=)
+# -> (sum, metrics); first_N marks each response's first token (thinking-boundary metrics).
+LossFn = Callable[..., tuple[torch.Tensor, dict]]
 # Log-probabilities of given tokens at temperature 1: (logits_NV, ids_N) -> logp_N (no grad)
 LogprobFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -45,8 +47,8 @@ class PairedForward:
     loss_fn: LossFn
     sequence_parallel_size: int = 1  # TP size when sequence parallel is on, else 1
     # When set, microbatches carrying the engine's logprobs also report the mismatch
-    # sum |engine logprob - student logprob| over loss tokens (``logprob_abs_diff_sum``) and
-    # its per-token maximum (``logprob_abs_diff_max``).
+    # sum and max of |engine logprob - student logprob| over loss tokens
+    # (``logprob_abs_diff_sum``, ``logprob_abs_diff_max``).
     logprob_fn: LogprobFn | None = None
     # The older path: the output layer at every position (for comparisons and the benchmark).
     all_position_logits: bool = False
@@ -102,7 +104,9 @@ class PairedForward:
         return rows_logits(inner, decoder_hidden(model, tokens_BL, positions_BL), rows_T)
 
     def _loss(self, mb: PairedMicrobatch, teacher_NV: torch.Tensor, student_NV: torch.Tensor):
-        loss_sum, metrics = self.loss_fn(student_NV, teacher_NV, mb.loss_mask_T, mb.target_ids_T)
+        loss_sum, metrics = self.loss_fn(
+            student_NV, teacher_NV, mb.loss_mask_T, mb.target_ids_T, first_N=first_token_mask(mb.sample_T)
+        )
         num_tokens = mb.loss_mask_T.sum().to(torch.int)
         reported = {name: value.detach().clone().reshape(()) for name, value in metrics.items()}
         # clone: the schedule may scale the returned loss in place
@@ -111,7 +115,8 @@ class PairedForward:
             student_logp = self.logprob_fn(student_NV.detach(), mb.target_ids_T)
             diff = logprob_abs_diff_tokens(mb.engine_logprobs_T, student_logp, mb.loss_mask_T)
             reported["logprob_abs_diff_sum"] = diff.sum()
-            reported["logprob_abs_diff_max"] = diff.max()
+            # the worst token: a mean hides a few badly synced weights
+            reported["logprob_abs_diff_max"] = diff.max() if diff.numel() else diff.new_zeros(())
         return loss_sum, num_tokens, reported
 
 

@@ -93,8 +93,10 @@ def transformer_config(
         add_bias_linear=False,
         add_qkv_bias=spec.qkv_bias,
         qk_layernorm=spec.qk_norm,
+        # HF decoder configs carry only attention dropout (applied in training, as here);
+        # its random masks come from megatron's RNG tracker, which checkpoints restore.
         hidden_dropout=0.0,
-        attention_dropout=0.0,
+        attention_dropout=float(spec.raw.get("attention_dropout", 0.0)),
         attention_softmax_in_fp32=True,
         init_method_std=float(spec.raw.get("initializer_range", 0.02)),
         params_dtype=dtype,
