@@ -70,20 +70,46 @@ class DryRunPlan:
         return params
 
 
+def lora_params(hf: dict, lora) -> int:
+    """Adapter elements of one decoder layer: rank x (in + out) of every targeted module."""
+    h, ffn = hf["hidden_size"], hf["intermediate_size"]
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or h // heads
+    kv = hf.get("num_key_value_heads") or heads
+    sizes = {
+        "q_proj": (h, heads * head_dim),
+        "k_proj": (h, kv * head_dim),
+        "v_proj": (h, kv * head_dim),
+        "o_proj": (heads * head_dim, h),
+        "gate_proj": (h, ffn),
+        "up_proj": (h, ffn),
+        "down_proj": (ffn, h),
+    }
+    return sum(lora.rank * sum(sizes[name]) for name in lora.target_modules)
+
+
 def trainer_memory_gib(cfg: Config, plan: DryRunPlan) -> dict[str, float]:
     """The trainer's state on the largest stage: weights, grads, Adam, teacher copy, logits.
 
     Activations besides the logits are left out (they depend on recompute and sequence lengths).
+    With LoRA the adapters train alone (grads and Adam on them only; upper bound: TP splits one
+    factor of each) and the fixed teacher is the base with the adapters off (no copy); the EMA
+    teacher is a float32 average of the adapters.
     """
     params = max(plan.stage_params())
     weight_bytes = 2 if cfg.model.dtype == "bfloat16" else 4
     adam = 8 + (4 if cfg.model.dtype == "bfloat16" else 0)  # exp_avg + exp_avg_sq (+ fp32 master)
     optimizer_shards = plan.dp if cfg.parallel.use_distributed_optimizer else 1
+    trained, extra = params, 0.0
+    teacher = params * weight_bytes if cfg.teacher.mode != "current" else 0.0
+    if cfg.lora.enabled:
+        trained = extra = lora_params(plan.hf, cfg.lora) * max(plan.stage_layers)
+        teacher = trained * 4 if cfg.teacher.mode == "ema" else 0.0
     return {
-        "weights": params * weight_bytes / GIB,
-        "grads (fp32)": params * 4 / GIB,
-        "optimizer": params * adam / optimizer_shards / GIB,
-        "teacher copy": params * weight_bytes / GIB if cfg.teacher.mode != "current" else 0.0,
+        "weights": (params + extra) * weight_bytes / GIB,
+        "grads (fp32)": trained * 4 / GIB,
+        "optimizer": trained * adam / optimizer_shards / GIB,
+        "teacher copy": teacher / GIB,
         "logits (both streams)": 2
         * cfg.trainer.microbatch_tokens
         * plan.hf["vocab_size"]
@@ -93,17 +119,44 @@ def trainer_memory_gib(cfg: Config, plan: DryRunPlan) -> dict[str, float]:
     }
 
 
+def engine_memory_gib(cfg: Config, plan: DryRunPlan, *, gpu_gib: float = 80.0) -> dict[str, float]:
+    """The colocated engine on each GPU: its weights (full model / engine TP) and KV cache.
+
+    During generation the engine holds both next to the trainer's state; while the trainer
+    trains it sleeps (level 1 moves its weights to host memory and frees the KV cache; level 0
+    keeps both), which ``estimate_memory_gib`` accounts per phase.
+    """
+    from megaopsd.config import rollout_placement
+
+    ro = cfg.rollout
+    if not (rollout_placement(ro, plan.world_size) == "colocated" or plan.world_size == 1):
+        return {"engine weights": 0.0, "engine KV cache": 0.0}
+    engine_bytes = 2 if (ro.dtype or cfg.model.dtype) == "bfloat16" else 4
+    whole = sum(plan.stage_params()) * plan.tp  # every stage's parameters, unsharded
+    weights = whole * engine_bytes / ro.tensor_parallel_size / GIB
+    kv = max(ro.gpu_memory_utilization * gpu_gib - weights, 0.0)
+    return {"engine weights": weights, "engine KV cache": kv}
+
+
 # Every part of the per-GPU memory estimate; see the module docstring.
-MEMORY_PARTS: tuple[Callable[[Config, DryRunPlan], dict[str, float]], ...] = (trainer_memory_gib,)
+MEMORY_PARTS: tuple[Callable[[Config, DryRunPlan], dict[str, float]], ...] = (
+    trainer_memory_gib,
+    engine_memory_gib,
+)
 
 
 def estimate_memory_gib(cfg: Config, world_size: int) -> dict[str, float]:
-    """Rough per-GPU memory by part, plus ``total``, for ``cfg`` on ``world_size`` GPUs."""
+    """Rough per-GPU memory by part, per phase (generation / training), and ``total`` (the larger)."""
     plan = DryRunPlan.of(cfg, world_size)
     estimate: dict[str, float] = {}
     for part in MEMORY_PARTS:
         estimate.update(part(cfg, plan))
-    estimate["total"] = sum(estimate.values())
+    engine = estimate.get("engine weights", 0.0) + estimate.get("engine KV cache", 0.0)
+    trainer = sum(estimate.values()) - engine - estimate["logits (both streams)"]
+    asleep = engine if cfg.rollout.sleep_level == 0 else 0.0
+    estimate["during generation"] = trainer + engine
+    estimate["during training"] = trainer + estimate["logits (both streams)"] + asleep
+    estimate["total"] = max(estimate["during generation"], estimate["during training"])
     return estimate
 
 

@@ -80,10 +80,7 @@ def test_qwen3_recipes_fit_an_8_gpu_node(recipe, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("RANK", "0")
     hf = qwen3_config_dir(tmp_path, recipe)
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = build_config(
-            compose(config_name="config", overrides=[f"recipe={recipe}", f"model.hf_path={hf}"])
-        )
+    cfg = _compose(recipe, hf)
     assert cfg.teacher.mode == "fixed" and cfg.loss.kind == "jsd" and cfg.trainer.prompts_per_step == 32
     assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k) == (1.1, 0.95, 20)
     assert cfg.model.dtype == "bfloat16"
@@ -91,6 +88,27 @@ def test_qwen3_recipes_fit_an_8_gpu_node(recipe, tmp_path, monkeypatch):
     assert LAYOUTS[recipe] in describe_layout(cfg, 8)
     memory = estimate_memory_gib(cfg, 8)
     assert 1.0 < memory["total"] < 70.0, memory  # fits an 80 GB H100 with room for activations
+
+
+def _compose(recipe: str, hf: Path):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return build_config(
+            compose(config_name="config", overrides=[f"recipe={recipe}", f"model.hf_path={hf}"])
+        )
+
+
+@pytest.mark.parametrize("recipe", sorted(QWEN3))
+def test_qwen3_lora_recipes_use_the_paper_values_and_need_less_memory(recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "0")
+    hf = qwen3_config_dir(tmp_path, recipe)
+    full, lora = _compose(recipe, hf), _compose(f"{recipe}_lora", hf)
+    assert (lora.lora.rank, lora.lora.alpha, lora.trainer.lr) == (64, 128.0, 5e-6)
+    assert len(lora.lora.target_modules) == 7 and lora.teacher.mode == "fixed"
+    same = dict(lora=full.lora, trainer=full.trainer, model=full.model, checkpoint=full.checkpoint)
+    assert dataclasses.replace(lora, logging=full.logging, **same) == full  # only the LoRA changes
+    full_mem, lora_mem = estimate_memory_gib(full, 8), estimate_memory_gib(lora, 8)
+    assert lora_mem["teacher copy"] == 0.0 and lora_mem["grads (fp32)"] < 0.1 * full_mem["grads (fp32)"]
 
 
 def test_readme_dry_run_command_works_as_written(tmp_path):
