@@ -62,7 +62,7 @@ def find_latest(root: str | Path) -> Path | None:
     return path
 
 
-def _sharded_state(student: TrainableStudent, teacher: Teacher, *, is_loading: bool) -> dict[str, Any]:
+def _sharded_state(student: TrainableStudent, teacher: Teacher | None, *, is_loading: bool) -> dict[str, Any]:
     from megaopsd.convert import model_sharded_state_dict
 
     # The same model layout as tools/convert_checkpoint.py, so export-hf reads trainer checkpoints.
@@ -72,7 +72,7 @@ def _sharded_state(student: TrainableStudent, teacher: Teacher, *, is_loading: b
     state["optimizer"] = student.optimizer.sharded_state_dict(
         state, is_loading=is_loading, metadata=SHARDING_METADATA
     )
-    if teacher.mode != "current":
+    if teacher is not None and teacher.mode != "current":
         for index in range(len(student.chunks)):
             state[f"teacher{index}"] = teacher.chunk(index).sharded_state_dict(prefix="teacher.")
     state["scheduler"] = student.scheduler.state_dict()
@@ -142,7 +142,7 @@ def save_checkpoint(
     step: int,
     *,
     student: TrainableStudent,
-    teacher: Teacher,
+    teacher: Teacher | None,
     parallel: ParallelState,
     trainer_state: dict[str, Any],
     keep_last: int,
@@ -232,7 +232,7 @@ def load_checkpoint(
     path: str | Path,
     *,
     student: TrainableStudent,
-    teacher: Teacher,
+    teacher: Teacher | None,
     parallel: ParallelState,
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler, teacher and RNG from ``path``; return trainer state."""
@@ -247,7 +247,7 @@ def load_checkpoint(
     with _distributed_optimizer_load_fixes(student):
         student.optimizer.load_state_dict(loaded["optimizer"])
     student.scheduler.load_state_dict(loaded["scheduler"])
-    if teacher.mode != "current":
+    if teacher is not None and teacher.mode != "current":
         for index in range(len(student.chunks)):
             teacher.load_chunk_state(index, loaded[f"teacher{index}"])
     body = json.loads((path / STATE_FILE).read_text())

@@ -9,6 +9,12 @@ holds both vocab-parallel logit tensors, picks the rows that predict response to
 returns the divergence SUM with the token count; megatron's ``calculate_per_token_loss``
 divides the gradients by the global (all microbatches, all DP ranks) token count.
 
+Student-only algorithms (GRPO without a reference, SFT) pass ``teacher=None`` and microbatches
+with an empty teacher stream: no teacher forward runs and stages send the student tensor alone.
+GRPO with a KL penalty passes the frozen initial weights as the "teacher" and the student's own
+prompt as the teacher sequence, so the reference rides the same paired schedule. A
+``StudentLoss`` (GRPO, SFT) receives the whole microbatch (advantages, engine logprobs).
+
 Shapes: S/T stream lengths, B batch, H hidden, V vocab shard (vocab / TP), N response tokens.
 """
 
@@ -21,6 +27,7 @@ from functools import partial
 import torch
 
 from megaopsd.algorithm.batch import PairedMicrobatch
+from megaopsd.algorithm.policy_loss import StudentLoss
 from megaopsd.algorithm.teacher import Teacher, unwrap
 
 # The per-token loss the last stage applies: (student_NV, teacher_NV, mask_N, target_N) -> (sum, metrics)
@@ -34,8 +41,8 @@ class PairedForward:
     """A ``forward_step_func`` for ``megatron.core.pipeline_parallel.get_forward_backward_func``."""
 
     student_chunks: Sequence[torch.nn.Module]  # DDP-wrapped (or plain) student chunks, one per VPP stage
-    teacher: Teacher
-    loss_fn: LossFn
+    teacher: Teacher | None  # None: the student stream only (microbatches carry no teacher rows)
+    loss_fn: LossFn | StudentLoss
     sequence_parallel_size: int = 1  # TP size when sequence parallel is on, else 1
     # When set, microbatches carrying the engine's logprobs also report the mismatch
     # sum |engine logprob - student logprob| over loss tokens (``logprob_abs_diff_sum``) and
@@ -51,6 +58,8 @@ class PairedForward:
     def __call__(self, data_iterator: Iterator[PairedMicrobatch], model: torch.nn.Module):
         student = unwrap(model)
         mb = next(data_iterator).to(next(student.parameters()).device)
+        if self.teacher is None:
+            return self._student_only(mb, model, student)
         teacher = self.teacher.chunk(self._chunk_index(model))
         received = student.decoder.input_tensor  # set by the schedule; None on the first stage
         s_split = mb.student_len // self.sequence_parallel_size
@@ -74,11 +83,30 @@ class PairedForward:
             return torch.cat([s_out, t_out], dim=0), _never_called
         return s_out, partial(self._loss, mb, t_out)
 
-    def _loss(self, mb: PairedMicrobatch, teacher_logits_BTV: torch.Tensor, student_logits_BSV: torch.Tensor):
+    def _student_only(self, mb: PairedMicrobatch, model: torch.nn.Module, student: torch.nn.Module):
+        received = student.decoder.input_tensor
+        if received is not None:
+            s_rows = mb.student_len // self.sequence_parallel_size
+            if received.shape[0] != s_rows:
+                raise RuntimeError(f"received {received.shape[0]} rows, expected {s_rows} student rows")
+            student.set_input_tensor(received)
+        s_out = model(mb.student_tokens_BL, mb.position_ids(mb.student_tokens_BL), None)
+        if not student.post_process:
+            return s_out, _never_called
+        return s_out, partial(self._loss, mb, None)
+
+    def _loss(
+        self, mb: PairedMicrobatch, teacher_logits_BTV: torch.Tensor | None, student_logits_BSV: torch.Tensor
+    ):
         vocab = student_logits_BSV.shape[-1]
         student_NV = student_logits_BSV.reshape(-1, vocab).index_select(0, mb.student_index_T)
-        teacher_NV = teacher_logits_BTV.reshape(-1, vocab).index_select(0, mb.teacher_index_T)
-        loss_sum, metrics = self.loss_fn(student_NV, teacher_NV, mb.loss_mask_T, mb.target_ids_T)
+        teacher_NV = None
+        if teacher_logits_BTV is not None:
+            teacher_NV = teacher_logits_BTV.reshape(-1, vocab).index_select(0, mb.teacher_index_T)
+        if isinstance(self.loss_fn, StudentLoss):
+            loss_sum, metrics = self.loss_fn(student_NV, teacher_NV, mb)
+        else:
+            loss_sum, metrics = self.loss_fn(student_NV, teacher_NV, mb.loss_mask_T, mb.target_ids_T)
         num_tokens = mb.loss_mask_T.sum().to(torch.int)
         reported = {name: value.detach().clone().reshape(()) for name, value in metrics.items()}
         # clone: the schedule may scale the returned loss in place

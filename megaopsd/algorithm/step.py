@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megaopsd.algorithm.batch import PairedMicrobatch
 from megaopsd.algorithm.forward import LogprobFn, LossFn, PairedForward
 from megaopsd.algorithm.optim import TrainableStudent
+from megaopsd.algorithm.policy_loss import StudentLoss
 from megaopsd.algorithm.teacher import Teacher
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import ParallelState
@@ -64,14 +65,16 @@ def _reduce_metrics(outputs: list[dict[str, torch.Tensor]], parallel: ParallelSt
 def forward_backward(
     *,
     student: TrainableStudent,
-    teacher: Teacher,
+    teacher: Teacher | None,
     microbatches: Sequence[PairedMicrobatch],
-    loss_fn: LossFn,
+    loss_fn: LossFn | StudentLoss,
     parallel: ParallelState,
     forward_only: bool = False,
     logprob_fn: LogprobFn | None = None,
 ) -> tuple[dict[str, float], int]:
     """Zero the grads and run every microbatch through one paired schedule.
+
+    ``teacher=None`` runs the student stream alone (GRPO without a reference, SFT).
 
     Returns the loss outputs summed over microbatches and DP ranks (same on every rank) and
     the global number of loss tokens. After it, each parameter's ``main_grad`` holds the
@@ -127,9 +130,9 @@ def _all_finite(student: TrainableStudent, loss_sum: float) -> bool:
 def train_step(
     *,
     student: TrainableStudent,
-    teacher: Teacher,
+    teacher: Teacher | None,
     microbatches: Sequence[PairedMicrobatch],
-    loss_fn: LossFn,
+    loss_fn: LossFn | StudentLoss,
     parallel: ParallelState,
     logprob_fn: LogprobFn | None = None,
 ) -> StepResult:
@@ -153,7 +156,8 @@ def train_step(
         ok, grad_norm, _ = student.optimizer.step()
         if ok:
             student.scheduler.step(increment=1)
-            teacher.after_optimizer_step()
+            if teacher is not None:
+                teacher.after_optimizer_step()
     denominator = max(num_tokens, 1)
     return StepResult(
         loss=loss_sum / denominator,
