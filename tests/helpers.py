@@ -45,13 +45,16 @@ def paired_setup(
     mode: str = "fixed",
     decay: float = 0.9,
     lr: float = 1e-3,
+    algorithm: str = "opsd",
 ):
     """Start the runtime and build the components for the tiny model: JSD(0.5) at temperature 1.1.
 
-    Returns ``(runtime, components)``.
+    ``algorithm="grpo"`` uses clip 0.2/0.28 and a k3 KL (0.05) to the frozen reference;
+    ``"sft"`` the cross-entropy. Returns ``(runtime, components)``.
     """
     from megaopsd.components import build_components
     from megaopsd.config import (
+        AlgorithmConfig,
         Config,
         LossConfig,
         ModelConfig,
@@ -71,19 +74,49 @@ def paired_setup(
         teacher=TeacherConfig(mode=mode, ema_decay=decay),
         trainer=TrainerConfig(lr=lr, max_steps=100, clip_grad=1.0),
         loss=LossConfig(kind="jsd", beta=0.5, temperature=1.1),
+        algorithm=AlgorithmConfig(name=algorithm, kl_coef=0.05 if algorithm == "grpo" else 0.0),
     )
     runtime = Runtime.start(cfg.parallel, cfg.runtime)
     return runtime, build_components(cfg, runtime)
 
 
-def my_microbatches(runtime, budget: int):
-    """This data-parallel replica's share of ``fixed_rollouts()`` cut at ``budget`` tokens."""
+@dataclasses.dataclass
+class GrpoRollout(FixedRollout):
+    engine_logprobs: list[float]
+    advantage: float
+
+
+def grpo_rollouts() -> list[GrpoRollout]:
+    """``fixed_rollouts`` as GRPO sees them: the reference scores the student prompt; engine
+    logprobs near the tiny model's (about -log 549) so that some ratios leave [0.8, 1.28]."""
+    rng = random.Random(99)
+    out = []
+    for i, r in enumerate(fixed_rollouts()):
+        engine = [-6.3 + rng.uniform(-0.6, 0.6) for _ in r.response_ids]
+        out.append(
+            GrpoRollout(
+                r.student_prompt_ids, list(r.student_prompt_ids), r.response_ids, engine, (-1) ** i * 0.75
+            )
+        )
+    return out
+
+
+def my_microbatches(runtime, budget: int, algorithm: str = "opsd"):
+    """This data-parallel replica's share of the fixed rollouts cut at ``budget`` tokens."""
     from megaopsd.algorithm.batch import build_microbatches
 
     par = runtime.parallel
-    mine = fixed_rollouts()[par.dp_rank :: par.dp_size]
+    rollouts = grpo_rollouts() if algorithm == "grpo" else fixed_rollouts()
+    mine = rollouts[par.dp_rank :: par.dp_size]
     pad = par.tp_size if par.sequence_parallel else 1
-    return build_microbatches(mine, max_tokens=budget, pad_id=0, pad_multiple=pad)
+    return build_microbatches(
+        mine,
+        max_tokens=budget,
+        pad_id=0,
+        pad_multiple=pad,
+        student_only=algorithm == "sft",
+        advantages=[r.advantage for r in mine] if algorithm == "grpo" else None,
+    )
 
 
 def export_full(chunks, spec, runtime, *, grads: bool) -> dict[str, torch.Tensor] | None:
