@@ -95,6 +95,9 @@ class AlgorithmConfig:
     kl_coef: float = 0.0  # grpo: k3 KL to the initial weights (a frozen copy); 0 builds no copy
     dynamic_sampling: bool = True  # grpo: drop groups whose rewards are all equal
     tis_cap: float | None = None  # grpo: truncated IS weight cap for the engine/trainer gap; None off
+    # sft: the prompts the reference solution follows: the student's, or both the student's and
+    # the teacher's (a warm start that also teaches a self-teacher to read its privileged context)
+    sft_prompts: Literal["student", "both"] = "student"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -104,7 +104,12 @@ def grpo_batch(
 
 
 def reference_responses(
-    prompts: Sequence[Any], first_index: int, tokenizer: Any, *, max_tokens: int
+    prompts: Sequence[Any],
+    first_index: int,
+    tokenizer: Any,
+    *,
+    max_tokens: int,
+    with_teacher_prompt: bool = False,
 ) -> list[ReferenceResponse]:
     """The reference solution, tokenised and ended with EOS, as the response to each student prompt.
 
@@ -114,19 +119,25 @@ def reference_responses(
         tokenizer: the model's tokenizer.
         max_tokens: longest response kept (longer solutions are cut, EOS dropped: like a
             truncated rollout).
+        with_teacher_prompt: also the same response after the TEACHER prompt (in the student
+            stream), right after each student example (``algorithm.sft_prompts=both``).
     """
     out = []
     for offset, prompt in enumerate(prompts):
         ids = list(tokenizer.encode(prompt.solution, add_special_tokens=False))
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
-        out.append(
-            ReferenceResponse(
-                prompt_index=first_index + offset,
-                student_prompt_ids=list(prompt.student_prompt_ids),
-                teacher_prompt_ids=[],
-                response_ids=ids[:max_tokens],
-                finish_reason="stop" if len(ids) <= max_tokens else "length",
+        contexts = [prompt.student_prompt_ids]
+        if with_teacher_prompt:
+            contexts.append(prompt.teacher_prompt_ids)
+        for context in contexts:
+            out.append(
+                ReferenceResponse(
+                    prompt_index=first_index + offset,
+                    student_prompt_ids=list(context),
+                    teacher_prompt_ids=[],
+                    response_ids=ids[:max_tokens],
+                    finish_reason="stop" if len(ids) <= max_tokens else "length",
+                )
             )
-        )
     return out

@@ -148,7 +148,7 @@ class _Tok:
 
 class _Prompt:
     def __init__(self, solution):
-        self.solution, self.student_prompt_ids = solution, [1, 2]
+        self.solution, self.student_prompt_ids, self.teacher_prompt_ids = solution, [1, 2], [1, 5, 2]
 
 
 def test_reference_responses_end_with_eos_and_truncate():
@@ -156,3 +156,6 @@ def test_reference_responses_end_with_eos_and_truncate():
     assert refs[0].response_ids == [97, 98, 99] and refs[0].finish_reason == "stop"
     assert refs[1].response_ids == [97, 98, 99, 100] and refs[1].finish_reason == "length"
     assert [r.prompt_index for r in refs] == [4, 5]
+    both = reference_responses([_Prompt("ab")], 0, _Tok(), max_tokens=4, with_teacher_prompt=True)
+    assert [r.student_prompt_ids for r in both] == [[1, 2], [1, 5, 2]]
+    assert both[1].response_ids == [97, 98, 99]
