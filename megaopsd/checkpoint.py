@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megaopsd.algorithm.optim import TrainableStudent
-from megaopsd.algorithm.teacher import Teacher, unwrap
+from megaopsd.algorithm.teacher import Teacher
 from megaopsd.runtime.parallel import ParallelState
 from megaopsd.runtime.rng import capture_rng_state, restore_rng_state
 from megaopsd.runtime.signals import stop_signals_blocked
@@ -66,7 +66,7 @@ def _sharded_state(student: TrainableStudent, teacher: Teacher | None, *, is_loa
     from megaopsd.convert import model_sharded_state_dict
 
     # The same model layout as tools/convert_checkpoint.py, so export-hf reads trainer checkpoints.
-    state: dict[str, Any] = model_sharded_state_dict([unwrap(c) for c in student.chunks])
+    state: dict[str, Any] = model_sharded_state_dict(student.chunks)
     if is_loading:
         _prepare_optimizer_state(student)
     state["optimizer"] = student.optimizer.sharded_state_dict(
@@ -239,11 +239,10 @@ def load_checkpoint(
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    from megaopsd.convert.dist_ckpt import model_state_key
+    from megaopsd.convert.dist_ckpt import load_model_state
 
     loaded = dist_checkpointing.load(_sharded_state(student, teacher, is_loading=True), str(path))
-    for index, chunk in enumerate(student.chunks):
-        unwrap(chunk).load_state_dict(loaded[model_state_key(index, len(student.chunks))], strict=True)
+    load_model_state(student.chunks, loaded)
     with _distributed_optimizer_load_fixes(student):
         student.optimizer.load_state_dict(loaded["optimizer"])
     student.scheduler.load_state_dict(loaded["scheduler"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -41,12 +41,13 @@ class Components:
     logprob_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # student logprobs of sampled ids
 
 
-def build_components(cfg: Config, runtime: Runtime) -> Components:
+def build_components(cfg: Config, runtime: Runtime, *, think_token_ids: Sequence[int] = ()) -> Components:
     """Build the student (weights from ``cfg.model.hf_path``), its teacher, optimizer and loss.
 
     Args:
         cfg: the validated config (model, parallel, teacher, trainer and loss sections are read).
         runtime: the started runtime; its parallel state decides this rank's chunks.
+        think_token_ids: the tokenizer's think tags, for the thinking-boundary metrics.
 
     Returns:
         The components; the student and the teacher (if any) hold identical weights at return.
@@ -71,7 +72,9 @@ def build_components(cfg: Config, runtime: Runtime) -> Components:
         build_chunks=build,
         teacher=teacher,
         student=student,
-        loss_fn=_make_loss(cfg, vocab_size=spec.vocab_size, tp_group=tp_group),
+        loss_fn=_make_loss(
+            cfg, vocab_size=spec.vocab_size, tp_group=tp_group, think_token_ids=think_token_ids
+        ),
         logprob_fn=functools.partial(token_logprobs, vocab_size=spec.vocab_size, tp_group=tp_group),
     )
 
@@ -89,10 +92,10 @@ def _make_teacher(cfg: Config, chunks: list[torch.nn.Module], build) -> Teacher 
     return None
 
 
-def _make_loss(cfg: Config, *, vocab_size: int, tp_group) -> LossFn | StudentLoss:
+def _make_loss(cfg: Config, *, vocab_size: int, tp_group, think_token_ids=None) -> LossFn | StudentLoss:
     common = dict(vocab_size=vocab_size, tp_group=tp_group, chunk_tokens=cfg.loss.chunk_tokens)
     if cfg.algorithm.name == "grpo":
         return GrpoLoss(cfg.algorithm, **common)
     if cfg.algorithm.name == "sft":
         return SftLoss(**common)
-    return make_loss_fn(cfg.loss, vocab_size=vocab_size, tp_group=tp_group)
+    return make_loss_fn(cfg.loss, vocab_size=vocab_size, tp_group=tp_group, think_token_ids=think_token_ids)

@@ -33,8 +33,13 @@ TransformerImpl = Literal["local", "transformer_engine"]
 LrSchedule = Literal["constant", "cosine"]
 Placement = Literal["colocated", "rank0"]
 AlgorithmName = Literal["opsd", "grpo", "sft"]
+ClipMode = Literal["token", "entry"]  # token: a token's divergence; entry: each vocab entry's term
+PromptStyle = Literal["opsd", "opsd_first_release"]
+ThinkPrefix = Literal["none", "open", "closed"]
+ReasonCache = Literal["regenerate", "per_example"]
 
 LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
+CLIP_MODES: tuple[str, ...] = typing.get_args(ClipMode)
 TEACHER_MODES: tuple[str, ...] = typing.get_args(TeacherMode)
 DEVICES: tuple[str, ...] = typing.get_args(Device)
 DTYPES: tuple[str, ...] = typing.get_args(DType)
@@ -80,7 +85,10 @@ class LossConfig:
     beta: float = 0.5  # JSD mixture weight: 0 = forward KL(p_T || p_S), 1 = reverse KL(p_S || p_T)
     temperature: float = 1.0  # divides teacher and student logits before the softmax
     top_k: int = 32  # used by topk and topk_tail
-    clip: float | None = None  # per-token divergence cap (no gradient above it)
+    clip: float | None = None  # divergence cap (no gradient above it); what it caps: clip_mode
+    # token: a token's whole divergence; entry: each vocabulary entry's pointwise term before the
+    # sum over the vocabulary (the official OPSD --jsd_token_clip; the loss can go negative)
+    clip_mode: ClipMode = "token"
     chunk_tokens: int = 1024  # tokens per chunk in the vocab-parallel loss
 
 
@@ -104,6 +112,14 @@ class AlgorithmConfig:
 class TeacherConfig:
     mode: TeacherMode = "fixed"  # current | fixed | ema
     ema_decay: float = 0.99
+    # Reason-first (the official --reason_first): the rollout engine first writes the teacher's
+    # rationalisation of the reference solution; the teacher then scores the response after it.
+    reason_first: bool = False
+    reason_max_new_tokens: int = 4096  # the rationalisation's length limit (official default)
+    reason_temperature: float | None = None  # None: rollout.temperature
+    reason_top_p: float | None = None  # None: rollout.top_p
+    reason_top_k: int | None = None  # None: rollout.top_k
+    reason_cache: ReasonCache = "regenerate"  # regenerate: every use (official)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -142,6 +158,10 @@ class DataConfig:
     max_teacher_prompt_tokens: int | None = None  # None: same as max_prompt_tokens
     student_enable_thinking: bool = True
     teacher_enable_thinking: bool = True
+    # opsd: the current official OPSD wording; opsd_first_release: its first release's (docs/prompts.md)
+    prompt_style: PromptStyle = "opsd"
+    # appended to the rendered teacher prompt: none | open ("<think>\n") | closed (an empty think block)
+    teacher_think_prefix: ThinkPrefix = "none"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -428,6 +448,10 @@ def _validate_algorithm(cfg: Config) -> None:
         _fail("loss.clip", loss.clip, "is not defined for loss.kind=pg", "set loss.clip=null")
     if loss.clip is not None and loss.clip <= 0:
         _fail("loss.clip", loss.clip, "must be > 0", "set loss.clip=null to disable clipping")
+    if loss.clip_mode == "entry" and loss.clip is None:
+        _fail(
+            "loss.clip_mode", "entry", "needs loss.clip", "set loss.clip (e.g. 0.05) or loss.clip_mode=token"
+        )
     if loss.chunk_tokens < 1:
         _fail("loss.chunk_tokens", loss.chunk_tokens, "must be >= 1", "use e.g. 1024")
     if teacher.mode == "ema" and not 0.0 <= teacher.ema_decay < 1.0:
@@ -581,6 +605,30 @@ def _validate_lengths_and_eval(cfg: Config) -> None:
             f"is below data.max_prompt_tokens={data.max_prompt_tokens} + rollout.max_new_tokens={ro.max_new_tokens}",
             "raise it or shorten prompts/responses (vLLM would cut responses silently)",
         )
+    teacher = cfg.teacher
+    if teacher.reason_first:
+        if teacher.reason_max_new_tokens < 1:
+            _fail(
+                "teacher.reason_max_new_tokens",
+                teacher.reason_max_new_tokens,
+                "must be >= 1",
+                "use e.g. 4096",
+            )
+        reasoning_prompt = data.max_teacher_prompt_tokens or data.max_prompt_tokens
+        if reasoning_prompt + teacher.reason_max_new_tokens > ro.max_model_len:
+            _fail(
+                "teacher.reason_max_new_tokens",
+                teacher.reason_max_new_tokens,
+                f"+ the teacher prompt limit {reasoning_prompt} exceeds rollout.max_model_len={ro.max_model_len}",
+                "raise rollout.max_model_len or lower teacher.reason_max_new_tokens",
+            )
+        if teacher.reason_temperature is not None and teacher.reason_temperature <= 0:
+            _fail(
+                "teacher.reason_temperature",
+                teacher.reason_temperature,
+                "must be > 0",
+                "use null for rollout's",
+            )
     if ev.interval < 0:
         _fail("eval.interval", ev.interval, "must be >= 0", "use 0 to turn in-training evaluation off")
     if ev.k < 1:

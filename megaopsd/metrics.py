@@ -131,6 +131,14 @@ def step_scalars(
         **timer.as_scalars(),
         "perf/train_tokens_per_s": train_tokens / max(timer.seconds["train"], 1e-9),
     }
+    if m.get("first_token_count", 0.0) > 0:  # the thinking boundary (loss/boundary.py)
+        values["train/first_token_divergence"] = m["first_token_divergence_sum"] / m["first_token_count"]
+        values["train/first_token_teacher_think_fraction"] = (
+            m["first_token_teacher_think_sum"] / m["first_token_count"]
+        )
+    if "entry_sum" in m:  # loss.clip_mode=entry: the share of entries and of the loss at the cap
+        values["train/clipped_entry_fraction"] = m["clipped_entry_sum"] / max(m["entry_sum"], 1e-30)
+        values["train/clipped_loss_share"] = m["clipped_loss_sum"] / max(m["positive_loss_sum"], 1e-30)
     if "teacher_topk_mass_sum" in m:
         values["train/teacher_topk_mass"] = m["teacher_topk_mass_sum"]
     values.update(_baseline_scalars(m))

@@ -62,7 +62,9 @@ def describe_layout(cfg: Config, world_size: int) -> str:
                 else ""
             )
             + (", sequence parallel" if par.sequence_parallel else ""),
-            f"loss {cfg.loss.kind} (beta {cfg.loss.beta}), teacher {cfg.teacher.mode}",
+            f"loss {cfg.loss.kind} (beta {cfg.loss.beta}"
+            + (f", {cfg.loss.clip_mode} clip {cfg.loss.clip:g}" if cfg.loss.clip is not None else "")
+            + f"), teacher {cfg.teacher.mode}",
         ]
     )
 

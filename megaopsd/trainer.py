@@ -27,12 +27,13 @@ import torch.distributed as dist
 
 from megaopsd.algorithm.batch import build_microbatches
 from megaopsd.algorithm.step import StepResult, train_step
-from megaopsd.algorithm.teacher import unwrap
 from megaopsd.checkpoint_manager import CheckpointManager
 from megaopsd.components import build_components
 from megaopsd.config import Config
 from megaopsd.eval.in_training import InTrainingEvaluator, eval_due
+from megaopsd.loss.boundary import think_token_ids
 from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line, step_scalars
+from megaopsd.models.builder import unwrap_chunk
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import Runtime
 from megaopsd.runtime.signals import StopRequest
@@ -75,9 +76,11 @@ class Trainer:
         self.cfg, self.runtime, self.parallel = cfg, runtime, runtime.parallel
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        templates = PromptTemplates(
+        templates = PromptTemplates.from_style(
+            cfg.data.prompt_style,
             student_enable_thinking=cfg.data.student_enable_thinking,
             teacher_enable_thinking=cfg.data.teacher_enable_thinking,
+            teacher_think_prefix=cfg.data.teacher_think_prefix,
         )
         self.prompts = build_prompt_stream(
             cfg.data,
@@ -85,7 +88,7 @@ class Trainer:
             templates=templates,
             max_teacher_prompt_tokens=cfg.data.max_teacher_prompt_tokens,
         )
-        parts = build_components(cfg, runtime)
+        parts = build_components(cfg, runtime, think_token_ids=think_token_ids(self.tokenizer))
         self.spec, self.teacher, self.student = parts.spec, parts.teacher, parts.student
         self.loss_fn, self.logprob_fn = parts.loss_fn, parts.logprob_fn
         self.checkpoints = CheckpointManager(cfg, runtime, student=self.student, teacher=self.teacher)
@@ -96,6 +99,8 @@ class Trainer:
         self.reward_grader = _reward_grader(cfg)
         self.fleet = self._start_engines()
         self.export_plan = None  # the weight export's plan, agreed once
+        # Every rank rewrites the same teacher prompts (the fleet's generate is collective).
+        self.reason_first = self._make_reason_first() if cfg.teacher.reason_first else None
         # An in-process vLLM engine installs its own SIGTERM handler; take the signals back.
         self.stop = stop.install()
         self.step = 0
@@ -175,7 +180,11 @@ class Trainer:
             first = self.parallel.dp_rank * per_replica
             mine = prompts[first : first + per_replica]
             refs = reference_responses(
-                mine, first, self.tokenizer, max_tokens=self.cfg.rollout.max_new_tokens
+                mine,
+                first,
+                self.tokenizer,
+                max_tokens=self.cfg.rollout.max_new_tokens,
+                with_teacher_prompt=alg.sft_prompts == "both",
             )
             return TrainingBatch(sampled=refs, train=refs)
         rollouts = self._rollouts(prompts)
@@ -212,6 +221,9 @@ class Trainer:
         """The rollouts this rank's data-parallel replica trains on (the engines split the prompts)."""
         from megaopsd.rollout.types import SamplingSettings
 
+        prompts = list(prompts)
+        if self.reason_first is not None:  # teacher prompts become prompt + rationale + transition
+            prompts = self.reason_first.apply(self.fleet, prompts, step=self.step)
         sampling = SamplingSettings.from_config(self.cfg.rollout)
         return self.fleet.rollouts(prompts, sampling, step=self.step)
 
@@ -291,12 +303,18 @@ class Trainer:
         self._say(f"starting {engines} rollout engine(s), placement {placement}")
         return start_fleet(self.cfg, self.runtime)
 
+    def _make_reason_first(self):
+        from megaopsd.data.reason_first import ReasonFirst, reason_first_sampling
+
+        sampling = reason_first_sampling(self.cfg.teacher, self.cfg.rollout)
+        return ReasonFirst(self.tokenizer, sampling, cache=self.cfg.teacher.reason_cache)
+
     def _sync_weights(self) -> dict[str, float]:
         """Refit every engine from the student's own shards, in memory (``rollout/refit.py``)."""
         from megaopsd.convert import export_plan
         from megaopsd.rollout.refit import refit
 
-        modules = [unwrap(c) for c in self.student.chunks]
+        modules = [unwrap_chunk(c) for c in self.student.chunks]
         if self.export_plan is None:
             tied = bool(self.spec.tie_word_embeddings)
             self.export_plan = export_plan(modules, self.spec, self.parallel, include_tied_lm_head=tied)
@@ -346,6 +364,8 @@ class Trainer:
             f"{self.tokenizer.decode(first.response_ids)}"
         )
         self.writer.text(self.step, "rollout/sample", body)
+        if self.reason_first is not None:
+            self.writer.text(self.step, "teacher/reason_first", self.reason_first.text_sample())
 
     def _say(self, message: str) -> None:
         if self.runtime.is_main:

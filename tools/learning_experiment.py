@@ -96,7 +96,7 @@ def paths(args: argparse.Namespace) -> dict[str, str]:
     return {
         "model.hf_path": str(out / "model"),
         "data.train_files": f"[{out / 'data' / 'train.jsonl'}]",
-        "eval.benchmarks": f"[{BENCH}={out / 'data' / 'heldout.jsonl'}]",
+        "eval.benchmarks": f"['{BENCH}={out / 'data' / 'heldout.jsonl'}']",
         "eval.k": str(args.k),
         "eval.limit": str(args.heldout),
     }

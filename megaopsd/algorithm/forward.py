@@ -28,10 +28,14 @@ import torch
 
 from megaopsd.algorithm.batch import PairedMicrobatch
 from megaopsd.algorithm.policy_loss import StudentLoss
-from megaopsd.algorithm.teacher import Teacher, unwrap
+from megaopsd.algorithm.teacher import Teacher
+from megaopsd.loss.boundary import first_token_mask
+from megaopsd.models.builder import unwrap_chunk
+from megaopsd.rollout.metrics import logprob_abs_diff_tokens
 
-# The per-token loss the last stage applies: (student_NV, teacher_NV, mask_N, target_N) -> (sum, metrics)
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+# The per-token loss the last stage applies: (student_NV, teacher_NV, mask_N, target_N, first_N=)
+# -> (sum, metrics); first_N marks each response's first token (thinking-boundary metrics).
+LossFn = Callable[..., tuple[torch.Tensor, dict]]
 # Log-probabilities of given tokens at temperature 1: (logits_NV, ids_N) -> logp_N (no grad)
 LogprobFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -56,7 +60,7 @@ class PairedForward:
         raise ValueError("the schedule passed a model chunk that is not one of the student chunks")
 
     def __call__(self, data_iterator: Iterator[PairedMicrobatch], model: torch.nn.Module):
-        student = unwrap(model)
+        student = unwrap_chunk(model)
         mb = next(data_iterator).to(next(student.parameters()).device)
         if self.teacher is None:
             return self._student_only(mb, model, student)
@@ -106,16 +110,18 @@ class PairedForward:
         if isinstance(self.loss_fn, StudentLoss):
             loss_sum, metrics = self.loss_fn(student_NV, teacher_NV, mb)
         else:
-            loss_sum, metrics = self.loss_fn(student_NV, teacher_NV, mb.loss_mask_T, mb.target_ids_T)
+            loss_sum, metrics = self.loss_fn(
+                student_NV, teacher_NV, mb.loss_mask_T, mb.target_ids_T, first_N=first_token_mask(mb.sample_T)
+            )
         num_tokens = mb.loss_mask_T.sum().to(torch.int)
         reported = {name: value.detach().clone().reshape(()) for name, value in metrics.items()}
         # clone: the schedule may scale the returned loss in place
         reported["loss_sum"] = loss_sum.detach().clone()
         if self.logprob_fn is not None and mb.engine_logprobs_T is not None:
             student_logp = self.logprob_fn(student_NV.detach(), mb.target_ids_T)
-            diff = (student_logp.double() - mb.engine_logprobs_T.double()).abs()
-            reported["logprob_abs_diff_sum"] = (diff * mb.loss_mask_T).sum()
-            reported["logprob_abs_diff_max"] = (diff * mb.loss_mask_T).max()
+            diff = logprob_abs_diff_tokens(mb.engine_logprobs_T, student_logp, mb.loss_mask_T)
+            reported["logprob_abs_diff_sum"] = diff.sum()
+            reported["logprob_abs_diff_max"] = diff.max()
         return loss_sum, num_tokens, reported
 
 

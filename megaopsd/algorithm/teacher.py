@@ -17,13 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from megaopsd.config import TeacherConfig
-
-
-def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
+from megaopsd.models.builder import unwrap_chunk
 
 
 class Teacher:
@@ -32,7 +26,7 @@ class Teacher:
     mode = "current"
 
     def __init__(self, student_chunks: Sequence[torch.nn.Module]):
-        self._student = [unwrap(c) for c in student_chunks]
+        self._student = [unwrap_chunk(c) for c in student_chunks]
 
     def chunk(self, index: int) -> torch.nn.Module:
         """The module that runs the teacher stream for virtual-pipeline chunk ``index``."""

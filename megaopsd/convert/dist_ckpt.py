@@ -86,9 +86,18 @@ def load_model_checkpoint(chunks: Sequence[torch.nn.Module], ckpt_dir: str | Pat
     path = Path(ckpt_dir)
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a megatron distributed checkpoint (no metadata.json)")
+    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(path))
+    load_model_state(chunks, loaded)
+
+
+def load_model_state(chunks: Sequence[torch.nn.Module], loaded: Mapping[str, Any]) -> None:
+    """Copy the model entries of a loaded ``model_sharded_state_dict`` request into the chunks.
+
+    ``loaded`` is what ``dist_checkpointing.load`` returned; other keys (optimizer, teacher)
+    are left to the caller.
+    """
     from megaopsd.models.builder import unwrap_chunk
 
-    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(path))
     for i, chunk in enumerate(chunks):
         unwrap_chunk(chunk).load_state_dict(loaded[model_state_key(i, len(chunks))], strict=True)
 

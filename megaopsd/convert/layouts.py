@@ -74,16 +74,20 @@ class Layout(Protocol):
         ...
 
 
-class Replicated:
-    """Same tensor on every TP rank, identical in both formats."""
-
-    tp_dim = None
+class _OneHfTensor:
+    """A parameter that is one HF tensor of the same full shape (only the TP split differs)."""
 
     def hf_shapes(self, full_shape: Shape, geo: Geometry) -> list[tuple[int, ...]]:
         return [tuple(full_shape)]
 
     def to_hf(self, full: torch.Tensor, geo: Geometry) -> list[torch.Tensor]:
         return [full.contiguous()]
+
+
+class Replicated(_OneHfTensor):
+    """Same tensor on every TP rank, identical in both formats."""
+
+    tp_dim = None
 
     def read_shard(
         self, slices: Sequence[Any], geo: Geometry, tp_rank: int, shard_shape: Shape
@@ -91,16 +95,10 @@ class Replicated:
         return slices[0][:]
 
 
-class RowParallel:
+class RowParallel(_OneHfTensor):
     """``[out, in]`` weight whose input dimension is split over TP."""
 
     tp_dim = 1
-
-    def hf_shapes(self, full_shape: Shape, geo: Geometry) -> list[tuple[int, ...]]:
-        return [tuple(full_shape)]
-
-    def to_hf(self, full: torch.Tensor, geo: Geometry) -> list[torch.Tensor]:
-        return [full.contiguous()]
 
     def read_shard(
         self, slices: Sequence[Any], geo: Geometry, tp_rank: int, shard_shape: Shape

@@ -10,10 +10,20 @@ Templates are plain strings with two fields, ``{problem}`` and ``{solution}``, s
 one pass. Every other character is literal, so ``\\boxed{}`` needs no brace escaping and a
 problem that happens to contain the text ``{solution}`` is not expanded again.
 
-The default wording is the official OPSD code's (siyan-zhao/OPSD, ``data_collator.py``, the
-non-"reason first" teacher): the student message starts with ``Problem:``, the teacher
-message with the bare problem. (The official README notes that its reported runs fed the
-student prompt without the chat template; here both prompts go through it, as at evaluation.)
+Wording comes in named styles (``data.prompt_style``), each pinned character for character by
+tests/unit/test_prompts.py:
+
+- ``opsd`` (default): the current official OPSD code's math prompts (siyan-zhao/OPSD
+  ``data_collator.py`` at commit c181e5bff7b94edef58cc64b4c0ba3a4d9e0d0dd): both messages start
+  with ``Problem:``; the teacher sees the reference solution between begin/end markers and a
+  transition that tells it not to copy or paraphrase the solution but to reason independently.
+- ``opsd_first_release``: the wording of the first public release (the teacher message starts
+  with the bare problem and has a shorter transition), what megaopsd shipped before.
+
+The reason-first strings (``REASONING_TEMPLATE``, ``REASON_FIRST_TRANSITION``) are the same
+commit's. These strings are protocol, copied verbatim (the em dash is written as an escape so
+the source stays ASCII). The official README notes that its first reported runs fed the student
+prompt without the chat template; here both prompts go through it, as at evaluation.
 """
 
 from __future__ import annotations
@@ -27,17 +37,66 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 
 STUDENT_TEMPLATE = "Problem: {problem}\n\n" + INSTRUCTION
 
+# ---- style "opsd": the current official wording
 TEACHER_TRANSITION = (
+    "\n\nAfter reading the reference solution above, make sure you truly understand "
+    "the reasoning behind each step \u2014 do not copy or paraphrase it. Now, using your "
+    "own words and independent reasoning, derive the same final answer to the problem above. "
+    "Think step by step, explore different approaches, and don't be afraid to backtrack "
+    "or reconsider if something doesn't work out:\n"
+)
+
+TEACHER_TEMPLATE = (
+    "Problem: {problem}\n\n"
+    "Here is a reference solution to this problem:\n"
+    "=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n"
+    + TEACHER_TRANSITION
+    + "\n"
+    + INSTRUCTION
+)
+
+# Reason-first: the teacher first writes a rationalisation of the solution from this message,
+# then the transition (raw text, no chat template) leads into the student's response.
+REASON_FIRST_PROMPT = (
+    "\n\nThe reference reasoning above arrives at the correct answer. "
+    "Please analyze this solution and explain the key reasoning steps and problem-solving strategies employed. "
+    "Do NOT use <think> tags. Do NOT derive your own solution. "
+    "Simply analyze and explain the reference solution provided above.\n"
+)
+
+REASONING_TEMPLATE = (
+    "Problem: {problem}\n\n"
+    "Here is a correct reasoning to this problem:"
+    "=== Reference Reasoning Start ===\n"
+    "{solution}\n"
+    "=== Reference Reasoning End ===\n\n" + REASON_FIRST_PROMPT
+)
+
+REASON_FIRST_TRANSITION = "\n" + TEACHER_TRANSITION + "\n" + INSTRUCTION
+
+# ---- style "opsd_first_release": the wording of the first public release
+FIRST_RELEASE_TEACHER_TRANSITION = (
     "After understanding the reference solution and the rationale behind each step, now articulate "
     "your own step-by-step reasoning that derives the same final answer to the problem below:"
 )
 
-TEACHER_TEMPLATE = (
+FIRST_RELEASE_TEACHER_TEMPLATE = (
     "{problem}\n\nHere is a reference solution to this problem:\n{solution}\n\n\n"
-    + TEACHER_TRANSITION
+    + FIRST_RELEASE_TEACHER_TRANSITION
     + "\n\n"
     + INSTRUCTION
 )
+
+# name -> (student template, teacher template); data.prompt_style picks one.
+PROMPT_STYLES = {
+    "opsd": (STUDENT_TEMPLATE, TEACHER_TEMPLATE),
+    "opsd_first_release": (STUDENT_TEMPLATE, FIRST_RELEASE_TEACHER_TEMPLATE),
+}
+
+# What data.teacher_think_prefix appends to the rendered teacher prompt (Qwen3 / R1-style tags).
+THINK_OPEN = "<think>\n"
+THINK_CLOSED = "<think>\n\n</think>\n\n"
+THINK_PREFIXES = {"none": "", "open": THINK_OPEN, "closed": THINK_CLOSED}
 
 _FIELD = re.compile(r"\{(problem|solution)\}")
 
@@ -54,12 +113,26 @@ class PromptTemplates:
         teacher: template with ``{problem}`` and ``{solution}``.
         student_enable_thinking: passed to the chat template as ``enable_thinking`` for the student.
         teacher_enable_thinking: the same for the teacher.
+        teacher_think_prefix: ``none``, ``open`` (append ``<think>\\n``: the teacher scores the
+            response from inside a think block) or ``closed`` (append an empty think block: the
+            teacher scores it as a non-thinking answer) to the rendered teacher prompt; a
+            fix for a teacher whose first response token disagrees with the student's because
+            of think-tag handling (docs/prompts.md).
     """
 
     student: str = STUDENT_TEMPLATE
     teacher: str = TEACHER_TEMPLATE
     student_enable_thinking: bool = True
     teacher_enable_thinking: bool = True
+    teacher_think_prefix: str = "none"
+
+    @classmethod
+    def from_style(cls, style: str, **switches: Any) -> PromptTemplates:
+        """The templates of a named style (``PROMPT_STYLES``) with the given thinking switches."""
+        if style not in PROMPT_STYLES:
+            raise ValueError(f"prompt style {style!r} is unknown; use one of {', '.join(PROMPT_STYLES)}")
+        student, teacher = PROMPT_STYLES[style]
+        return cls(student=student, teacher=teacher, **switches)
 
     def __post_init__(self) -> None:
         if "{problem}" not in self.student:
@@ -69,6 +142,10 @@ class PromptTemplates:
         for field in ("{problem}", "{solution}"):
             if field not in self.teacher:
                 raise ValueError(f"teacher prompt template must contain {field}")
+        if self.teacher_think_prefix not in THINK_PREFIXES:
+            raise ValueError(
+                f"teacher_think_prefix={self.teacher_think_prefix!r} is unknown; use one of {', '.join(THINK_PREFIXES)}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -108,6 +185,12 @@ def render_user_prompt(tokenizer: Any, message: str, *, enable_thinking: bool) -
         add_generation_prompt=True,
         enable_thinking=enable_thinking,
     )
+
+
+def append_think_prefix(rendered: str, prefix: str) -> str:
+    """``rendered`` + the think text ``prefix`` names, unless the template already ended with it."""
+    text = THINK_PREFIXES[prefix]
+    return rendered if rendered.endswith(text) else rendered + text
 
 
 def encode_rendered(tokenizer: Any, text: str) -> list[int]:
@@ -160,7 +243,7 @@ class PromptBuilder:
             fill_template(t.teacher, problem=problem, solution=solution),
             enable_thinking=t.teacher_enable_thinking,
         )
-        return student, teacher
+        return student, append_think_prefix(teacher, t.teacher_think_prefix)
 
     def build(self, problem: str, solution: str, *, example_id: str = "") -> PromptPair | None:
         """Render and tokenise one example.

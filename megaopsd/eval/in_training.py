@@ -43,22 +43,14 @@ class InTrainingEvaluator:
         from megaopsd.eval.runner import evaluate
         from megaopsd.rollout.types import SamplingSettings
 
-        ev = self.cfg
-        sampling = SamplingSettings(
-            temperature=ev.temperature,
-            top_p=ev.top_p,
-            top_k=ev.top_k,
-            max_new_tokens=ev.max_new_tokens,
-            seed=ev.seed,
-        )
         return evaluate(
             engine,
             tokenizer,
             self.benchmarks,
-            k=ev.k,
-            sampling=sampling,
+            k=self.cfg.k,
+            sampling=SamplingSettings.from_config(self.cfg),
             grader=self.grader,
-            enable_thinking=ev.enable_thinking,
+            enable_thinking=self.cfg.enable_thinking,
         )
 
     def close(self) -> None:

@@ -25,8 +25,10 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from megaopsd.config import CLIP_MODES as CLIP_MODE_CHOICES
 from megaopsd.config import LOSS_KINDS
 from megaopsd.loss import divergence_math as dm
+from megaopsd.loss import entry_clip as ec
 from megaopsd.loss.sharded import (
     LogSoftmax,
     ReduceOp,
@@ -45,6 +47,7 @@ from megaopsd.loss.sharded import (
 )
 
 KINDS = LOSS_KINDS  # the choices of loss.kind; _PATHS implements each (tests/unit/test_config.py)
+CLIP_MODES = CLIP_MODE_CHOICES  # the choices of loss.clip_mode (entry_clip.py)
 _TOPK_KINDS = ("topk", "topk_tail")
 
 
@@ -61,8 +64,15 @@ class DivergenceMetrics:
     student_entropy_sum: torch.Tensor
     teacher_entropy_sum: torch.Tensor
     teacher_topk_mass_sum: torch.Tensor | None  # full-vocab teacher mass on its top-k (top-k kinds)
-    clipped_count: torch.Tensor
+    clipped_count: torch.Tensor  # tokens clipped (entry mode: tokens with at least one clipped entry)
     token_count: torch.Tensor
+    # clip_mode="entry" only (else None): entries capped, entries scored (vocab, k or k + 1 per
+    # token), the loss the capped entries contribute (clip each) and the sum of the positive
+    # (capped) entry terms, so clipped_loss_sum / positive_loss_sum is the capped entries' share.
+    clipped_entry_count: torch.Tensor | None = None
+    entry_count: torch.Tensor | None = None
+    clipped_loss_sum: torch.Tensor | None = None
+    positive_loss_sum: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,8 +83,10 @@ class _Spec:
     temperature: float
     top_k: int | None
     clip: float | None
+    clip_mode: str  # token | entry
     chunk_tokens: int
     group: dist.ProcessGroup | None
+    vocab_size: int
     first_id: int  # global id of this rank's first vocab column
     n_cols: int  # valid (unpadded) columns on this rank
     dtype: torch.dtype  # compute dtype: float32, or float64 for float64 inputs
@@ -90,6 +102,7 @@ class _Chunk:
     teacher_entropy_C: torch.Tensor
     topk_mass_C: torch.Tensor | None
     saved: dict[str, torch.Tensor]  # each [C] or [C, K]
+    entry_C: list[torch.Tensor] | None = None  # entry clip: clipped entries, positive loss per token
 
 
 Loader = Callable[[str], torch.Tensor]  # "student" | "teacher" -> this chunk's scaled [C, N] logits
@@ -144,7 +157,33 @@ def _kl_forward(load: Loader, _ids_C, spec: _Spec, scratch: Scratch) -> _Chunk:
 def _kl_backward(load: Loader, saved: dict[str, torch.Tensor], spec: _Spec, scratch: Scratch) -> torch.Tensor:
     student = log_softmax_from_lse(load("student"), saved["lse_s"], scratch, "p0")
     teacher = log_softmax_from_lse(load("teacher"), saved["lse_t"], scratch, "p1")
+    if spec.clip_mode == "entry":
+        return ec.grad(student, teacher, saved["coef"], spec.mode, spec.beta, spec.clip, scratch)
     return dm.grad(student, teacher, saved["aux"], spec.mode, spec.beta, scratch)
+
+
+def _kl_entry_forward(load: Loader, _ids_C, spec: _Spec, scratch: Scratch) -> _Chunk:
+    """Full-vocab divergence with each entry's term capped at ``spec.clip`` (entry_clip)."""
+    student, teacher = sharded_log_softmax([load("student"), load("teacher")], spec.group, scratch)
+    # Probabilities as exp(log p), exactly as the backward pass rebuilds them from the saved
+    # log-normaliser: the per-entry clip decisions of both passes are then bit-identical.
+    for d in (student, teacher):
+        torch.exp(d.logp_CN, out=d.p_CN)
+    neg_entropies = _entropy_sums(student, teacher, scratch)
+    term_CN, coef_CN = ec.terms_and_coef(student, teacher, spec.mode, spec.beta, scratch)
+    sums = ec.clip_sums(term_CN, coef_CN, spec.clip, scratch) + neg_entropies
+    div_C, loss_C, clipped_C, positive_C, coef_C, neg_ent_s, neg_ent_t = all_reduce_rows(
+        sums, ReduceOp.SUM, spec.group
+    )
+    return _Chunk(
+        loss_C=loss_C,
+        div_C=div_C,
+        student_entropy_C=-neg_ent_s,
+        teacher_entropy_C=-neg_ent_t,
+        topk_mass_C=None,
+        saved={"lse_s": student.lse_C, "lse_t": teacher.lse_C, "coef": coef_C},
+        entry_C=[clipped_C, positive_C],
+    )
 
 
 # ----------------------------------------------------------------------------- teacher top-k
@@ -176,17 +215,25 @@ def _topk_forward(load: Loader, _ids_C, spec: _Spec, scratch: Scratch) -> _Chunk
         vals_s_CK = torch.cat([vals_s_CK, tail_s_C.log()[:, None]], dim=1)
         vals_t_CK = torch.cat([vals_t_CK, tail_t_C.log()[:, None]], dim=1)
     ks, kt = sharded_log_softmax([vals_s_CK, vals_t_CK], None)
-    div_C, g_CK = dm.dense_divergence_and_grad(ks, kt, spec.mode, spec.beta)
+    entry_C, loss_C = None, None
+    if spec.clip_mode == "entry":
+        (div_C, loss_C, clipped_C, positive_C, _), g_CK = ec.dense_clip_and_grad(
+            ks, kt, spec.mode, spec.beta, spec.clip
+        )
+        entry_C = [clipped_C, positive_C]
+    else:
+        div_C, g_CK = dm.dense_divergence_and_grad(ks, kt, spec.mode, spec.beta)
     saved = {"ids": ids_CK, "g_top": g_CK[:, :k].contiguous()}
     if tail:
         saved |= {"lse_s": student.lse_C, "tail_coef": g_CK[:, k] / tail_s_C}
     return _Chunk(
-        loss_C=div_C,
+        loss_C=div_C if loss_C is None else loss_C,
         div_C=div_C,
         student_entropy_C=-rows[0],
         teacher_entropy_C=-rows[1],
         topk_mass_C=topk_mass_C,
         saved=saved,
+        entry_C=entry_C,
     )
 
 
@@ -259,6 +306,37 @@ _PATHS = {
 # ----------------------------------------------------------------------------- autograd + entry point
 
 
+def _forward_path(spec: _Spec) -> Callable:
+    if spec.clip_mode == "entry" and spec.kind not in _TOPK_KINDS:
+        return _kl_entry_forward  # the top-k paths handle entry clipping themselves
+    return _PATHS[spec.kind][0]
+
+
+def _entries_per_token(spec: _Spec) -> int:
+    """How many pointwise terms a token's loss sums: the vocab, k, or k + 1 with the tail."""
+    if spec.kind == "topk":
+        return spec.top_k
+    if spec.kind == "topk_tail":
+        return spec.top_k + 1
+    return spec.vocab_size
+
+
+def _entry_sums(
+    chunks: list[_Chunk], weight_R: torch.Tensor, spec: _Spec
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Entry-clip metric sums (``DivergenceMetrics`` order) and which tokens had an entry capped."""
+    clipped_R = torch.cat([c.entry_C[0] for c in chunks] or [weight_R])
+    positive_R = torch.cat([c.entry_C[1] for c in chunks] or [weight_R])
+    n_clipped = (weight_R * clipped_R).sum()
+    sums = [
+        n_clipped,
+        weight_R.sum() * _entries_per_token(spec),
+        n_clipped * spec.clip,
+        (weight_R * positive_R).sum(),
+    ]
+    return sums, clipped_R > 0
+
+
 def _cat(chunks: list[_Chunk], field: str, like: torch.Tensor) -> torch.Tensor:
     values = [getattr(c, field) for c in chunks]
     return torch.cat(values) if values else like.new_zeros(0)
@@ -271,7 +349,7 @@ class _VocabParallelDivergence(torch.autograd.Function):
     def forward(ctx, student_TW, teacher_TW, weight_T, sampled_ids_T, spec: _Spec):
         rows_R = weight_T.nonzero().flatten()
         weight_R = weight_T[rows_R].to(spec.dtype)
-        fwd, scratch = _PATHS[spec.kind][0], Scratch()
+        fwd, scratch = _forward_path(spec), Scratch()
         sources = {"student": student_TW, "teacher": teacher_TW}
         chunks = []
         for rows_C in rows_R.split(spec.chunk_tokens):
@@ -279,9 +357,13 @@ class _VocabParallelDivergence(torch.autograd.Function):
             chunks.append(fwd(_chunk_loader(sources, rows_C, spec, scratch), ids_C, spec, scratch))
         loss_R, div_R = _cat(chunks, "loss_C", weight_R), _cat(chunks, "div_C", weight_R)
         clipped_R = torch.zeros_like(rows_R, dtype=torch.bool)
-        if spec.clip is not None:
+        if spec.clip is not None and spec.clip_mode == "token":
             clipped_R = div_R > spec.clip
             loss_R = torch.where(clipped_R, spec.clip, loss_R)  # a constant: no gradient
+        entry_sums = []
+        if spec.clip_mode == "entry":
+            # The token itself is never capped in entry mode; the count says how many were touched.
+            entry_sums, clipped_R = _entry_sums(chunks, weight_R, spec)
         topk_mass_R = (
             _cat(chunks, "topk_mass_C", weight_R) if spec.kind in _TOPK_KINDS else torch.zeros_like(weight_R)
         )
@@ -293,10 +375,12 @@ class _VocabParallelDivergence(torch.autograd.Function):
                 (weight_R * topk_mass_R).sum(),
                 (weight_R * clipped_R).sum(),
                 weight_R.sum(),
+                *entry_sums,
             ]
         )
         loss_sum = (weight_R * loss_R).sum()
-        coef_R = torch.where(clipped_R, 0.0, weight_R) / spec.temperature
+        # Token clip: a capped token is a constant. (Entry clip zeroes entries inside the chunks.)
+        coef_R = torch.where(clipped_R & (spec.clip_mode == "token"), 0.0, weight_R) / spec.temperature
         saved = {
             key: torch.cat([c.saved[key] for c in chunks]) for key in (chunks[0].saved if chunks else {})
         }
@@ -337,6 +421,7 @@ def _check_args(
     tp_size: int,
     top_k: int | None,
     clip: float | None,
+    clip_mode: str,
     sampled_ids_T: torch.Tensor | None,
     chunk_tokens: int,
 ) -> None:
@@ -363,6 +448,8 @@ def _check_args(
         fail(f"kind={kind!r} needs 1 <= top_k <= vocab_size, got top_k={top_k}")
     if clip is not None and (kind == "pg" or clip <= 0):
         fail(f"clip={clip} must be > 0 and is not defined for kind='pg'; pass clip=None")
+    if clip_mode not in CLIP_MODES:
+        fail(f"clip_mode={clip_mode!r} is unknown; use one of {', '.join(CLIP_MODES)}")
     if chunk_tokens < 1:
         fail(f"chunk_tokens={chunk_tokens} must be >= 1")
     if kind == "pg":
@@ -385,6 +472,7 @@ def vocab_parallel_divergence(
     tp_group: dist.ProcessGroup | None = None,
     top_k: int | None = None,
     clip: float | None = None,
+    clip_mode: str = "token",
     sampled_ids_T: torch.Tensor | None = None,
     chunk_tokens: int = 1024,
 ) -> tuple[torch.Tensor, DivergenceMetrics]:
@@ -403,7 +491,11 @@ def vocab_parallel_divergence(
         tp_group: the TP group the vocab is split over; None (or size 1) means no TP. Note:
             None is NOT the default world group here.
         top_k: number of teacher tokens kept by topk / topk_tail.
-        clip: a token whose divergence exceeds clip contributes clip, with no gradient.
+        clip: with ``clip_mode="token"`` a token whose divergence exceeds clip contributes clip,
+            with no gradient; with ``"entry"`` each vocabulary entry's pointwise term is capped
+            at clip before the sum over the vocabulary (the official OPSD ``--jsd_token_clip``;
+            see ``entry_clip``), capped entries passing no gradient.
+        clip_mode: ``token`` or ``entry``; only used when ``clip`` is set.
         sampled_ids_T: [tokens] global ids of the sampled tokens (kind ``pg`` only).
         chunk_tokens: tokens per chunk; extra memory is a few [chunk_tokens, shard] buffers.
 
@@ -426,6 +518,7 @@ def vocab_parallel_divergence(
         tp_size=tp_size,
         top_k=top_k,
         clip=clip,
+        clip_mode=clip_mode,
         sampled_ids_T=sampled_ids_T,
         chunk_tokens=chunk_tokens,
     )
@@ -440,8 +533,10 @@ def vocab_parallel_divergence(
         temperature=float(temperature),
         top_k=top_k,
         clip=clip,
+        clip_mode=clip_mode if clip is not None else "token",
         chunk_tokens=chunk_tokens,
         group=tp_group if tp_size > 1 else None,
+        vocab_size=vocab_size,
         first_id=first_id,
         n_cols=n_cols,
         dtype=dtype,
@@ -456,5 +551,10 @@ def vocab_parallel_divergence(
         teacher_topk_mass_sum=m[3] if kind in _TOPK_KINDS else None,
         clipped_count=m[4],
         token_count=m[5],
+        **(
+            dict(clipped_entry_count=m[6], entry_count=m[7], clipped_loss_sum=m[8], positive_loss_sum=m[9])
+            if spec.clip_mode == "entry"
+            else {}
+        ),
     )
     return loss_sum, metrics

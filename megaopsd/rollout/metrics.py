@@ -1,10 +1,12 @@
-"""Rollout-vs-trainer mismatch: mean |engine logprob - trainer student logprob| of sampled tokens.
+"""Rollout-vs-trainer mismatch: |engine logprob - trainer student logprob| of the sampled tokens.
 
 Both sides are raw log-probabilities at temperature 1 of the same tokens under the same weights,
-so the value measures numerical disagreement between the engine and the trainer (logged as
-``rollout/logprob_abs_diff``; about 5e-6 for the tiny models in float32 on CPU).
+so the value measures numerical disagreement between the engine and the trainer. The paired
+forward step sums ``logprob_abs_diff_tokens`` over each microbatch (the trainer logs the token
+mean as ``rollout/logprob_abs_diff``; about 5e-6 for the tiny models in float32 on CPU); tests
+and tools take the mean of a batch with ``logprob_abs_diff``. One function computes both.
 
-Shapes: ``B`` sequences x ``T`` response positions (padded; ``mask_BT`` marks real tokens).
+Shapes: any shape ``S`` shared by the three tensors (``[B, T]`` padded rows, or ``[N]`` tokens).
 """
 
 from __future__ import annotations
@@ -12,29 +14,31 @@ from __future__ import annotations
 import torch
 
 
+def logprob_abs_diff_tokens(
+    engine_logprobs: torch.Tensor, student_logprobs: torch.Tensor, mask: torch.Tensor
+):
+    """Per-token ``|engine - student|`` in float64, zero where ``mask`` is 0 (no gradient).
+
+    Args:
+        engine_logprobs: the engine's raw logprobs of the sampled tokens.
+        student_logprobs: the trainer's student logprobs (temperature 1) of the same tokens.
+        mask: 1/True where a position holds a response token that counts.
+    """
+    if engine_logprobs.shape != student_logprobs.shape or engine_logprobs.shape != mask.shape:
+        raise ValueError(
+            f"shapes differ: engine {tuple(engine_logprobs.shape)}, student "
+            f"{tuple(student_logprobs.shape)}, mask {tuple(mask.shape)}"
+        )
+    diff = (engine_logprobs.detach().to(torch.float64) - student_logprobs.detach().to(torch.float64)).abs()
+    return diff * mask.detach().to(torch.float64)
+
+
 def logprob_abs_diff(
     engine_logprobs_BT: torch.Tensor, student_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor
 ) -> torch.Tensor:
-    """Mean absolute difference over the masked tokens (0 when the mask is empty).
-
-    Args:
-        engine_logprobs_BT: the engine's raw logprobs of the sampled tokens.
-        student_logprobs_BT: the trainer's student logprobs (temperature 1) of the same tokens.
-        mask_BT: 1/True where a position holds a response token.
-
-    Returns:
-        A float64 scalar tensor (no gradient).
-    """
-    if engine_logprobs_BT.shape != student_logprobs_BT.shape or engine_logprobs_BT.shape != mask_BT.shape:
-        raise ValueError(
-            f"shapes differ: engine {tuple(engine_logprobs_BT.shape)}, student "
-            f"{tuple(student_logprobs_BT.shape)}, mask {tuple(mask_BT.shape)}"
-        )
-    mask = mask_BT.detach().to(torch.float64)
-    diff = (
-        engine_logprobs_BT.detach().to(torch.float64) - student_logprobs_BT.detach().to(torch.float64)
-    ).abs()
-    count = mask.sum()
+    """Mean absolute difference over the masked tokens (0 when the mask is empty); float64 scalar."""
+    diff = logprob_abs_diff_tokens(engine_logprobs_BT, student_logprobs_BT, mask_BT)
+    count = mask_BT.detach().to(torch.float64).sum()
     if count == 0:
         return torch.zeros((), dtype=torch.float64)
-    return (diff * mask).sum() / count
+    return diff.sum() / count

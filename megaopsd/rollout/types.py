@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
-from megaopsd.config import WEIGHT_TRANSPORTS, RolloutConfig, check_choice
+from megaopsd.config import WEIGHT_TRANSPORTS, EvalConfig, RolloutConfig, check_choice
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -41,13 +41,13 @@ class SamplingSettings:
     seed: int | None = 0
 
     @classmethod
-    def from_config(cls, cfg: RolloutConfig, **overrides: object) -> SamplingSettings:
-        """The sampling part of ``RolloutConfig``; keyword overrides win (e.g. greedy eval)."""
+    def from_config(cls, cfg: RolloutConfig | EvalConfig, **overrides: object) -> SamplingSettings:
+        """The sampling part of ``RolloutConfig`` or ``EvalConfig`` (no ``n``: 1); overrides win."""
         values = dict(
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             top_k=cfg.top_k,
-            n=cfg.n,
+            n=getattr(cfg, "n", 1),
             max_new_tokens=cfg.max_new_tokens,
             seed=cfg.seed,
         )

@@ -90,6 +90,67 @@ def _compare_tp1_tp2(rank: int) -> list[dict]:
     return out
 
 
+ENTRY_KINDS = ("jsd", "forward_kl", "reverse_kl", "topk", "topk_tail")
+ENTRY_CLIP = 0.02  # caps a good share of the entries of these random rows
+
+
+def _compare_entry_clip(rank: int) -> list[dict]:
+    """clip_mode=entry at TP1 and TP2 next to the float64 reference of the official formula."""
+    from tests.unit.test_loss_entry_clip import entry_reference
+
+    lo, out = rank * W, []
+    for kind in ENTRY_KINDS:
+        for i, (vocab, beta, tau, ties) in enumerate(SETTINGS):
+            student, teacher, mask, _ = _inputs(vocab, seed=40 + i, ties=ties)
+            weights = mask.double() * torch.linspace(0.5, 1.5, T, dtype=torch.float64)  # weighted mask
+            kw = dict(kind=kind, beta=beta, temperature=tau, vocab_size=vocab, clip=ENTRY_CLIP)
+            s_ref = student.clone().requires_grad_()
+            ref_loss, _, ref_metrics = entry_reference(s_ref, teacher, weights, top_k=TOP_K, **kw)
+            ref_loss.backward()
+            kw |= dict(mask_T=weights, top_k=TOP_K, clip_mode="entry", chunk_tokens=CHUNK)
+            vals1, grad1 = _loss_and_grad(student, teacher, None, **kw)
+            shard = slice(lo, lo + W)
+            vals2, grad2 = _loss_and_grad(
+                student[:, shard].contiguous(), teacher[:, shard].contiguous(), dist.group.WORLD, **kw
+            )
+            ref_vals = torch.stack([ref_loss.detach(), *ref_metrics.values()])
+            arrays = dict(vals1=vals1, vals2=vals2, grad1=grad1[:, shard], grad2=grad2)
+            arrays |= dict(ref_vals=ref_vals, ref_grad=s_ref.grad[:, shard])
+            out.append(
+                dict(
+                    case=f"entry {kind} V={vocab} beta={beta} tau={tau} ties={ties}", names=list(ref_metrics)
+                )
+                | {k: v.numpy() for k, v in arrays.items()}
+            )
+    return out
+
+
+def _compare_boundary(rank: int) -> list[dict]:
+    """First-token boundary sums at TP1 and TP2 (think ids on both shards, one past the vocab)."""
+    from megaopsd.loss.boundary import first_token_sums
+
+    out = []
+    for vocab in (203, 100):
+        student, teacher, _, sampled = _inputs(vocab, seed=60)
+        teacher[[0, 5], 3] = 90.0  # rank 0's shard
+        teacher[[7, 11], min(vocab - 1, W + 2)] = 90.0  # rank 1's shard when it has real columns
+        first = torch.zeros(T, dtype=torch.bool)
+        first[[0, 5, 7, 11, 20]] = True
+        kw = dict(kind="jsd", beta=0.5, temperature=1.0, top_k=None, vocab_size=vocab, think_ids=[3, W + 2])
+        one = first_token_sums(student, teacher, first, sampled, tp_group=None, **kw)
+        shard = slice(rank * W, (rank + 1) * W)
+        two = first_token_sums(
+            student[:, shard].contiguous(),
+            teacher[:, shard].contiguous(),
+            first,
+            sampled,
+            tp_group=dist.group.WORLD,
+            **kw,
+        )
+        out.append(dict(vocab=vocab) | {k: (one[k].item(), two[k].item()) for k in one})
+    return out
+
+
 class _AllocationRecorder(TorchDispatchMode):
     """Shapes of every tensor an op creates (view ops, which allocate nothing, are skipped)."""
 
@@ -120,7 +181,8 @@ def _record_allocations(rank: int) -> dict:
     shard = slice(rank * w, (rank + 1) * w)
     s, t = student[:, shard].float().requires_grad_(), teacher[:, shard].float()
     per_kind = {}
-    for kind in KINDS:
+    runs = [(kind, None, "token") for kind in KINDS] + [(kind, 0.02, "entry") for kind in ENTRY_KINDS]
+    for kind, clip, clip_mode in runs:
         with _AllocationRecorder() as rec:
             loss, _ = vocab_parallel_divergence(
                 s,
@@ -131,11 +193,13 @@ def _record_allocations(rank: int) -> dict:
                 vocab_size=MEM_F - 37,
                 tp_group=dist.group.WORLD,
                 top_k=TOP_K,
+                clip=clip,
+                clip_mode=clip_mode,
                 sampled_ids_T=sampled,
                 chunk_tokens=MEM_CHUNK,
             )
             loss.backward()
-        per_kind[kind] = rec.shapes
+        per_kind[f"{kind} {clip_mode}"] = rec.shapes
         s.grad = None
     with _AllocationRecorder() as control:
         _naive_full_vocab_jsd(s, t, dist.group.WORLD)
@@ -147,7 +211,12 @@ def _worker() -> dict:
     dist.init_process_group("gloo")
     try:
         rank = dist.get_rank()
-        return dict(compare=_compare_tp1_tp2(rank), allocations=_record_allocations(rank))
+        return dict(
+            compare=_compare_tp1_tp2(rank),
+            entry=_compare_entry_clip(rank),
+            boundary=_compare_boundary(rank),
+            allocations=_record_allocations(rank),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -192,3 +261,51 @@ def test_no_full_vocab_tensor_on_any_rank(rank_results):
             # ... and beyond chunk-sized buffers only the [T, W] gradient itself is allocated.
             over_chunk = {s for _, s in shapes if torch.Size(s).numel() > chunk_numel}
             assert over_chunk == {shard_grad}, f"rank {rank} {kind}: {over_chunk}"
+
+
+_METRIC_ORDER = (
+    "divergence_sum",
+    "student_entropy_sum",
+    "teacher_entropy_sum",
+    "clipped_count",
+    "token_count",
+    "clipped_entry_count",
+    "entry_count",
+    "clipped_loss_sum",
+    "positive_loss_sum",
+)
+
+
+def test_entry_clip_equals_the_official_formula_at_tp1_and_tp2(rank_results):
+    """Loss, gradients and every metric of clip_mode=entry vs the float64 reference, both layouts."""
+    n_cases = len(ENTRY_KINDS) * len(SETTINGS)
+    for rank, result in enumerate(rank_results):
+        assert len(result["entry"]) == n_cases
+        for r in result["entry"]:
+            case = r["case"]
+            ref = dict(zip(["loss", *r["names"]], torch.from_numpy(r["ref_vals"])))
+            assert ref["clipped_entry_count"] > 0, case
+            # vals: loss, divergence, entropies, (top-k mass), clipped, tokens, entry metrics
+            for tag in ("vals1", "vals2"):
+                vals = torch.from_numpy(r[tag])
+                got = dict(zip(["loss", *_METRIC_ORDER], [vals[0], *vals[1:4], *vals[-6:]]))
+                for name, want in ref.items():
+                    tol = 1e-6 * max(abs(want).item(), 1e-12)
+                    assert abs(got[name] - want).item() <= tol, f"rank {rank} {case} {tag} {name}"
+            ref_grad = torch.from_numpy(r["ref_grad"])
+            for tag in ("grad1", "grad2"):
+                grad = torch.from_numpy(r[tag])
+                if ref_grad.abs().max() > 0:
+                    assert _rel_err(grad, ref_grad) <= 1e-6, f"rank {rank} {case} {tag}"
+                else:
+                    assert torch.count_nonzero(grad) == 0, f"rank {rank} {case} {tag}"
+
+
+def test_first_token_boundary_sums_are_layout_independent(rank_results):
+    for rank, result in enumerate(rank_results):
+        for r in result["boundary"]:
+            think = 4.0 if r["vocab"] > W + 2 else 2.0  # id W + 2 is padding when V = 100
+            assert r["first_token_count"] == (5.0, 5.0), r
+            assert r["first_token_teacher_think_sum"] == (think, think), (rank, r)
+            one, two = r["first_token_divergence_sum"]
+            assert one > 0 and abs(one - two) <= 1e-9 * one, (rank, r)

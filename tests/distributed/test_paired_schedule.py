@@ -187,13 +187,13 @@ def teacher_worker(hf_dir: str, tp: int, pp: int, mode: str, steps: int):
     """Train ``steps`` steps; return teacher/student weights per step and the received-tensor grads."""
     from megaopsd.algorithm import forward as forward_module
     from megaopsd.algorithm.step import train_step
-    from megaopsd.algorithm.teacher import unwrap
+    from megaopsd.models import unwrap_chunk
 
     received = []
     original_call = forward_module.PairedForward.__call__
 
     def capturing_call(self, data_iterator, model):
-        tensor = unwrap(model).decoder.input_tensor
+        tensor = unwrap_chunk(model).decoder.input_tensor
         if tensor is not None:
             received.append(tensor)
         return original_call(self, data_iterator, model)

@@ -30,9 +30,9 @@ def nan_from_step_two_worker(model: str, out: str, data: str) -> dict:
     def make_loss_fn(*args, **kwargs):
         real = real_make_loss_fn(*args, **kwargs)
 
-        def poisoned(student, teacher, mask, target):
+        def poisoned(student, teacher, mask, target, **kw):
             calls["n"] += 1
-            loss_sum, sums = real(student, teacher, mask, target)
+            loss_sum, sums = real(student, teacher, mask, target, **kw)
             return (loss_sum * float("nan") if calls["n"] > 1 else loss_sum), sums
 
         return poisoned
@@ -42,7 +42,7 @@ def nan_from_step_two_worker(model: str, out: str, data: str) -> dict:
         {
             "model": {"hf_path": model},
             "rollout": {"max_new_tokens": 16, "max_model_len": 512, "kv_cache_gib": 0.0625},
-            "data": {"train_files": [data], "max_prompt_tokens": 160, "max_teacher_prompt_tokens": 384},
+            "data": {"train_files": [data], "max_prompt_tokens": 160, "max_teacher_prompt_tokens": 640},
             "trainer": {
                 "max_steps": 8,
                 "prompts_per_step": 4,

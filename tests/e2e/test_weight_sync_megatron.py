@@ -34,8 +34,8 @@ def greedy(engine) -> list[tuple[list[int], list[float]]]:
 def sync_worker(hf_dir: str, work: str) -> dict:
 
     from megaopsd.algorithm.step import train_step
-    from megaopsd.algorithm.teacher import unwrap
     from megaopsd.convert import export_hf_weights, save_model_checkpoint
+    from megaopsd.models import unwrap_chunk
     from megaopsd.rollout.types import EngineSettings
     from megaopsd.rollout.vllm_engine import VllmEngine
     from tests.helpers import BUDGET_ONE, my_microbatches, paired_setup
@@ -52,7 +52,7 @@ def sync_worker(hf_dir: str, work: str) -> dict:
         loss_fn=loss_fn,
         parallel=runtime.parallel,
     )
-    modules = [unwrap(c) for c in student.chunks]
+    modules = [unwrap_chunk(c) for c in student.chunks]
     stats = engine.update_weights(export_hf_weights(modules, spec, runtime.parallel))
     synced = greedy(engine)
     save_model_checkpoint(modules, Path(work) / "ckpt")

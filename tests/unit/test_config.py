@@ -107,6 +107,10 @@ INVALID = [
     (["++rollout.sleep_level=3"], 1, ["rollout.sleep_level=3"]),
     (["++rollout.gpu_memory_utilization=0"], 1, ["rollout.gpu_memory_utilization=0.0"]),
     (["loss.kind=pg", "loss.clip=2.0"], 1, ["loss.clip=2.0", "not defined for loss.kind=pg"]),
+    (["loss.clip=0.05", "loss.clip_mode=vocab"], 1, ["loss.clip_mode='vocab'", "token, entry"]),
+    (["loss.clip_mode=entry"], 1, ["loss.clip_mode='entry'", "needs loss.clip"]),
+    (["teacher.reason_first=true"], 1, ["teacher.reason_max_new_tokens=4096", "rollout.max_model_len=4096"]),
+    (["data.prompt_style=v0"], 1, ["data.prompt_style='v0'", "opsd, opsd_first_release"]),
     (["rollout.max_new_tokens=4000"], 1, ["rollout.max_model_len=4096", "rollout.max_new_tokens=4000"]),
 ]
 

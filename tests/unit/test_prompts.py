@@ -17,8 +17,18 @@ ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
 NO_THINK = "<think>\n\n</think>\n\n"
 
 STUDENT_MESSAGE = f"Problem: {PROBLEM}\n\n{INSTRUCTION}"
-# The official OPSD teacher message (siyan-zhao/OPSD data_collator.py), written out by hand.
+# The current official OPSD teacher message (siyan-zhao/OPSD data_collator.py at c181e5b), by hand.
 TEACHER_MESSAGE = (
+    f"Problem: {PROBLEM}\n\nHere is a reference solution to this problem:\n"
+    f"=== Reference Solution Begin ===\n{SOLUTION}\n=== Reference Solution End ===\n\n\n"
+    "After reading the reference solution above, make sure you truly understand the reasoning behind each "
+    "step \u2014 do not copy or paraphrase it. Now, using your own words and independent reasoning, derive "
+    "the same final answer to the problem above. Think step by step, explore different approaches, and "
+    "don't be afraid to backtrack or reconsider if something doesn't work out:\n\n"
+    f"{INSTRUCTION}"
+)
+# The first public release's teacher message (prompt_style=opsd_first_release), by hand.
+FIRST_RELEASE_TEACHER_MESSAGE = (
     f"{PROBLEM}\n\nHere is a reference solution to this problem:\n{SOLUTION}\n\n\n"
     "After understanding the reference solution and the rationale behind each step, now articulate your "
     "own step-by-step reasoning that derives the same final answer to the problem below:\n\n"
@@ -39,6 +49,35 @@ def test_prompts_render_to_the_exact_strings(tokenizer, thinking):
     assert pair.student_prompt_text == HEADER + STUDENT_MESSAGE + ASSISTANT + tail
     assert pair.teacher_prompt_text == HEADER + TEACHER_MESSAGE + ASSISTANT + tail
     assert (pair.example_id, pair.problem, pair.solution) == ("x:1", PROBLEM, SOLUTION)
+
+
+def test_first_release_style_renders_its_own_teacher_message(tokenizer):
+    templates = PromptTemplates.from_style("opsd_first_release")
+    pair = PromptBuilder(tokenizer, templates=templates).build(PROBLEM, SOLUTION)
+    assert pair.student_prompt_text == HEADER + STUDENT_MESSAGE + ASSISTANT
+    assert pair.teacher_prompt_text == HEADER + FIRST_RELEASE_TEACHER_MESSAGE + ASSISTANT
+    assert PromptTemplates.from_style("opsd") == PromptTemplates()
+    with pytest.raises(ValueError, match="prompt style 'v3' is unknown"):
+        PromptTemplates.from_style("v3")
+
+
+@pytest.mark.parametrize(
+    ("prefix", "thinking", "tail"),
+    [
+        ("none", True, ""),
+        ("open", True, "<think>\n"),
+        ("closed", True, NO_THINK),
+        ("closed", False, NO_THINK),  # the template already closed it: not doubled
+        ("open", False, NO_THINK + "<think>\n"),
+    ],
+)
+def test_teacher_think_prefix(tokenizer, prefix, thinking, tail):
+    templates = PromptTemplates(teacher_enable_thinking=thinking, teacher_think_prefix=prefix)
+    pair = PromptBuilder(tokenizer, templates=templates).build(PROBLEM, SOLUTION)
+    assert pair.teacher_prompt_text == HEADER + TEACHER_MESSAGE + ASSISTANT + tail
+    assert pair.student_prompt_text == HEADER + STUDENT_MESSAGE + ASSISTANT
+    with pytest.raises(ValueError, match="teacher_think_prefix='half'"):
+        PromptTemplates(teacher_think_prefix="half")
 
 
 def test_separate_thinking_switches(tokenizer):

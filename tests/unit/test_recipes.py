@@ -117,3 +117,65 @@ def test_tiny_cpu_recipe_is_valid_for_two_processes(tiny_qwen3, monkeypatch):
             compose(config_name="config", overrides=["recipe=tiny_cpu", f"model.hf_path={tiny_qwen3}"])
         )
     assert "world size 2 = TP 1 x PP 2 x DP 1" in describe_layout(cfg, 2)
+
+
+# ----------------------------------------------------------------------------- official-run recipes
+
+OFFICIAL = {
+    # recipe: (model sizes, layout, per-entry clip, teacher thinking)
+    "opsd_qwen3_1p7b": ("qwen3_1p7b", "TP 1 x PP 1 x DP 8", 0.05, True),
+    "opsd_qwen3_1p7b_nothink": ("qwen3_1p7b", "TP 1 x PP 1 x DP 8", 1e-6, False),
+    "opsd_qwen3_4b": ("qwen3_4b", "TP 2 x PP 1 x DP 4", 0.05, True),
+    "opsd_qwen3_4b_nothink": ("qwen3_4b", "TP 2 x PP 1 x DP 4", 1e-6, False),
+    "opsd_qwen3_8b": ("qwen3_8b", "TP 4 x PP 1 x DP 2", 0.06, True),
+    "opsd_qwen3_8b_nothink": ("qwen3_8b", "TP 4 x PP 1 x DP 2", 1e-7, False),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(OFFICIAL))
+def test_official_run_recipes_carry_the_released_values(recipe, tmp_path, monkeypatch):
+    sizes, layout, clip, teacher_thinking = OFFICIAL[recipe]
+    hf = qwen3_config_dir(tmp_path, sizes)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megaopsd.train",
+            f"recipe={recipe}",
+            f"model.hf_path={hf}",
+            "trainer.dry_run=true",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"WORLD_SIZE": "8", "RANK": "0", "PATH": ""},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"world size 8 = {layout}" in out.stdout
+    assert "GiB per GPU" in out.stdout and "total" in out.stdout
+    assert f"forward_kl (beta 0.0, entry clip {clip:g})" in out.stdout
+    print(out.stdout)  # the layout and memory estimate, visible with pytest -s
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "0")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = build_config(
+            compose(config_name="config", overrides=[f"recipe={recipe}", f"model.hf_path={hf}"])
+        )
+    assert (cfg.loss.kind, cfg.loss.beta, cfg.loss.clip, cfg.loss.clip_mode) == (
+        "forward_kl",
+        0.0,
+        clip,
+        "entry",
+    )
+    assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.loss.temperature) == (
+        1.1,
+        0.95,
+        20,
+        1.1,
+    )
+    assert (cfg.rollout.max_new_tokens, cfg.rollout.n) == (1024, 1)
+    assert (cfg.trainer.prompts_per_step, cfg.trainer.max_steps, cfg.trainer.clip_grad) == (32, 100, 0.1)
+    assert cfg.teacher.mode == "fixed" and cfg.data.prompt_style == "opsd"
+    assert (cfg.data.student_enable_thinking, cfg.data.teacher_enable_thinking) == (False, teacher_thinking)
+    assert cfg.data.train_files == ("data/openthoughts_math_30k_opsd.parquet",)
