@@ -34,7 +34,7 @@ LrSchedule = Literal["constant", "cosine"]
 Placement = Literal["colocated", "rank0"]
 AlgorithmName = Literal["opsd", "grpo", "sft"]
 ClipMode = Literal["token", "entry"]  # token: a token's divergence; entry: each vocab entry's term
-PromptStyle = Literal["opsd", "opsd_first_release"]
+PromptStyle = Literal["opsd", "opsd_first_release", "compact"]
 ThinkPrefix = Literal["none", "open", "closed"]
 ReasonCache = Literal["regenerate", "per_example"]
 

@@ -141,7 +141,7 @@ def prepare(args: argparse.Namespace) -> Path:
         f"trainer.max_steps={args.warm_steps}",
         f"trainer.lr={args.warm_lr}",
         f"checkpoint.save_interval={args.warm_steps}",
-        f"eval.interval={args.warm_steps}",
+        f"eval.interval={max(args.warm_steps // 5, 1)}",
         "eval.at_start=false",
     ]
     print(f"warm start: {args.warm_steps} SFT steps", flush=True)
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-interval", type=int, default=5)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--heldout", type=int, default=300)
-    parser.add_argument("--warm-steps", type=int, default=400)
+    parser.add_argument("--warm-steps", type=int, default=500)
     parser.add_argument("--warm-lr", type=float, default=1e-3)
     parser.add_argument(
         "--smoke", action="store_true", help="toy sizes: checks the pipeline, not the science"
@@ -302,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     hf = prepare(args)
     methods = args.methods.split(",")
-    results = {m: [post_train(args, hf, m, seed) for seed in range(args.seeds)] for m in methods}
+    # seed-major: an interrupted experiment still has whole seeds (finished runs are cached)
+    results: dict[str, list] = {m: [] for m in methods}
+    for seed in range(args.seeds):
+        for m in methods:
+            results[m].append(post_train(args, hf, m, seed))
     summary = summarize(results, args)
     summary["total_wall_s"] = time.perf_counter() - start
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
