@@ -31,13 +31,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BENCH = "arith"
 
-# The released OPSD loss (the official runs' settings, as the recipes opsd_qwen3_* carry them).
+# The released OPSD loss (the official runs' settings, as the recipes opsd_qwen3_* carry them):
+# forward KL, per-entry clip 0.05, fixed teacher; the official loss temperature is the sampling
+# temperature, here 1.0.
 OPSD_RELEASED = [
     "algorithm.name=opsd",
     "loss.kind=forward_kl",
+    "loss.beta=0.0",
     "loss.clip=0.05",
     "loss.clip_mode=entry",
-    "loss.temperature=1.1",
+    "loss.temperature=1.0",
     "teacher.mode=fixed",
 ]
 METHODS: dict[str, list[str]] = {
