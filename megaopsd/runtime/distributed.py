@@ -24,6 +24,8 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
+from megaopsd.config import DEVICES, check_choice
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LaunchEnv:
@@ -91,8 +93,7 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
 
 def select_device(requested: str, launch: LaunchEnv) -> torch.device:
     """``auto`` -> the local GPU if CUDA is available, else the CPU."""
-    if requested not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"runtime.device={requested!r}: use auto, cpu or cuda")
+    check_choice("runtime.device", requested, DEVICES)
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

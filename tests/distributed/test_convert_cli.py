@@ -21,8 +21,6 @@ import torch
 
 from tests.dist_harness import run_ranks
 
-pytestmark = pytest.mark.distributed
-
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "convert_checkpoint.py"
 BIN = Path(sys.executable).parent

@@ -14,8 +14,6 @@ import pytest
 
 from tests.dist_harness import run_ranks
 
-pytestmark = pytest.mark.distributed
-
 
 def _fused_groups_together(names: list[str]) -> bool:
     """q, k, v of a layer are consecutive, and so are gate and up."""

@@ -18,8 +18,6 @@ from torch.utils._pytree import tree_leaves
 from megaopsd.loss import KINDS, vocab_parallel_divergence
 from tests.dist_harness import run_ranks
 
-pytestmark = pytest.mark.distributed
-
 TP, T, F, TOP_K, CHUNK = 2, 29, 256, 6, 8
 W = F // TP
 # (vocab size, beta, temperature, whole-number teacher logits): 203 leaves rank 1 with 75 real

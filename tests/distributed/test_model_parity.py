@@ -18,8 +18,6 @@ import torch
 
 from tests.dist_harness import run_ranks
 
-pytestmark = pytest.mark.distributed
-
 TOLERANCE = 1e-4
 BATCH, SEQ = 2, 24
 

@@ -21,8 +21,6 @@ from tests.helpers import (
     paired_setup,
 )
 
-pytestmark = pytest.mark.distributed
-
 
 def layout_worker(hf_dir: str, tp: int, pp: int, sp: bool, budgets: tuple[int, ...], algorithm: str = "opsd"):
     """Loss and HF-named gradients for each microbatch budget, on this layout."""

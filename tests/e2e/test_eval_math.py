@@ -6,8 +6,8 @@ records, and that the CLI and the trainer's ``evaluate`` agree (same seeds, same
 Grading through the whole pipeline (decode -> extract -> math-verify -> metrics -> files) is
 checked with a scripted engine whose responses are known, through the same code paths.
 
-The in-process engine for ``evaluate`` runs in a child process (this file is also the child's
-script), as in test_rollout_vllm.py: an in-process vLLM engine changes process-wide state.
+The in-process engine for ``evaluate`` runs in a child process (``tests.subprocess_job``), as in
+test_rollout_vllm.py: an in-process vLLM engine changes process-wide state.
 
     python -m pytest tests/e2e/test_eval_math.py                 # ~45 s
     python -m pytest tests/e2e/test_eval_math.py -m slow         # + a checkpoint exported on the fly
@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+from tests.subprocess_job import run_job
 
 REPO = Path(__file__).resolve().parents[2]
 K, MAX_NEW_TOKENS = 2, 16
@@ -218,7 +217,7 @@ def test_cli_on_the_tiny_model(cli_out):
     assert "avg@k" in stdout and "\ntiny " in stdout
 
 
-def _evaluate_job(job: dict) -> dict:
+def evaluate_job(job: dict) -> dict:
     """The trainer's call: evaluate() with a live in-process engine, twice, plus the raw records."""
     from transformers import AutoTokenizer
 
@@ -247,19 +246,8 @@ def _evaluate_job(job: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def evaluate_results(tiny_qwen3, bench_file, tmp_path_factory) -> dict:
-    workdir = tmp_path_factory.mktemp("evaluate_child")
-    job_file, result_file = workdir / "job.json", workdir / "result.json"
-    job_file.write_text(json.dumps({"model": str(tiny_qwen3), "bench": str(bench_file)}))
-    proc = subprocess.run(
-        [sys.executable, __file__, str(job_file), str(result_file)],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, f"evaluate child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(result_file.read_text())
+    job = {"model": str(tiny_qwen3), "bench": str(bench_file)}
+    return run_job(evaluate_job, job, tmp_path_factory.mktemp("evaluate_child"))
 
 
 def test_evaluate_with_a_live_engine(evaluate_results, cli_out):
@@ -299,13 +287,3 @@ def test_cli_exports_a_checkpoint_on_the_fly(tiny_qwen3, bench_file, cli_out, tm
     assert _read_jsonl(tmp_path / "out" / "samples_tiny.jsonl") == _read_jsonl(
         cli_out[0] / "samples_tiny.jsonl"
     )
-
-
-def _child_main(job_file: str, result_file: str) -> int:
-    result = _evaluate_job(json.loads(Path(job_file).read_text()))
-    Path(result_file).write_text(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1], sys.argv[2]))

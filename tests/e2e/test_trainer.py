@@ -23,8 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.e2e
-
 REPO = Path(__file__).resolve().parents[2]
 TAGS = [
     "train/loss",

@@ -14,11 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.dist_harness import run_ranks
-
-pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [[1, 2, 3, 4, 5], [60, 61, 62], [7, 300, 42, 11, 9, 8]]
