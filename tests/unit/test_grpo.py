@@ -159,3 +159,12 @@ def test_reference_responses_end_with_eos_and_truncate():
     both = reference_responses([_Prompt("ab")], 0, _Tok(), max_tokens=4, with_teacher_prompt=True)
     assert [r.student_prompt_ids for r in both] == [[1, 2], [1, 5, 2]]
     assert both[1].response_ids == [97, 98, 99]
+
+
+def test_prefill_blocks_keep_each_call_within_the_budget():
+    from megaopsd.rollout.vllm_engine import prefill_blocks
+
+    assert prefill_blocks([10, 10, 10], 2, None) == [range(3)]
+    assert prefill_blocks([10, 10, 10, 10], 2, 40) == [range(0, 2), range(2, 4)]
+    assert prefill_blocks([50, 10], 1, 40) == [range(0, 1), range(1, 2)]  # too big: alone
+    assert prefill_blocks([], 4, 40) == [range(0)]
