@@ -1,7 +1,7 @@
 """When the trainer saves, resumes and stops: the bookkeeping around ``megaopsd.checkpoint``.
 
 ``megaopsd.checkpoint`` knows how to write and read one checkpoint; this module knows *when*:
-resume from ``<dir>/latest`` at start, save every ``save_interval`` steps and at the last step,
+resume from the newest complete checkpoint at start, save every ``save_interval`` steps and at the last step,
 and on a stop signal agree across ranks on the step boundary and save that step unless it is
 already on disk. The trainer decides *what* goes into ``trainer_state`` (data position, counters).
 
@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megaopsd.algorithm.optim import TrainableStudent
 from megaopsd.algorithm.teacher import Teacher
-from megaopsd.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from megaopsd.checkpoint import resume_latest, save_checkpoint
 from megaopsd.config import Config
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import Runtime
@@ -41,17 +41,24 @@ class CheckpointManager:
         self.saved_step: int | None = None  # the newest step known to be on disk
 
     def resume(self) -> dict[str, Any] | None:
-        """Load ``<dir>/latest`` when resuming is on and it exists; its trainer state, else None."""
+        """Load the newest complete checkpoint when resuming is on; its trainer state, else None.
+
+        Damaged checkpoints are passed over with a warning (``megaopsd.checkpoint.resume_latest``).
+
+        Raises:
+            CheckpointError: checkpoints exist but none can be read (one line: path and fix).
+        """
         root = self.cfg.dir
-        path = find_latest(root) if self.cfg.resume and Path(root).is_dir() else None
-        if path is None:
+        if not (self.cfg.resume and Path(root).is_dir()):
             return None
-        state = load_checkpoint(
-            path, student=self.student, teacher=self.teacher, parallel=self.runtime.parallel
+        found = resume_latest(
+            root, student=self.student, teacher=self.teacher, parallel=self.runtime.parallel, say=self._say
         )
+        if found is None:
+            return None
+        path, state = found
         self.saved_step = state["step"]  # the resumed step is on disk
-        rng = "restored" if state["rng_restored"] else "reseeded (layout changed)"
-        self._say(f"resumed from {path} at step {state['step']}; RNG {rng}")
+        self._say(f"resumed from {path} at step {state['step']}; RNG {state['rng_note']}")
         return state
 
     def should_save(self, step: int) -> bool:

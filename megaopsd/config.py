@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from megaopsd.stages import FIRST, LAST, check_stages
+
 if TYPE_CHECKING:  # importing megaopsd.models pulls in torch; validate imports it when it runs
     from megaopsd.models.hf_config import HFModelSpec
 
@@ -33,6 +35,8 @@ TransformerImpl = Literal["local", "transformer_engine"]
 LrSchedule = Literal["constant", "cosine"]
 Placement = Literal["colocated", "rank0"]
 AlgorithmName = Literal["opsd", "grpo", "sft"]
+RecomputeGranularity = Literal["selective", "full"]
+RecomputeMethod = Literal["uniform", "block"]
 ClipMode = Literal["token", "entry"]  # token: a token's divergence; entry: each vocab entry's term
 PromptStyle = Literal["opsd", "opsd_first_release", "compact"]
 ThinkPrefix = Literal["none", "open", "closed"]
@@ -59,6 +63,14 @@ class ModelConfig:
     dtype: DType = "float32"  # parameter dtype; bfloat16 uses Megatron mixed precision
     make_vocab_size_divisible_by: int = 128  # Megatron pads the vocabulary to a multiple of this x TP
     transformer_impl: TransformerImpl = "local"  # local | transformer_engine (GPU, needs TE installed)
+    # Activation recompute: null (keep activations) | selective (attention core) | full (whole
+    # layers, recomputed in backward). full: recompute_num_layers layers per group (uniform) or
+    # the first recompute_num_layers layers of each stage (block).
+    recompute_granularity: RecomputeGranularity | None = None
+    recompute_method: RecomputeMethod = "uniform"
+    recompute_num_layers: int = 1
+    # Further megatron TransformerConfig fields, applied last (e.g. {cross_entropy_loss_fusion: true}).
+    transformer_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,8 +78,14 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None
+    # Uneven pipeline stages (megatron-core's own options): layers on the first / last stage;
+    # the stages in between share the rest evenly. None: every stage gets the same number.
+    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False  # DP gradient reduce-scatter/all-reduce overlapped with backward
+    overlap_param_gather: bool = False  # distributed optimizer: parameter all-gather in bucket order
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,6 +95,8 @@ class RuntimeConfig:
     cpu_threads: int = 1  # torch intra-op threads per rank on CPU; 0 keeps torch's default
     seed: int = 1234
     distributed_timeout_minutes: int = 30
+    # Dense peak TFLOP/s of one GPU for perf/mfu; None: known H100/H200 figures for model.dtype.
+    device_peak_tflops: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -154,6 +174,7 @@ class DataConfig:
     solution_key: str = "solution"
     shuffle_seed: int = 0
     strict: bool = False
+    max_row_bytes: int = 1 << 20  # a longer jsonl line (or parquet row's text) is skipped as row_too_long
     max_prompt_tokens: int = 2048
     max_teacher_prompt_tokens: int | None = None  # None: same as max_prompt_tokens
     student_enable_thinking: bool = True
@@ -178,6 +199,8 @@ class TrainerConfig:
     skip_first_tokens: int = 0  # leave the first k response tokens of every rollout out of the loss
     max_nonfinite_steps: int = 3  # this many non-finite steps in a row: save and stop
     dry_run: bool = False  # validate, print the layout and a memory estimate, load nothing
+    # The GPU count the dry run plans for (e.g. nodes x GPUs per node); None: this launch's world size.
+    dry_run_world_size: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -252,6 +275,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"config: {where}={value!r} has the wrong type; expected {annotation}")
+    if origin is dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config: {where}={value!r} must be a mapping with string keys")
+        return dict(value)
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
@@ -404,19 +431,33 @@ def _validate_parallel(cfg: Config, world_size: int, spec: HFModelSpec) -> None:
             "parallel.tensor_model_parallel_size",
             tp,
             f"x pipeline_model_parallel_size={pp} does not divide the world size {world_size}",
-            f"launch a multiple of {tp * pp} processes or change TP/PP",
+            f"set trainer.dry_run_world_size to the target GPU count (a multiple of {tp * pp})"
+            if cfg.trainer.dry_run
+            else f"launch a multiple of {tp * pp} processes or change TP/PP",
         )
     from megaopsd.models.hf_config import tensor_parallel_problem
 
     problem = tensor_parallel_problem(spec, tp)
     if problem is not None:
         _fail("parallel.tensor_model_parallel_size", tp, problem, "pick a TP that divides both head counts")
-    if spec.num_layers % (pp * (vpp or 1)) != 0:
+    first, last = par.num_layers_in_first_pipeline_stage, par.num_layers_in_last_pipeline_stage
+    problem = check_stages(spec.num_layers, pp, vpp, first, last)
+    if problem is not None:
+        field = "parallel.pipeline_model_parallel_size" if first is None and last is None else FIRST
+        field = LAST if first is None and last is not None else field
+        raise ConfigError(f"config: {field}: {problem}")
+    even_stages = first is None and last is None and problem is None
+    chunk_layers = spec.num_layers // (pp * (vpp or 1))
+    if (
+        even_stages
+        and cfg.model.recompute_granularity == "full"
+        and cfg.model.recompute_num_layers > chunk_layers
+    ):
         _fail(
-            "parallel.pipeline_model_parallel_size",
-            pp,
-            f"x virtual stages {vpp or 1} does not divide num_hidden_layers={spec.num_layers}",
-            "pick PP (and VPP) so every stage gets the same number of layers",
+            "model.recompute_num_layers",
+            cfg.model.recompute_num_layers,
+            f"exceeds the {chunk_layers} layers of a pipeline chunk",
+            f"use 1..{chunk_layers}",
         )
     if vpp is not None and (vpp < 2 or pp < 2):
         _fail(
@@ -424,6 +465,13 @@ def _validate_parallel(cfg: Config, world_size: int, spec: HFModelSpec) -> None:
             vpp,
             "needs pipeline_model_parallel_size >= 2 and a value >= 2",
             "set it to null or raise PP",
+        )
+    if par.overlap_param_gather and not par.use_distributed_optimizer:
+        _fail(
+            "parallel.overlap_param_gather",
+            True,
+            "needs the distributed optimizer",
+            "set parallel.use_distributed_optimizer=true or overlap_param_gather=false",
         )
     if par.sequence_parallel and tp == 1:
         _fail(
@@ -598,6 +646,8 @@ def _validate_placement(cfg: Config, world_size: int, hf: Mapping[str, Any]) -> 
 
 def _validate_lengths_and_eval(cfg: Config) -> None:
     ro, ev, data = cfg.rollout, cfg.eval, cfg.data
+    if data.max_row_bytes < 1:
+        _fail("data.max_row_bytes", data.max_row_bytes, "must be >= 1", "use e.g. 1048576 (1 MiB)")
     if data.max_prompt_tokens + ro.max_new_tokens > ro.max_model_len:
         _fail(
             "rollout.max_model_len",
@@ -649,6 +699,20 @@ def _validate_lengths_and_eval(cfg: Config) -> None:
         )
 
 
+def _validate_recompute(model: ModelConfig) -> None:
+    if model.recompute_num_layers < 1:
+        _fail("model.recompute_num_layers", model.recompute_num_layers, "must be >= 1", "use e.g. 1")
+    recompute_keys = {"recompute_granularity", "recompute_method", "recompute_num_layers"}
+    clash = sorted(recompute_keys & set(model.transformer_overrides))
+    if clash:
+        _fail(
+            f"model.transformer_overrides.{clash[0]}",
+            model.transformer_overrides[clash[0]],
+            "duplicates a model field",
+            f"set model.{clash[0]} instead",
+        )
+
+
 def _validate_training(cfg: Config) -> None:
     tr, model, runtime = cfg.trainer, cfg.model, cfg.runtime
     if tr.max_steps < 1:
@@ -665,6 +729,14 @@ def _validate_training(cfg: Config) -> None:
             tr.warmup_steps,
             f"must be in [0, trainer.max_steps={tr.max_steps}]",
             "shorten the warmup",
+        )
+    _validate_recompute(model)
+    if runtime.device_peak_tflops is not None and runtime.device_peak_tflops <= 0:
+        _fail(
+            "runtime.device_peak_tflops",
+            runtime.device_peak_tflops,
+            "must be > 0",
+            "set the GPU's dense peak TFLOP/s, or null for the known H100/H200 figures",
         )
     if tr.microbatch_tokens < 2:
         _fail("trainer.microbatch_tokens", tr.microbatch_tokens, "must be >= 2", "use e.g. 8192")
@@ -684,6 +756,13 @@ def _validate_training(cfg: Config) -> None:
     if model.transformer_impl == "transformer_engine" and runtime.device == "cpu":
         _fail(
             "model.transformer_impl", "transformer_engine", "needs a GPU", "use local with runtime.device=cpu"
+        )
+    if tr.dry_run_world_size is not None and tr.dry_run_world_size < 1:
+        _fail(
+            "trainer.dry_run_world_size",
+            tr.dry_run_world_size,
+            "must be >= 1",
+            "set it to the target cluster's GPU count (nodes x GPUs per node) or null",
         )
     if tr.max_nonfinite_steps < 1:
         _fail("trainer.max_nonfinite_steps", tr.max_nonfinite_steps, "must be >= 1", "use e.g. 3")
@@ -716,6 +795,14 @@ def validate(cfg: Config, *, world_size: int, hf_config: Mapping[str, Any] | Non
     _validate_lengths_and_eval(cfg)
     _validate_batch_and_engine(cfg, world_size)
     _validate_placement(cfg, world_size, hf)
+
+
+def target_world_size(cfg: Config) -> int:
+    """The world size to validate against: ``trainer.dry_run_world_size`` for a dry run that
+    names one (planning a cluster job from a laptop), else this launch's world size."""
+    if cfg.trainer.dry_run and cfg.trainer.dry_run_world_size is not None:
+        return cfg.trainer.dry_run_world_size
+    return world_size_from_env()
 
 
 def world_size_from_env() -> int:

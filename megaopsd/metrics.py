@@ -97,7 +97,7 @@ def step_scalars(
     rollout_totals: tuple[float, float, float],
     timer: PhaseTimer,
     *,
-    train_tokens: int,
+    train_tokens: Mapping[str, float],
     data_skipped: Mapping[str, int],
     engines: int = 1,
 ) -> dict[str, float]:
@@ -107,7 +107,8 @@ def step_scalars(
         result: the paired update's result (losses are token means over the global batch).
         rollout_totals: response tokens, rollouts and truncated rollouts of the whole step.
         timer: the step's phase timer (``perf/<phase>_time_s``).
-        train_tokens: padded student + teacher tokens trained on, summed over data-parallel ranks.
+        train_tokens: ``{"real": ..., "padded": ...}`` student + teacher tokens fed through the
+            model without and with padding, summed over data-parallel ranks.
         data_skipped: prompts skipped so far by reason (``data/skipped_<reason>``).
         engines: rollout engines that generated the step (``rollout/engines``).
     """
@@ -129,7 +130,9 @@ def step_scalars(
         "rollout/logprob_abs_diff_max": m.get("logprob_abs_diff_max", float("nan")),
         "rollout/engines": float(engines),
         **timer.as_scalars(),
-        "perf/train_tokens_per_s": train_tokens / max(timer.seconds["train"], 1e-9),
+        # Real tokens only: padding is work, not throughput.
+        "perf/train_tokens_per_s": train_tokens["real"] / max(timer.seconds["train"], 1e-9),
+        "perf/padding_fraction": 1.0 - train_tokens["real"] / max(train_tokens["padded"], 1.0),
     }
     if m.get("first_token_count", 0.0) > 0:  # the thinking boundary (loss/boundary.py)
         values["train/first_token_divergence"] = m["first_token_divergence_sum"] / m["first_token_count"]

@@ -27,10 +27,12 @@ import torch.distributed as dist
 
 from megaopsd.algorithm.batch import build_microbatches
 from megaopsd.algorithm.step import StepResult, train_step
+from megaopsd.checkpoint import CheckpointError
 from megaopsd.checkpoint_manager import CheckpointManager
 from megaopsd.components import build_components
 from megaopsd.config import Config
 from megaopsd.eval.in_training import InTrainingEvaluator, eval_due
+from megaopsd.flops import utilisation_scalars
 from megaopsd.loss.boundary import think_token_ids
 from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line, step_scalars
 from megaopsd.models.builder import unwrap_chunk
@@ -88,6 +90,8 @@ class Trainer:
             templates=templates,
             max_teacher_prompt_tokens=cfg.data.max_teacher_prompt_tokens,
         )
+        for problem in self.prompts.unreadable:  # the other sources loaded; say which one did not
+            self._say(f"warning: data: {problem}")
         parts = build_components(cfg, runtime, think_token_ids=think_token_ids(self.tokenizer))
         self.spec, self.teacher, self.student = parts.spec, parts.teacher, parts.student
         self.loss_fn, self.logprob_fn = parts.loss_fn, parts.logprob_fn
@@ -163,6 +167,18 @@ class Trainer:
         values["rollout/generated_tokens_total"] = self.generated_tokens
         values.update(batch.scalars)
         values.update(evaluation)
+        values.update(
+            utilisation_scalars(
+                self.spec,
+                batch.train,
+                timer.seconds["train"],
+                device=self.runtime.device,
+                dtype=self.cfg.model.dtype,
+                peak_tflops_configured=self.cfg.runtime.device_peak_tflops,
+                world_size=self.runtime.world_size,
+                dp_group=self.parallel.dp_group,
+            )
+        )
         values.update(sync)
         if self.step == 1 or (
             self.cfg.logging.text_sample_interval and self.step % self.cfg.logging.text_sample_interval == 0
@@ -242,14 +258,16 @@ class Trainer:
         length_sum, count, truncated = (float(v) for v in counts)
         return length_sum, count, truncated
 
-    def _paired_update(self, batch: TrainingBatch) -> tuple[StepResult, int]:
+    def _paired_update(self, batch: TrainingBatch) -> tuple[StepResult, dict[str, float]]:
+        """One optimizer step on this replica's share; returns the result and the global
+        (real, padded) token counts the two streams fed through the model."""
         par, tr = self.parallel, self.cfg.trainer
         if batch.empty:
             # Every group of the step was uniform: nothing to learn from, no update (not an error).
             lr = self.student.optimizer.param_groups[0]["lr"]
             return StepResult(
                 loss=math.nan, grad_norm=math.nan, lr=lr, num_tokens=0, skipped=False, metrics={}
-            ), 0
+            ), {"real": 0.0, "padded": 0.0}
         microbatches = build_microbatches(
             batch.train,
             max_tokens=tr.microbatch_tokens,
@@ -270,11 +288,15 @@ class Trainer:
             logprob_fn=self.logprob_fn,
         )
         tokens = torch.tensor(
-            float(sum(mb.batch_size * (mb.student_len + mb.teacher_len) for mb in microbatches)),
+            [
+                float(sum(mb.real_tokens for mb in microbatches)),
+                float(sum(mb.padded_tokens for mb in microbatches)),
+            ],
+            dtype=torch.float64,
             device=collective_device(),
         )
         dist.all_reduce(tokens, group=par.dp_group)
-        return result, int(tokens)
+        return result, {"real": float(tokens[0]), "padded": float(tokens[1])}
 
     def _check_nonfinite(self, result: StepResult) -> None:
         if not result.skipped:
@@ -401,6 +423,9 @@ def run(cfg: Config) -> int:
     except NonFiniteLossError as err:
         print(f"megaopsd: {err}", file=sys.stderr)
         return 4
+    except CheckpointError as err:
+        print(f"megaopsd: checkpoint: {err}", file=sys.stderr)
+        return 3
     finally:
         runtime.shutdown()
     return 0

@@ -9,7 +9,9 @@ in a fresh process).
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,25 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_qwen3(tiny_models) -> Path:
     return tiny_models["qwen3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dropout(tiny_qwen3, tmp_path_factory) -> Path:
+    """tiny_qwen3 with attention dropout 0.1: training consumes random numbers at every step.
+
+    A resume that restores the RNG states wrongly then diverges from the uninterrupted run.
+    """
+    out = tmp_path_factory.mktemp("tiny_dropout") / "qwen3"
+    shutil.copytree(tiny_qwen3, out)
+    config = json.loads((out / "config.json").read_text())
+    config["attention_dropout"] = 0.1
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_3layers(tmp_path_factory) -> Path:
+    """The tiny Qwen3 with 3 decoder layers: PP2 needs uneven stages (2 + 1 or 1 + 2)."""
+    from tools.make_tiny_model import make_tiny_model
+
+    return make_tiny_model("qwen3", tmp_path_factory.mktemp("tiny_3layers") / "qwen3", num_layers=3)

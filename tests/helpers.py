@@ -42,6 +42,8 @@ def paired_setup(
     pp: int,
     *,
     sp: bool = False,
+    vpp: int | None = None,
+    stages: tuple[int | None, int | None] = (None, None),
     mode: str = "fixed",
     decay: float = 0.9,
     lr: float = 1e-3,
@@ -50,7 +52,10 @@ def paired_setup(
     """Start the runtime and build the components for the tiny model: JSD(0.5) at temperature 1.1.
 
     ``algorithm="grpo"`` uses clip 0.2/0.28 and a k3 KL (0.05) to the frozen reference;
-    ``"sft"`` the cross-entropy. Returns ``(runtime, components)``.
+    ``"sft"`` the cross-entropy. ``stages``: layers on the first / last pipeline stage (uneven
+    stages), None for an even split.
+
+    Returns ``(runtime, components)``.
     """
     from megaopsd.components import build_components
     from megaopsd.config import (
@@ -68,7 +73,12 @@ def paired_setup(
     cfg = Config(
         model=ModelConfig(hf_path=hf_dir),
         parallel=ParallelConfig(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp,
+            sequence_parallel=sp,
+            num_layers_in_first_pipeline_stage=stages[0],
+            num_layers_in_last_pipeline_stage=stages[1],
         ),
         runtime=RuntimeConfig(seed=7),
         teacher=TeacherConfig(mode=mode, ema_decay=decay),
@@ -109,11 +119,13 @@ def my_microbatches(runtime, budget: int, algorithm: str = "opsd"):
     rollouts = grpo_rollouts() if algorithm == "grpo" else fixed_rollouts()
     mine = rollouts[par.dp_rank :: par.dp_size]
     pad = par.tp_size if par.sequence_parallel else 1
+    multiple = par.pp_size if par.vpp_size else 1  # the interleaved schedule's count rule
     return build_microbatches(
         mine,
         max_tokens=budget,
         pad_id=0,
         pad_multiple=pad,
+        count_multiple=multiple,
         student_only=algorithm == "sft",
         advantages=[r.advantage for r in mine] if algorithm == "grpo" else None,
     )

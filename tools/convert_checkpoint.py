@@ -2,6 +2,8 @@
 
     # HF -> megatron dist checkpoint, saved at TP2 x PP1 (2 processes)
     torchrun --nproc-per-node 2 tools/convert_checkpoint.py import-hf --hf-dir H --out C --tp 2 --pp 1
+    # uneven pipeline stages (36 layers on 8 stages: 1 + 7 x 5)
+    torchrun --nproc-per-node 8 tools/convert_checkpoint.py import-hf --hf-dir H --out C --pp 8 --first-stage-layers 1
     # megatron dist checkpoint (any saved layout) -> HF safetensors + config + tokenizer
     python tools/convert_checkpoint.py export-hf --ckpt C --out H2
 
@@ -51,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this run (default 1)")
     exp.add_argument("--max-shard-size-mb", type=int, default=2048, help="safetensors shard size limit")
     for p in (imp, exp):
+        p.add_argument(
+            "--first-stage-layers", type=int, help="uneven pipeline: decoder layers on the first stage"
+        )
+        p.add_argument(
+            "--last-stage-layers", type=int, help="uneven pipeline: decoder layers on the last stage"
+        )
         p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -80,6 +88,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     """
     from megaopsd.models.hf_config import UnsupportedModelError, check_tensor_parallel, load_hf_config
     from megaopsd.runtime.distributed import read_launch_env
+    from megaopsd.stages import FIRST, LAST, check_stages
 
     if args.command == "import-hf":
         source, flag = args.hf_dir, "--hf-dir"
@@ -89,13 +98,25 @@ def check_arguments(args: argparse.Namespace) -> None:
     else:
         source, flag = args.ckpt, "--ckpt"
         _check_source(source, flag, needs=("config.json", "metadata.json"))
+        from megaopsd.convert.safe_load import UnsafeCheckpointError, check_metadata
+
+        try:
+            check_metadata(source)  # nothing in a checkpoint from elsewhere may run code
+        except UnsafeCheckpointError as exc:
+            raise ConvertError(f"{flag} {source}: {exc}") from exc
     try:
         spec = load_hf_config(source)
         check_tensor_parallel(spec, args.tp)
     except (UnsupportedModelError, ValueError, KeyError, json.JSONDecodeError) as exc:
         raise ConvertError(f"{flag} {source}: {exc}") from exc
-    if args.pp < 1 or spec.num_layers % args.pp != 0:
-        raise ConvertError(f"--pp {args.pp} must be >= 1 and divide num_hidden_layers={spec.num_layers}")
+    if args.pp < 1:
+        raise ConvertError(f"--pp {args.pp} must be >= 1")
+    problem = check_stages(spec.num_layers, args.pp, None, args.first_stage_layers, args.last_stage_layers)
+    if problem is not None:
+        flags = {FIRST: "--first-stage-layers", LAST: "--last-stage-layers"}
+        for name, flag in flags.items():
+            problem = problem.replace(name, flag)
+        raise ConvertError(f"--pp {args.pp}: {problem.replace('PP (and VPP)', '--pp')}")
     world = read_launch_env().world_size
     if world % (args.tp * args.pp) != 0:
         raise ConvertError(
@@ -116,7 +137,12 @@ def run(args: argparse.Namespace) -> None:
     from megaopsd.runtime import Runtime
 
     runtime = Runtime.start(
-        ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp),
+        ParallelConfig(
+            tensor_model_parallel_size=args.tp,
+            pipeline_model_parallel_size=args.pp,
+            num_layers_in_first_pipeline_stage=args.first_stage_layers,
+            num_layers_in_last_pipeline_stage=args.last_stage_layers,
+        ),
         RuntimeConfig(),
     )
     progress = not args.no_progress and runtime.is_main

@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grading-timeout", type=float, default=10.0, help="hard limit per graded answer (s)")
     p.add_argument("--grading-workers", type=int, default=2, help="grading processes (default 2)")
     p.add_argument("--export-dir", type=Path, help="keep a checkpoint's HF export here (default: temp)")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress on stderr (default: a bar on a terminal, a line every "
+        "$MEGAOPSD_PROGRESS_INTERVAL seconds, 30 by default, in logs)",
+    )
     return p
 
 
@@ -213,6 +219,7 @@ def evaluate_model(args: argparse.Namespace, model_dir: Path, benchmarks: list[B
                 grader=grader,
                 template=args.template,
                 enable_thinking=thinking,
+                show_progress=not args.no_progress,
             )
             path = write_samples(result, args.out)
             print(

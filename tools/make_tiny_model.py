@@ -10,6 +10,7 @@ Families: ``qwen3`` (q/k RMSNorm, GQA, tied embeddings), ``qwen2`` (qkv bias, un
 multiple of 128, so Megatron pads it at every TP size.
 
     python tools/make_tiny_model.py --family qwen3 --out /tmp/tiny-qwen3
+    python tools/make_tiny_model.py --family qwen3 --layers 3 --out /tmp/tiny-qwen3-3l   # uneven PP2
     python tools/make_tiny_model.py --family qwen3 --preset small --out /tmp/small-qwen3   # ~100M params
     python tools/make_tiny_model.py --family qwen3 --tokenizer char --out /tmp/char-qwen3   # one id per character
 
@@ -159,10 +160,14 @@ def _write_tokenizer_config(out_dir: Path, ids: dict[str, int]) -> None:
     )
 
 
-def model_config(family: str, preset: str, vocab_size: int, special: dict[str, int]) -> dict:
-    """The ``config.json`` content for a family and size preset."""
+def model_config(
+    family: str, preset: str, vocab_size: int, special: dict[str, int], *, num_layers: int | None = None
+) -> dict:
+    """The ``config.json`` content for a family and size preset (``num_layers`` overrides the preset's)."""
     shape = dict(PRESETS[preset])
     shape.pop("vocab_override", None)
+    if num_layers is not None:
+        shape["num_hidden_layers"] = num_layers
     common = dict(
         vocab_size=vocab_size,
         max_position_embeddings=16384,
@@ -218,11 +223,18 @@ def model_config(family: str, preset: str, vocab_size: int, special: dict[str, i
 
 
 def make_tiny_model(
-    family: str, out: str | Path, *, preset: str = "tiny", seed: int = 0, tokenizer: str = "bpe"
+    family: str,
+    out: str | Path,
+    *,
+    preset: str = "tiny",
+    seed: int = 0,
+    tokenizer: str = "bpe",
+    num_layers: int | None = None,
 ) -> Path:
     """Write a deterministic random model directory and return its path.
 
     ``tokenizer``: ``bpe`` (byte-level BPE, 549 ids) or ``char`` (one id per character).
+    ``num_layers`` replaces the preset's layer count (e.g. 3 for uneven pipeline stages at PP2).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -234,7 +246,7 @@ def make_tiny_model(
     else:
         special = build_tokenizer(out_dir)
         vocab_size = PRESETS[preset].get("vocab_override") or (BPE_VOCAB_SIZE + len(SPECIAL_TOKENS))
-    config_dict = model_config(family, preset, vocab_size, special)
+    config_dict = model_config(family, preset, vocab_size, special, num_layers=num_layers)
     (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
     config = AutoConfig.from_pretrained(out_dir)
     torch.manual_seed(seed)
@@ -262,9 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", choices=("bpe", "char"), default="bpe")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
     args = parser.parse_args(argv)
+    if args.layers is not None and args.layers < 1:
+        parser.error(f"--layers {args.layers} must be >= 1")
     path = make_tiny_model(
-        args.family, args.out, preset=args.preset, seed=args.seed, tokenizer=args.tokenizer
+        args.family,
+        args.out,
+        preset=args.preset,
+        seed=args.seed,
+        tokenizer=args.tokenizer,
+        num_layers=args.layers,
     )
     print(f"wrote {args.family} ({args.preset}) to {path}")
     return 0

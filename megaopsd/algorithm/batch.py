@@ -8,6 +8,13 @@ below pick, in the same order, the rows of each stream's logits that predict eve
 token: after indexing, row ``t`` of the student logits and row ``t`` of the teacher logits score
 the same token.
 
+Microbatches are right-padded to their longest member, so the plan sorts the rollouts by
+total length (student + teacher sequence) before cutting them at the token budget: similar
+lengths share a microbatch and little is padding. ``split_over_data_parallel`` deals the
+sorted rollouts to the DP replicas in a snake order, so every replica gets the same count and
+about the same number of tokens. Both are deterministic (ties keep rollout order), and the
+loss is normalised over the global token count, so neither changes the result.
+
 Student-only microbatches (GRPO, SFT: ``student_only=True``) carry an empty teacher stream
 (``Lt == 0``): the forward step then runs no teacher at all. GRPO's per-token advantages and
 per-rollout loss switches ride along in the same record.
@@ -44,6 +51,7 @@ class PairedMicrobatch:
     loss_mask_T: torch.Tensor  # [T] bool; False for response tokens left out of the loss
     sample_T: torch.Tensor  # [T] index (in the list given to build_microbatch) of each token's rollout
     engine_logprobs_T: torch.Tensor | None = None  # [T] the rollout engine's raw logprobs, if known
+    lengths_B2: torch.Tensor | None = None  # [B, 2] unpadded (student, teacher) sequence lengths
     advantage_T: torch.Tensor | None = None  # [T] float32 GRPO advantage of each token's rollout
 
     @property
@@ -61,6 +69,16 @@ class PairedMicrobatch:
     @property
     def num_loss_tokens(self) -> int:
         return int(self.loss_mask_T.sum())
+
+    @property
+    def padded_tokens(self) -> int:
+        """Tokens the two streams feed through the model, padding included."""
+        return self.batch_size * (self.student_len + self.teacher_len)
+
+    @property
+    def real_tokens(self) -> int:
+        """Tokens of the two streams without padding (all padded when lengths are unknown)."""
+        return self.padded_tokens if self.lengths_B2 is None else int(self.lengths_B2.sum())
 
     @staticmethod
     def position_ids(tokens_BL: torch.Tensor) -> torch.Tensor:
@@ -88,6 +106,27 @@ def _sequence_lengths(rollout: PairedRollout, student_only: bool = False) -> tup
     response = len(rollout.response_ids)
     teacher = 0 if student_only else len(rollout.teacher_prompt_ids) + response - 1
     return len(rollout.student_prompt_ids) + response - 1, teacher
+
+
+def _by_length(rollouts: Sequence[PairedRollout]) -> list[int]:
+    """Indices, longest total (student + teacher) sequence first; ties keep their order."""
+    return sorted(range(len(rollouts)), key=lambda i: (-sum(_sequence_lengths(rollouts[i])), i))
+
+
+def split_over_data_parallel(rollouts: Sequence[PairedRollout], dp_size: int, dp_rank: int) -> list:
+    """This replica's share: the rollouts sorted by length, dealt in snake order 0..D-1, D-1..0.
+
+    Every replica gets the same count (one more for the first replicas when it does not
+    divide) and, pair by pair, one longer and one shorter rollout, so tokens balance too.
+    """
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} is outside a data-parallel group of {dp_size}")
+    mine = []
+    for position, index in enumerate(_by_length(rollouts)):
+        lap, offset = divmod(position, dp_size)
+        if (offset if lap % 2 == 0 else dp_size - 1 - offset) == dp_rank:
+            mine.append(rollouts[index])
+    return mine
 
 
 def build_microbatch(
@@ -120,6 +159,7 @@ def build_microbatch(
     student = torch.full((batch, student_len), pad_id, dtype=torch.long)
     teacher = torch.full((batch, teacher_len), pad_id, dtype=torch.long)
     student_index, teacher_index, targets, mask, owner, engine = [], [], [], [], [], []
+    lengths_B2 = torch.tensor(lengths, dtype=torch.long).reshape(batch, 2)
     for row, sample in enumerate(sample_ids):
         rollout = rollouts[sample]
         response = list(rollout.response_ids)
@@ -147,36 +187,83 @@ def build_microbatch(
         engine_logprobs_T=None
         if any(lp is None for lp in engine)
         else torch.tensor([lp for row in engine for lp in row], dtype=torch.float32),
+        lengths_B2=lengths_B2,
         advantage_T=None
         if advantages is None
         else torch.tensor([float(advantages[s]) for s in sample_ids for _ in rollouts[s].response_ids]),
     )
 
 
-def plan_microbatches(
-    rollouts: Sequence[PairedRollout], *, max_tokens: int, pad_multiple: int = 1, student_only: bool = False
-) -> list[list[int]]:
-    """Cut rollouts (in order) into groups whose padded size ``B * (Ls + Lt)`` fits ``max_tokens``.
+def _greedy_cut(lengths: list[tuple[int, int]], max_tokens: int) -> list[int]:
+    """Group sizes of the greedy cut (fill each group while it fits) of lengths in order."""
+    sizes: list[int] = []
+    count = longest_s = longest_t = 0
+    for s_len, t_len in lengths:
+        new_s, new_t = max(longest_s, s_len), max(longest_t, t_len)
+        if count and (count + 1) * (new_s + new_t) > max_tokens:
+            sizes.append(count)
+            count, new_s, new_t = 0, s_len, t_len
+        count, longest_s, longest_t = count + 1, new_s, new_t
+    return [*sizes, count] if count else sizes
 
-    A single rollout larger than the budget still gets a microbatch of its own. The loss is
+
+def _least_padding_cut(lengths: list[tuple[int, int]], max_tokens: int, groups: int) -> list[int]:
+    """Group sizes of the contiguous cut into ``groups`` groups with the fewest padded tokens.
+
+    Dynamic programme over cut points: best[g][j] is the least padded size of the first j
+    rollouts in g groups. A group may exceed the budget only as a single rollout.
+    """
+    n, inf = len(lengths), float("inf")
+    best = [[inf] * (n + 1) for _ in range(groups + 1)]
+    start = [[0] * (n + 1) for _ in range(groups + 1)]
+    best[0][0] = 0
+    for j in range(1, n + 1):
+        longest_s = longest_t = 0
+        for i in range(j - 1, -1, -1):  # the group is lengths[i:j]
+            longest_s, longest_t = max(longest_s, lengths[i][0]), max(longest_t, lengths[i][1])
+            size = (j - i) * (longest_s + longest_t)
+            if size > max_tokens and j - i > 1:
+                break  # longer groups only grow
+            for g in range(1, groups + 1):
+                if best[g - 1][i] + size < best[g][j]:
+                    best[g][j], start[g][j] = best[g - 1][i] + size, i
+    sizes, j = [], n
+    for g in range(groups, 0, -1):
+        sizes.append(j - start[g][j])
+        j = start[g][j]
+    return sizes[::-1]
+
+
+def plan_microbatches(
+    rollouts: Sequence[PairedRollout],
+    *,
+    max_tokens: int,
+    pad_multiple: int = 1,
+    length_aware: bool = True,
+    student_only: bool = False,
+) -> list[list[int]]:
+    """Cut rollouts into groups whose padded size ``B * (Ls + Lt)`` fits ``max_tokens``.
+
+    ``length_aware`` (default): the rollouts sorted longest first, cut into as few groups as
+    the greedy cut needs, at the cut points that leave the least padding. Otherwise the
+    greedy cut of the rollouts in their given order (the older plan, kept for comparisons). A
+    single rollout larger than the budget still gets a microbatch of its own. The loss is
     normalised over the global token count, so the cut changes cost, never the result.
     """
-    groups: list[list[int]] = []
-    current: list[int] = []
-    longest_s = longest_t = 0
     for index, rollout in enumerate(rollouts):
         if not rollout.response_ids:
             raise ValueError(f"rollout {index} has an empty response; drop it before building microbatches")
-        s_len, t_len = _sequence_lengths(rollout, student_only)
-        new_s = _round_up(max(longest_s, s_len), pad_multiple)
-        new_t = _round_up(max(longest_t, t_len), pad_multiple)
-        if current and (len(current) + 1) * (new_s + new_t) > max_tokens:
-            groups.append(current)
-            current, new_s, new_t = [], _round_up(s_len, pad_multiple), _round_up(t_len, pad_multiple)
-        current.append(index)
-        longest_s, longest_t = new_s, new_t
-    if current:
-        groups.append(current)
+    order = _by_length(rollouts) if length_aware else list(range(len(rollouts)))
+    lengths = [
+        tuple(_round_up(n, pad_multiple) for n in _sequence_lengths(rollouts[i], student_only)) for i in order
+    ]
+    sizes = _greedy_cut(lengths, max_tokens)
+    if length_aware and len(sizes) > 1:
+        sizes = _least_padding_cut(lengths, max_tokens, len(sizes))
+    groups, first = [], 0
+    for size in sizes:
+        groups.append(order[first : first + size])
+        first += size
     return groups
 
 
@@ -211,6 +298,7 @@ def build_microbatches(
     pad_multiple: int = 1,
     skip_first_tokens: int = 0,
     count_multiple: int = 1,
+    length_aware: bool = True,
     student_only: bool = False,
     advantages: Sequence[float] | None = None,
     in_loss: Sequence[bool] | None = None,
@@ -218,14 +306,19 @@ def build_microbatches(
     """All microbatches of a step: ``plan_microbatches`` then ``build_microbatch`` per group.
 
     ``count_multiple``: the number of microbatches must be a multiple of this (PP with an
-    interleaved pipeline). ``student_only``, ``advantages``, ``in_loss``: see ``build_microbatch``.
+    interleaved pipeline). ``length_aware``: see ``plan_microbatches``. ``student_only``,
+    ``advantages``, ``in_loss``: see ``build_microbatch``.
     """
     if not rollouts:
         raise ValueError(
             "no rollouts for this data-parallel replica; prompts per step must cover every replica"
         )
     groups = plan_microbatches(
-        rollouts, max_tokens=max_tokens, pad_multiple=pad_multiple, student_only=student_only
+        rollouts,
+        max_tokens=max_tokens,
+        pad_multiple=pad_multiple,
+        length_aware=length_aware,
+        student_only=student_only,
     )
     if count_multiple > 1:
         groups = regroup_to_multiple(groups, count_multiple)
@@ -242,3 +335,9 @@ def build_microbatches(
         )
         for group in groups
     ]
+
+
+def padding_fraction(microbatches: Sequence[PairedMicrobatch]) -> float:
+    """Share of the fed (student + teacher) tokens that are padding."""
+    padded = sum(mb.padded_tokens for mb in microbatches)
+    return 1.0 - sum(mb.real_tokens for mb in microbatches) / padded if padded else 0.0

@@ -5,9 +5,13 @@ student stream with grad, and sends both downstream as ONE tensor ``cat([student
 along the sequence dimension (``variable_seq_lengths`` carries the varying lengths). The next
 stage splits it at the student length (``Ls / TP`` with sequence parallel). The teacher half
 is detached, so the gradient that flows upstream through it is exactly zero. The last stage
-holds both vocab-parallel logit tensors, picks the rows that predict response tokens and
-returns the divergence SUM with the token count; megatron's ``calculate_per_token_loss``
-divides the gradients by the global (all microbatches, all DP ranks) token count.
+runs both streams' decoders without the output layer, applies the (vocab-parallel) output
+layer only to the rows that predict response tokens, and returns the divergence SUM with the
+token count; megatron's ``calculate_per_token_loss`` divides the gradients by the global (all
+microbatches, all DP ranks) token count. Prompt positions never get logits: for OPSD's long
+teacher prompts that is most of the output-layer cost, and most of what the last stage keeps
+for backward. ``all_position_logits=True`` keeps the older path (logits at every position,
+rows picked afterwards) for comparisons; both give the same loss and gradients.
 
 Student-only algorithms (GRPO without a reference, SFT) pass ``teacher=None`` and microbatches
 with an empty teacher stream: no teacher forward runs and stages send the student tensor alone.
@@ -31,6 +35,7 @@ from megaopsd.algorithm.policy_loss import StudentLoss
 from megaopsd.algorithm.teacher import Teacher
 from megaopsd.loss.boundary import first_token_mask
 from megaopsd.models.builder import unwrap_chunk
+from megaopsd.models.forward import decoder_hidden, rows_logits
 from megaopsd.rollout.metrics import logprob_abs_diff_tokens
 
 # The per-token loss the last stage applies: (student_NV, teacher_NV, mask_N, target_N, first_N=)
@@ -49,9 +54,11 @@ class PairedForward:
     loss_fn: LossFn | StudentLoss
     sequence_parallel_size: int = 1  # TP size when sequence parallel is on, else 1
     # When set, microbatches carrying the engine's logprobs also report the mismatch
-    # sum |engine logprob - student logprob| over loss tokens (``logprob_abs_diff_sum``) and
-    # its per-token maximum (``logprob_abs_diff_max``).
+    # sum and max of |engine logprob - student logprob| over loss tokens
+    # (``logprob_abs_diff_sum``, ``logprob_abs_diff_max``).
     logprob_fn: LogprobFn | None = None
+    # The older path: the output layer at every position (for comparisons and the benchmark).
+    all_position_logits: bool = False
 
     def _chunk_index(self, model: torch.nn.Module) -> int:
         for index, chunk in enumerate(self.student_chunks):
@@ -76,16 +83,34 @@ class PairedForward:
                     f"received {received.shape[0]} rows, expected {s_split} student + {t_rows} teacher"
                 )
             s_input, t_input = received[:s_split], received[s_split:].detach()
+        last = student.post_process
+        if t_input is not None:
+            teacher.set_input_tensor(t_input)
         with torch.no_grad():
-            if t_input is not None:
-                teacher.set_input_tensor(t_input)
-            t_out = teacher(mb.teacher_tokens_BL, mb.position_ids(mb.teacher_tokens_BL), None)
+            t_out = self._stream(teacher, teacher, mb.teacher_tokens_BL, mb.teacher_index_T, last)
         if s_input is not None:
             student.set_input_tensor(s_input)
-        s_out = model(mb.student_tokens_BL, mb.position_ids(mb.student_tokens_BL), None)
-        if not student.post_process:
+        s_out = self._stream(model, student, mb.student_tokens_BL, mb.student_index_T, last)
+        if not last:
             return torch.cat([s_out, t_out], dim=0), _never_called
         return s_out, partial(self._loss, mb, t_out)
+
+    def _stream(
+        self,
+        model: torch.nn.Module,
+        inner: torch.nn.Module,
+        tokens_BL: torch.Tensor,
+        rows_T: torch.Tensor,
+        last: bool,
+    ) -> torch.Tensor:
+        """Hidden states to send on (``[L, B, H]``), or on the last stage the logits of ``rows_T``."""
+        positions_BL = PairedMicrobatch.position_ids(tokens_BL)
+        if not last or self.all_position_logits:
+            out = model(tokens_BL, positions_BL, None)
+            if not last:
+                return out
+            return out.reshape(-1, out.shape[-1]).index_select(0, rows_T)
+        return rows_logits(inner, decoder_hidden(model, tokens_BL, positions_BL), rows_T)
 
     def _student_only(self, mb: PairedMicrobatch, model: torch.nn.Module, student: torch.nn.Module):
         received = student.decoder.input_tensor
@@ -94,19 +119,13 @@ class PairedForward:
             if received.shape[0] != s_rows:
                 raise RuntimeError(f"received {received.shape[0]} rows, expected {s_rows} student rows")
             student.set_input_tensor(received)
-        s_out = model(mb.student_tokens_BL, mb.position_ids(mb.student_tokens_BL), None)
-        if not student.post_process:
+        last = student.post_process
+        s_out = self._stream(model, student, mb.student_tokens_BL, mb.student_index_T, last)
+        if not last:
             return s_out, _never_called
         return s_out, partial(self._loss, mb, None)
 
-    def _loss(
-        self, mb: PairedMicrobatch, teacher_logits_BTV: torch.Tensor | None, student_logits_BSV: torch.Tensor
-    ):
-        vocab = student_logits_BSV.shape[-1]
-        student_NV = student_logits_BSV.reshape(-1, vocab).index_select(0, mb.student_index_T)
-        teacher_NV = None
-        if teacher_logits_BTV is not None:
-            teacher_NV = teacher_logits_BTV.reshape(-1, vocab).index_select(0, mb.teacher_index_T)
+    def _loss(self, mb: PairedMicrobatch, teacher_NV: torch.Tensor | None, student_NV: torch.Tensor):
         if isinstance(self.loss_fn, StudentLoss):
             loss_sum, metrics = self.loss_fn(student_NV, teacher_NV, mb)
         else:
@@ -121,7 +140,8 @@ class PairedForward:
             student_logp = self.logprob_fn(student_NV.detach(), mb.target_ids_T)
             diff = logprob_abs_diff_tokens(mb.engine_logprobs_T, student_logp, mb.loss_mask_T)
             reported["logprob_abs_diff_sum"] = diff.sum()
-            reported["logprob_abs_diff_max"] = diff.max()
+            # the worst token: a mean hides a few badly synced weights
+            reported["logprob_abs_diff_max"] = diff.max() if diff.numel() else diff.new_zeros(())
         return loss_sum, num_tokens, reported
 
 

@@ -43,7 +43,8 @@ def wrap_student(
     config.calculate_per_token_loss = True  # read by DDP (grad scaling) and the schedules
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
     wrapped = [
@@ -73,6 +74,16 @@ def wrap_student(
     )
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
+    if parallel.overlap_grad_reduce:
+        # The schedule holds the DP reduction back until the last microbatch and starts each
+        # bucket's reduction as its gradients are ready.
+        single = len(wrapped) == 1
+        config.no_sync_func = wrapped[0].no_sync if single else [c.no_sync for c in wrapped]
+        config.grad_sync_func = wrapped[0].start_grad_sync if single else [c.start_grad_sync for c in wrapped]
+    if parallel.overlap_param_gather:
+        config.param_sync_func = (
+            wrapped[0].start_param_sync if len(wrapped) == 1 else [c.start_param_sync for c in wrapped]
+        )
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if trainer.warmup_steps else trainer.lr,

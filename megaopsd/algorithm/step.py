@@ -31,35 +31,39 @@ class StepResult:
     lr: float
     num_tokens: int  # loss tokens in the global batch
     skipped: bool  # the optimizer skipped the update (non-finite gradients)
-    metrics: dict[
-        str, float
-    ]  # other token means reported by the loss (divergence, entropies, ...); *_max: maxima
+    # other token means reported by the loss (divergence, entropies, ...); ``*_max``: maxima
+    metrics: dict[str, float]
 
 
 def _reduce_metrics(outputs: list[dict[str, torch.Tensor]], parallel: ParallelState) -> dict[str, float]:
-    """Sum per-microbatch metric sums over microbatches and DP ranks, on every pipeline stage.
+    """Reduce per-microbatch metrics over microbatches and DP ranks, on every pipeline stage.
 
-    Metrics named ``*_max`` are maxima instead (reduced with max). Only the last stage has loss
-    outputs; it tells the other stages the metric names first.
+    Names ending in ``_max`` take the maximum (a worst case must not be averaged away); all
+    others are sums. Only the last stage has loss outputs; it tells the other stages the
+    metric names first.
     """
     names = [sorted(outputs[0]) if outputs else []]
     if parallel.pp_size > 1:
         last = dist.get_global_rank(parallel.pp_group, parallel.pp_size - 1)
         dist.broadcast_object_list(names, src=last, group=parallel.pp_group)
     names = names[0]
-    is_max = torch.tensor([name.endswith("_max") for name in names], device=collective_device())
-    sums = torch.zeros(len(names), dtype=torch.float64, device=collective_device())
-    for out in outputs:
-        for i, name in enumerate(names):
-            value = out[name].double()
-            sums[i] = torch.maximum(sums[i], value) if is_max[i] else sums[i] + value
-    if parallel.pp_size > 1:
-        dist.broadcast(sums, src=last, group=parallel.pp_group)
-    maxima = sums.clone()
-    dist.all_reduce(sums, group=parallel.dp_group)
-    dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=parallel.dp_group)
-    reduced = torch.where(is_max, maxima, sums)
-    return {name: float(reduced[i]) for i, name in enumerate(names)}
+    reduced = {}
+    for is_max in (False, True):
+        group = [name for name in names if name.endswith("_max") == is_max]
+        if not group:
+            continue
+        start = -math.inf if is_max else 0.0
+        values = torch.full((len(group),), start, dtype=torch.float64, device=collective_device())
+        for out in outputs:
+            for i, name in enumerate(group):
+                value = out[name].double()
+                values[i] = torch.maximum(values[i], value) if is_max else values[i] + value
+        if parallel.pp_size > 1:
+            dist.broadcast(values, src=last, group=parallel.pp_group)
+        op = dist.ReduceOp.MAX if is_max else dist.ReduceOp.SUM
+        dist.all_reduce(values, op=op, group=parallel.dp_group)
+        reduced.update({name: float(values[i]) for i, name in enumerate(group)})
+    return reduced
 
 
 def forward_backward(
@@ -71,9 +75,12 @@ def forward_backward(
     parallel: ParallelState,
     forward_only: bool = False,
     logprob_fn: LogprobFn | None = None,
+    all_position_logits: bool = False,
 ) -> tuple[dict[str, float], int]:
     """Zero the grads and run every microbatch through one paired schedule.
 
+    ``all_position_logits`` selects the older last-stage path (output layer at every
+    position); the default applies it to the scored rows only, with the same result.
     ``teacher=None`` runs the student stream alone (GRPO without a reference, SFT).
 
     Returns the loss outputs summed over microbatches and DP ranks (same on every rank) and
@@ -91,6 +98,7 @@ def forward_backward(
         loss_fn=loss_fn,
         sequence_parallel_size=parallel.tp_size if parallel.sequence_parallel else 1,
         logprob_fn=logprob_fn,
+        all_position_logits=all_position_logits,
     )
     num_chunks = len(student.chunks)
     iterators = [iter(microbatches) for _ in range(num_chunks)]
@@ -127,6 +135,15 @@ def _all_finite(student: TrainableStudent, loss_sum: float) -> bool:
     return bool(flag)
 
 
+def _gather_params_now(student: TrainableStudent) -> None:
+    """With ``overlap_param_gather`` the distributed optimizer leaves the updated parameters
+    scattered until the next forward; the teacher update, the rollout refit and checkpoints
+    read them right after the step, so gather them here (synchronously)."""
+    for chunk in student.chunks:
+        if getattr(chunk, "ddp_config", None) is not None and chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 def train_step(
     *,
     student: TrainableStudent,
@@ -154,6 +171,7 @@ def train_step(
     lr = student.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
     if ok:
         ok, grad_norm, _ = student.optimizer.step()
+        _gather_params_now(student)
         if ok:
             student.scheduler.step(increment=1)
             if teacher is not None:

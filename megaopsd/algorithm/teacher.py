@@ -60,30 +60,72 @@ class FrozenTeacher(Teacher):
 
 
 class EmaTeacher(FrozenTeacher):
-    """An EMA of the student; the average is kept in float32 whatever the model dtype."""
+    """An EMA of the student; the average is kept in float32 whatever the model dtype.
+
+    On float32 models the average lives in the teacher module itself. Otherwise it lives in a
+    float32 shadow per parameter, cast into the module after each update; checkpoints save the
+    shadow (``shadow_sharded_state``) because the module's bfloat16 copy cannot rebuild it
+    exactly, and a resumed run would drift from the uninterrupted one.
+    """
 
     mode = "ema"
+    SHADOW_PREFIX = "teacher_ema_fp32"  # checkpoint key prefix of the shadow tensors
 
     def __init__(self, student_chunks, build_chunks, *, decay: float):
         super().__init__(student_chunks, build_chunks)
         self.decay = decay
         self._pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._shadows: list[dict[str, torch.Tensor]] = []  # per chunk: parameter name -> float32 shadow
         for teacher, student in zip(self._copies, self._student, strict=True):
             student_params = dict(student.named_parameters())
+            shadows = {}
             for name, param in teacher.named_parameters():
-                # On float32 models the average lives in the module itself; otherwise in a
-                # float32 shadow that is cast into the module after each update.
-                average = param.data if param.dtype == torch.float32 else param.data.float()
-                self._pairs.append((average, param.data, student_params[name]))
+                data = param.data  # one object: ``param.data`` makes a new one on every access
+                average = data if data.dtype == torch.float32 else data.float()
+                if average is not data:
+                    shadows[name] = average
+                self._pairs.append((average, data, student_params[name]))
+            self._shadows.append(shadows)
+
+    @property
+    def has_shadow(self) -> bool:
+        """True when some average lives outside the module (non-float32 models)."""
+        return any(self._shadows)
+
+    def shadows(self, index: int) -> dict[str, torch.Tensor]:
+        """Chunk ``index``'s float32 shadows by parameter name (empty on float32 models)."""
+        return dict(self._shadows[index])
+
+    def shadow_sharded_state(self, index: int, *, prefix: str = "teacher.") -> dict:
+        """Chunk ``index``'s float32 shadows, sharded like the teacher's own parameters."""
+        from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+        if not self._shadows[index]:
+            return {}
+        model_state = self._copies[index].sharded_state_dict(prefix=prefix)
+        return {
+            name: make_sharded_optimizer_tensor(model_state[prefix + name], shadow, prefix=self.SHADOW_PREFIX)
+            for name, shadow in self._shadows[index].items()
+        }
 
     @torch.no_grad()
     def load_chunk_state(
-        self, index: int, state: dict[str, torch.Tensor], *, prefix: str = "teacher."
+        self,
+        index: int,
+        state: dict[str, torch.Tensor],
+        *,
+        prefix: str = "teacher.",
+        shadow: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        """Load the module weights and, when given, the float32 shadows saved with them.
+
+        Without ``shadow`` (a checkpoint from a float32 run or an older one) the shadows are
+        rebuilt from the module weights, which loses the bits below their precision.
+        """
         super().load_chunk_state(index, state, prefix=prefix)
-        for average, module_param, _ in self._pairs:
-            if module_param is not average:
-                average.copy_(module_param)
+        for name, average in self._shadows[index].items():
+            module_param = dict(self._copies[index].named_parameters())[name]
+            average.copy_(shadow[name] if shadow is not None else module_param)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

@@ -78,15 +78,17 @@ def save_model_checkpoint(
 def load_model_checkpoint(chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path) -> None:
     """Collective: load a distributed checkpoint (saved at any layout) into this rank's chunks.
 
+    Its pickled parts are read through allow-lists (``megaopsd.convert.safe_load``).
+
     Raises:
         FileNotFoundError: ``ckpt_dir`` is not a distributed checkpoint.
     """
-    from megatron.core import dist_checkpointing
+    from megaopsd.convert.safe_load import load_dist_checkpoint
 
     path = Path(ckpt_dir)
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a megatron distributed checkpoint (no metadata.json)")
-    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(path))
+    loaded = load_dist_checkpoint(model_sharded_state_dict(chunks), str(path))  # never unpickles code
     load_model_state(chunks, loaded)
 
 

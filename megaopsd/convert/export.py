@@ -153,6 +153,65 @@ def _gather_full(ref: ParamRef, parallel: ParallelState, is_owner: bool) -> torc
     return torch.cat(parts, dim=dim) if is_owner else None
 
 
+def _all_gather_full(ref: ParamRef, parallel: ParallelState, meter: ExportMeter | None) -> torch.Tensor:
+    """The full Megatron tensor of ``ref`` on every rank of its TP group (they all need it)."""
+    local = ref.tensor.detach()
+    dim = ref.rule.layout.tp_dim
+    if dim is None or parallel.tp_size == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(parallel.tp_size)]
+    dist.all_gather(parts, local.contiguous(), group=parallel.tp_group)
+    full = torch.cat(parts, dim=dim)
+    if meter is not None:  # the shards and their concatenation
+        meter.gather_peak_bytes = max(meter.gather_peak_bytes, 2 * full.numel() * full.element_size())
+    return full
+
+
+# Broadcast groups of the export to every rank, by member ranks; created collectively, in plan order.
+_RECEIVER_GROUPS: dict[tuple[int, tuple[int, ...]], dist.ProcessGroup | None] = {}
+
+
+def _receivers(item: ExportItem) -> dist.ProcessGroup | None:
+    """The owner plus every rank outside the owner's TP group (None: nobody else needs it).
+
+    The TP peers of the owner got the full tensor from the all-gather already. Every rank calls
+    this for every item, so a new group is created by all ranks at the same point.
+    """
+    members = tuple(sorted({item.owner} | (set(range(dist.get_world_size())) - set(item.producers))))
+    key = (id(dist.group.WORLD), members)
+    if key not in _RECEIVER_GROUPS:
+        _RECEIVER_GROUPS[key] = dist.new_group(list(members)) if len(members) > 1 else None
+    return _RECEIVER_GROUPS[key]
+
+
+def _to_every_rank(
+    item: ExportItem,
+    ref: ParamRef | None,
+    parallel: ParallelState,
+    geo: Geometry,
+    meter: ExportMeter | None,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """One item's HF tensors on every rank: all-gather inside the owning TP group, then a
+    broadcast from the owner to the ranks outside it (other stages, other replicas)."""
+    me = dist.get_rank()
+    group = _receivers(item)
+    tensors: list[torch.Tensor] = []
+    if me in item.producers:
+        full = _all_gather_full(ref, parallel, meter)
+        tensors = [t.to(item.dtype).contiguous() for t in ref.rule.layout.to_hf(full, geo)]
+        del full
+        if me == item.owner and group is not None:
+            for tensor in tensors:
+                dist.broadcast(tensor, item.owner, group=group)
+        return tensors
+    for shape in item.shapes:
+        buffer = torch.empty(shape, dtype=item.dtype, device=device)
+        dist.broadcast(buffer, item.owner, group=group)
+        tensors.append(buffer)
+    return tensors
+
+
 def export_hf_weights(
     chunks: Sequence[torch.nn.Module],
     spec: HFModelSpec,
@@ -173,8 +232,9 @@ def export_hf_weights(
         chunks: this rank's GPTModel chunks (any TP/PP/VPP layout).
         spec: the model's HF config.
         parallel: this rank's layout.
-        dst_ranks: global ranks that receive the tensors; None: every rank, each tensor
-            broadcast from the rank that owns it (colocated engines: one per rank or TP group).
+        dst_ranks: global ranks that receive the tensors; None: every rank (colocated engines):
+            the owning stage's TP group all-gathers, and its TP rank 0 broadcasts to the ranks
+            outside that group.
         include_tied_lm_head: see ``export_plan``.
         dtype: see ``export_plan``.
         plan: a plan from ``export_plan`` with the same options (computed here when None).
@@ -192,34 +252,31 @@ def export_hf_weights(
     # Look parameters up in the superset (tied lm_head included); the plan decides what is sent.
     refs = {ref.key: ref for ref in local_params(chunks, mapping_for(spec), spec, include_tied_lm_head=True)}
     device = next(iter(chunks[0].parameters())).device
-    broadcast = dst_ranks is None
     for item in plan.items:
+        if dst_ranks is None:
+            yield from zip(
+                item.hf_names, _to_every_rank(item, refs.get(item.key), parallel, geo, meter, device)
+            )
+            continue
         tensors: list[torch.Tensor] | None = None
         if me in item.producers:
             full = _gather_full(refs[item.key], parallel, is_owner=me == item.owner)
             if me == item.owner:
-                if meter is not None and full is not None and parallel.tp_size > 1:
-                    size = full.numel() * full.element_size() * 2  # the shards and their concatenation
-                    meter.gather_peak_bytes = max(meter.gather_peak_bytes, size)
+                if meter is not None and parallel.tp_size > 1:
+                    meter.gather_peak_bytes = max(
+                        meter.gather_peak_bytes, 2 * full.numel() * full.element_size()
+                    )
                 tensors = [t.to(item.dtype).contiguous() for t in refs[item.key].rule.layout.to_hf(full, geo)]
-                del full
-                if broadcast:
-                    for tensor in tensors:
-                        dist.broadcast(tensor, item.owner)
-                else:
-                    for dst in dst_ranks:
-                        if dst != me:
-                            for tensor in tensors:
-                                dist.send(tensor, dst)
-        if not broadcast and me not in dst_ranks:
+                for dst in dst_ranks:
+                    if dst != me:
+                        for tensor in tensors:
+                            dist.send(tensor, dst)
+        if me not in dst_ranks:
             continue
         if me != item.owner:
             tensors = []
             for shape in item.shapes:
                 buffer = torch.empty(shape, dtype=item.dtype, device=device)
-                if broadcast:
-                    dist.broadcast(buffer, item.owner)
-                else:
-                    dist.recv(buffer, item.owner)
+                dist.recv(buffer, item.owner)
                 tensors.append(buffer)
         yield from zip(item.hf_names, tensors)

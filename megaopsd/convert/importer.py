@@ -18,6 +18,7 @@ from megaopsd.convert.families import mapping_for
 from megaopsd.convert.params import local_params
 from megaopsd.convert.safetensors_io import HFCheckpointReader
 from megaopsd.models.hf_config import HFModelSpec
+from megaopsd.progress import progress as show_progress
 from megaopsd.runtime.parallel import ParallelState
 
 
@@ -39,7 +40,8 @@ def load_hf_weights(
         spec: the model's HF config.
         hf_dir: directory with ``model.safetensors`` or ``model.safetensors.index.json``.
         parallel: this rank's layout (TP rank and size pick the slices).
-        progress: show a tqdm bar (callers enable it on one rank).
+        progress: show progress in bytes of this rank's shards (callers enable it on one rank;
+            a terminal gets a bar, a log a line every ``$MEGAOPSD_PROGRESS_INTERVAL`` seconds).
 
     Returns:
         Number of parameters filled on this rank.
@@ -51,13 +53,12 @@ def load_hf_weights(
     """
     geo = geometry(spec, parallel.tp_size)
     refs = local_params(chunks, mapping_for(spec), spec, for_import=True)
-    with HFCheckpointReader(hf_dir) as reader:
-        iterator = refs
-        if progress:
-            from tqdm import tqdm
-
-            iterator = tqdm(refs, desc="import", unit="param")
-        for ref in iterator:
+    total = sum(ref.tensor.numel() * ref.tensor.element_size() for ref in refs)
+    with (
+        HFCheckpointReader(hf_dir) as reader,
+        show_progress(total=total, desc="import", unit="B", unit_scale=True, disable=not progress) as bar,
+    ):
+        for ref in refs:
             names = ref.hf_names
             if ref.rule.tied_to is not None and spec.tie_word_embeddings:
                 names = (ref.rule.tied_to,)
@@ -71,4 +72,5 @@ def load_hf_weights(
                 )
             with torch.no_grad():
                 ref.tensor.copy_(shard)
+            bar.update(ref.tensor.numel() * ref.tensor.element_size())
     return len(refs)

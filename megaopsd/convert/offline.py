@@ -26,7 +26,8 @@ from megaopsd.convert.importer import load_hf_weights
 from megaopsd.convert.safetensors_io import StreamingSafetensorsWriter, copy_side_files
 from megaopsd.models.builder import build_model_chunks, params_dtype
 from megaopsd.models.hf_config import HFModelSpec, load_hf_config
-from megaopsd.runtime.parallel import Runtime
+from megaopsd.progress import progress as show_progress
+from megaopsd.runtime.parallel import ParallelState, Runtime
 
 MANIFEST = "megaopsd.json"  # what megaopsd adds to a converted checkpoint directory
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -36,6 +37,16 @@ def default_dtype(config: dict[str, Any]) -> str:
     """The ``ModelConfig.dtype`` for a model's stored dtype (float16 widens losslessly to float32)."""
     stored = config.get("dtype") or config.get("torch_dtype") or "float32"
     return "bfloat16" if stored == "bfloat16" else "float32"
+
+
+def saved_layout(parallel: ParallelState) -> dict[str, int]:
+    """The layout a checkpoint was written at (informational: it loads at any layout)."""
+    layout = {"tp": parallel.tp_size, "pp": parallel.pp_size}
+    if parallel.num_layers_in_first_pipeline_stage is not None:
+        layout["first_stage_layers"] = parallel.num_layers_in_first_pipeline_stage
+    if parallel.num_layers_in_last_pipeline_stage is not None:
+        layout["last_stage_layers"] = parallel.num_layers_in_last_pipeline_stage
+    return layout
 
 
 def read_manifest(ckpt_dir: str | Path) -> dict[str, Any]:
@@ -63,21 +74,17 @@ def write_hf_checkpoint(
     plan = export_plan(chunks, spec, runtime.parallel, dtype=dtype)
     writing = runtime.rank == writer_rank
     writer = StreamingSafetensorsWriter(out_dir, plan.entries, max_shard_bytes) if writing else None
-    bar = None
-    if writing and progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="export")
-    for name, tensor in export_hf_weights(
-        chunks, spec, runtime.parallel, dst_ranks=(writer_rank,), plan=plan
-    ):
-        writer.write(name, tensor)
-        if bar is not None:
+    bar = show_progress(
+        total=plan.total_bytes, desc="export", unit="B", unit_scale=True, disable=not (writing and progress)
+    )
+    with bar:
+        for name, tensor in export_hf_weights(
+            chunks, spec, runtime.parallel, dst_ranks=(writer_rank,), plan=plan
+        ):
+            writer.write(name, tensor)
             bar.update(tensor.numel() * tensor.element_size())
     if writer is not None:
         writer.close()
-    if bar is not None:
-        bar.close()
     return plan
 
 
@@ -123,7 +130,7 @@ def import_hf_checkpoint(
             "dtype": model_cfg.dtype,
             "make_vocab_size_divisible_by": model_cfg.make_vocab_size_divisible_by,
             "source": str(hf_dir.resolve()),
-            "saved_layout": {"tp": runtime.parallel.tp_size, "pp": runtime.parallel.pp_size},
+            "saved_layout": saved_layout(runtime.parallel),
         }
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     dist.barrier()

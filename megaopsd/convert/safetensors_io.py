@@ -36,7 +36,8 @@ _DTYPE_CODES = {
 
 # Files that describe a model but hold no weights (config, generation config, tokenizer).
 _SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
-_NOT_SIDE_FILES = {INDEX_FILE, "metadata.json", "megaopsd.json"}  # metadata.json: dist_checkpointing's
+# metadata.json: dist_checkpointing's; the last two: a trainer checkpoint's own bookkeeping
+_NOT_SIDE_FILES = {INDEX_FILE, "metadata.json", "megaopsd.json", "manifest.json", "trainer_state.json"}
 
 
 class HFCheckpointReader:

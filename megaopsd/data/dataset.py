@@ -4,10 +4,14 @@ Sources are local ``.jsonl``/``.json`` (one JSON object per line) or ``.parquet`
 Hugging Face dataset id (``owner/name`` or ``owner/name:split``, loaded through ``datasets``
 when the hub is reachable) for anything that is not an existing path.
 
-Bad rows (unparsable JSON, not an object, a missing, non-text or empty problem/solution) are
-skipped and counted per reason, or, with ``strict=True``, rejected with the file and the
-1-based line (or row) number of the first one. A column that is missing from a whole parquet
-file or dataset is a configuration error and always raises.
+Bad rows are skipped and counted per reason, or, with ``strict=True``, rejected with the file
+and the 1-based line (or row) number of the first one. Reasons: ``invalid_utf8`` (bytes that are
+not UTF-8, or text with an unpaired surrogate escape), ``nul_character``, ``row_too_long`` (over
+``max_row_bytes``), ``invalid_json``, ``not_an_object``, ``missing_``/``non_text_``/``empty_``
+``problem``/``solution``. A UTF-8 byte-order mark at the start of a file and CRLF line ends are
+accepted. A file that cannot be read at all (a corrupt parquet file, no permission) is named and
+counted as ``unreadable_file`` while the other sources still load. A column that is missing from
+a whole parquet file or dataset is a configuration error and always raises.
 
 ``ProblemDataset`` walks the examples epoch after epoch, each epoch in its own seeded order.
 Its position is ``(epoch, index)``; ``state_dict``/``load_state_dict`` restore it so a resumed
@@ -22,9 +26,11 @@ import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
+
+from megaopsd.config import DataConfig
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -55,22 +61,69 @@ class LoadedExamples:
 
     examples: list[ProblemExample]
     skipped: dict[str, int]
+    unreadable: list[str] = dataclasses.field(default_factory=list)  # "path: why", per skipped file
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield ``(path:line, parsed object)``; an unparsable line yields a ``_Bad`` marker."""
-    with path.open("r", encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue  # blank lines (a trailing newline) are not rows
+BOM = b"\xef\xbb\xbf"  # what Windows editors put at the start of a UTF-8 file
+
+
+@dataclasses.dataclass(frozen=True)
+class _TooLong:
+    size: int  # bytes in the line, terminator excluded
+
+
+def _raw_lines(handle: BinaryIO, limit: int) -> Iterator[bytes | _TooLong]:
+    """Lines without their LF / CRLF ending; a line over ``limit`` bytes is never held whole."""
+    while True:
+        chunk = handle.readline(limit + 2)  # room for the limit plus CRLF
+        if not chunk:
+            return
+        if len(chunk) == limit + 2 and not chunk.endswith(b"\n"):  # longer still: skip to its end
+            size = len(chunk)
+            while True:
+                rest = handle.readline(1 << 20)
+                size += len(rest)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield _TooLong(size - rest.endswith(b"\n"))
+            continue
+        line = chunk[:-1] if chunk.endswith(b"\n") else chunk
+        line = line[:-1] if line.endswith(b"\r") else line
+        yield _TooLong(len(line)) if len(line) > limit else line
+
+
+def _parse_line(raw: bytes) -> Any:
+    """The JSON value of one line, or a ``_Bad`` saying why there is none."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return _Bad("invalid_utf8", f"byte 0x{raw[err.start]:02x} at column {err.start + 1} is not UTF-8")
+    if "\0" in text:
+        return _Bad("nul_character", f"a NUL character at column {text.index(chr(0)) + 1}")
+    try:
+        return json.loads(text)
+    # ValueError: JSONDecodeError and Python's digit limit on huge integers; RecursionError: deep nesting
+    except (ValueError, RecursionError) as err:
+        return _Bad("invalid_json", (str(err).splitlines() or [type(err).__name__])[0][:200])
+
+
+def _read_jsonl(path: Path, max_row_bytes: int) -> Iterator[tuple[str, Any]]:
+    """Yield ``(path:line, parsed object)``; an unusable line yields a ``_Bad`` marker."""
+    with path.open("rb") as handle:  # bytes: a non-UTF-8 line is one bad row, not a crash
+        for line_no, raw in enumerate(_raw_lines(handle, max_row_bytes), start=1):
             where = f"{path}:{line_no}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                yield where, _Bad("invalid_json", str(err))
+            if isinstance(raw, _TooLong):
+                detail = f"{raw.size} bytes, over data.max_row_bytes={max_row_bytes}"
+                yield where, _Bad("row_too_long", detail)
+                continue
+            if line_no == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM) :]
+            if not raw.strip():
+                continue  # blank lines (a trailing newline) are not rows
+            yield where, _parse_line(raw)
 
 
 def _require_columns(columns: Sequence[str], keys: Sequence[str], source: str) -> None:
@@ -109,11 +162,13 @@ def _read_hub(source: str, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
         yield f"{name}[{row_no}]", row
 
 
-def _read_source(source: str, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
+def _read_source(
+    source: str, keys: Sequence[str], max_row_bytes: int = DataConfig.max_row_bytes
+) -> Iterator[tuple[str, Any]]:
     path = Path(source)
     if path.is_file():
         if path.suffix in JSONL_SUFFIXES:
-            return _read_jsonl(path)
+            return _read_jsonl(path, max_row_bytes)
         if path.suffix in PARQUET_SUFFIXES:
             return _read_parquet(path, keys)
         raise DataError(f"{source}: unknown file type; use .jsonl, .json (JSON lines) or .parquet")
@@ -128,6 +183,23 @@ def _read_source(source: str, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
     return _read_hub(source, keys)
 
 
+class _UnreadableFile(Exception):
+    """A source whose bytes cannot be read as its format at all (one line: the reader's error)."""
+
+
+def _source_rows(source: str, keys: Sequence[str], max_row_bytes: int) -> list[tuple[str, Any]]:
+    """All rows of one source, read completely before any is used: a file loads whole or not at all."""
+    try:
+        return list(_read_source(source, keys, max_row_bytes))
+    except DataError:
+        raise  # configuration errors (no such file, missing column) are not damage
+    # OSError: permissions, a directory, an I/O error; the rest: pyarrow's open-ended error set
+    # for a corrupt or truncated parquet file (ArrowInvalid, ArrowNotImplementedError, ...).
+    except Exception as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise _UnreadableFile(f"{type(err).__name__}: {first_line}") from err
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -137,7 +209,22 @@ class _Bad:
     detail: str
 
 
-def _check_row(row: Any, problem_key: str, solution_key: str) -> tuple[str, str] | _Bad:
+def _text_problem(role: str, key: str, value: str) -> _Bad | None:
+    """Text that parses but would break later: tokenizers and C libraries choke on these."""
+    if "\0" in value:
+        return _Bad("nul_character", f"{key!r} holds a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # an escaped lone surrogate such as "\\ud800"
+        return _Bad(
+            "invalid_utf8", f"{key!r} holds an unpaired surrogate at {err.start}, which has no UTF-8 form"
+        )
+    if not value.strip():
+        return _Bad(f"empty_{role}", f"{key!r} is empty")
+    return None
+
+
+def _check_row(row: Any, problem_key: str, solution_key: str, max_row_bytes: int) -> tuple[str, str] | _Bad:
     """The (problem, solution) of a row, or why it is unusable."""
     if isinstance(row, _Bad):
         return row
@@ -150,9 +237,12 @@ def _check_row(row: Any, problem_key: str, solution_key: str) -> tuple[str, str]
             return _Bad(f"missing_{role}", f"no {key!r} field")
         if not isinstance(value, str):
             return _Bad(f"non_text_{role}", f"{key!r} is a {type(value).__name__}, not text")
-        if not value.strip():
-            return _Bad(f"empty_{role}", f"{key!r} is empty")
+        if (bad := _text_problem(role, key, value)) is not None:
+            return bad
         values.append(value)
+    size = sum(len(v.encode("utf-8")) for v in values)
+    if size > max_row_bytes:  # parquet and hub rows; a jsonl line over the limit is caught unread
+        return _Bad("row_too_long", f"{size} bytes of text, over data.max_row_bytes={max_row_bytes}")
     return values[0], values[1]
 
 
@@ -162,6 +252,7 @@ def load_examples(
     problem_key: str = "problem",
     solution_key: str = "solution",
     strict: bool = False,
+    max_row_bytes: int = DataConfig.max_row_bytes,
 ) -> LoadedExamples:
     """Read every source, keep the usable rows and count the others per reason.
 
@@ -169,10 +260,12 @@ def load_examples(
         sources: local files (``.jsonl``, ``.json`` lines, ``.parquet``) or Hugging Face ids.
         problem_key: the column holding the problem.
         solution_key: the column holding the reference solution.
-        strict: raise on the first bad row instead of skipping it.
+        strict: raise on the first bad row (or unreadable file) instead of skipping it.
+        max_row_bytes: longest usable line (jsonl) or problem + solution text (parquet, hub).
 
     Returns:
-        The examples in source order and ``{reason: count}`` of the skipped rows.
+        The examples in source order, ``{reason: count}`` of the skipped rows (plus
+        ``unreadable_file``: files skipped whole) and one line per skipped file.
 
     Raises:
         DataError: no sources, a bad row when strict (message ``file:line: reason (detail)``),
@@ -183,9 +276,18 @@ def load_examples(
     keys = (problem_key, solution_key)
     examples: list[ProblemExample] = []
     skipped: collections.Counter[str] = collections.Counter()
+    unreadable: list[str] = []
     for source in sources:
-        for where, row in _read_source(source, keys):
-            checked = _check_row(row, problem_key, solution_key)
+        try:
+            rows = _source_rows(source, keys, max_row_bytes)
+        except _UnreadableFile as err:
+            if strict:
+                raise DataError(f"{source}: unreadable_file ({err}); repair or remove the file") from err
+            skipped["unreadable_file"] += 1
+            unreadable.append(f"{source}: unreadable, skipped ({err})")
+            continue
+        for where, row in rows:
+            checked = _check_row(row, problem_key, solution_key, max_row_bytes)
             if isinstance(checked, _Bad):
                 if strict:
                     raise DataError(
@@ -200,7 +302,7 @@ def load_examples(
             f"no usable examples in {', '.join(sources)} ({counts}); "
             f"check data.problem_key={problem_key!r} and data.solution_key={solution_key!r}"
         )
-    return LoadedExamples(examples=examples, skipped=dict(sorted(skipped.items())))
+    return LoadedExamples(examples=examples, skipped=dict(sorted(skipped.items())), unreadable=unreadable)
 
 
 # ----------------------------------------------------------------------------- iteration

@@ -26,14 +26,21 @@ class PromptStream:
         dataset: the examples and their position.
         builder: renders and tokenises prompts and enforces the length limits.
         load_skipped: rows dropped while loading, ``{reason: count}``, reported with the rest.
+        unreadable: one line per source file skipped whole (``path: why``), for the console.
     """
 
     def __init__(
-        self, dataset: ProblemDataset, builder: PromptBuilder, *, load_skipped: dict[str, int] | None = None
+        self,
+        dataset: ProblemDataset,
+        builder: PromptBuilder,
+        *,
+        load_skipped: dict[str, int] | None = None,
+        unreadable: list[str] | None = None,
     ):
         self.dataset = dataset
         self.builder = builder
         self.load_skipped = dict(load_skipped or {})
+        self.unreadable = list(unreadable or [])
 
     def next_prompts(self, count: int) -> list[PromptPair]:
         """The next ``count`` prompt pairs.
@@ -93,7 +100,11 @@ def build_prompt_stream(
         shuffle: shuffle each epoch with ``cfg.shuffle_seed``.
     """
     loaded = load_examples(
-        cfg.train_files, problem_key=cfg.problem_key, solution_key=cfg.solution_key, strict=cfg.strict
+        cfg.train_files,
+        problem_key=cfg.problem_key,
+        solution_key=cfg.solution_key,
+        strict=cfg.strict,
+        max_row_bytes=cfg.max_row_bytes,
     )
     dataset = ProblemDataset(loaded.examples, shuffle=shuffle, shuffle_seed=cfg.shuffle_seed)
     builder = PromptBuilder(
@@ -102,4 +113,4 @@ def build_prompt_stream(
         max_prompt_tokens=cfg.max_prompt_tokens,
         max_teacher_prompt_tokens=max_teacher_prompt_tokens,
     )
-    return PromptStream(dataset, builder, load_skipped=loaded.skipped)
+    return PromptStream(dataset, builder, load_skipped=loaded.skipped, unreadable=loaded.unreadable)

@@ -32,9 +32,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+from megaopsd.progress import progress as show_progress
 
 STATUS_GRADED = "graded"  # math-verify gave a verdict (correct or not)
 STATUS_NO_ANSWER = "no_answer"  # no usable \boxed{} in the response
@@ -249,17 +251,26 @@ class Grader:
         self._idle: list[_Worker] = []
         self.restarts = 0  # workers killed for overrunning or dying, for logs and tests
 
-    def grade_responses(self, responses: Sequence[str], references: Sequence[str]) -> list[Grade]:
-        """Extract each response's last boxed answer and grade it against its reference."""
-        return self.grade_answers([extract_boxed(r) for r in responses], references)
+    def grade_responses(
+        self, responses: Sequence[str], references: Sequence[str], *, progress: str | None = None
+    ) -> list[Grade]:
+        """Extract each response's last boxed answer and grade it against its reference.
 
-    def grade_answers(self, answers: Sequence[str | None], references: Sequence[str]) -> list[Grade]:
+        ``progress``: a description to show progress under (``megaopsd.progress``); None: silent.
+        """
+        return self.grade_answers([extract_boxed(r) for r in responses], references, progress=progress)
+
+    def grade_answers(
+        self, answers: Sequence[str | None], references: Sequence[str], *, progress: str | None = None
+    ) -> list[Grade]:
         """Grade already extracted answers (None: no answer) against their references."""
         if len(answers) != len(references):
             raise ValueError(f"{len(answers)} answers but {len(references)} references")
         keys = [(a, reference_answer(r)) for a, r in zip(answers, references)]
         todo = list(dict.fromkeys(key for key in keys if key[0] is not None))
-        verdicts = self._run(todo) if todo else {}
+        quiet = progress is None or not todo
+        with show_progress(total=len(todo), desc=progress or "", unit="answer", disable=quiet) as bar:
+            verdicts = self._run(todo, on_result=bar.update) if todo else {}
         grades = []
         for answer, reference in keys:
             if answer is None:
@@ -269,13 +280,19 @@ class Grader:
                 grades.append(Grade(extracted_answer=answer, correct=correct, status=status))
         return grades
 
-    def _run(self, items: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[bool, str]]:
-        """Feed ``items`` to the workers; each gets ``timeout_s`` from the moment it is sent."""
+    def _run(
+        self, items: list[tuple[str, str]], on_result: Callable[[int], Any] | None = None
+    ) -> dict[tuple[str, str], tuple[bool, str]]:
+        """Feed ``items`` to the workers; each gets ``timeout_s`` from the moment it is sent.
+
+        ``on_result(k)`` is told of each ``k`` new verdicts (progress).
+        """
         while len(self._idle) < min(self.settings.num_workers, len(items)):
             self._idle.append(_Worker(self.settings))
         pending = collections.deque(items)
         busy: dict[_Worker, tuple[tuple[str, str], float]] = {}
         results: dict[tuple[str, str], tuple[bool, str]] = {}
+        reported = 0
         try:
             while pending or busy:
                 while pending and self._idle:
@@ -303,6 +320,9 @@ class Grader:
                     item, _ = busy.pop(worker)
                     results[item] = (False, STATUS_TIMEOUT)
                     self._replace(worker)
+                if on_result is not None and len(results) > reported:
+                    on_result(len(results) - reported)
+                    reported = len(results)
         except BaseException:
             for worker in busy:  # their state is unknown: do not reuse them
                 worker.kill()

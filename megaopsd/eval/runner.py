@@ -24,6 +24,7 @@ from megaopsd.data.prompts import STUDENT_TEMPLATE, encode_rendered, fill_templa
 from megaopsd.eval.benchmarks import Benchmark
 from megaopsd.eval.grading import STATUS_NO_ANSWER, Grader
 from megaopsd.eval.metrics import avg_at_k, majority_at_k, pass_at_k
+from megaopsd.progress import progress_factory
 
 if TYPE_CHECKING:  # megaopsd.rollout's package import pulls in torch; the runner needs neither
     from megaopsd.rollout.engine import RolloutEngine
@@ -129,8 +130,12 @@ def run_benchmark(
     template: str = STUDENT_TEMPLATE,
     enable_thinking: bool = True,
     step: int = 0,
+    show_progress: bool = False,
 ) -> BenchmarkResult:
     """Sample k responses per problem (``sampling`` with ``n=k``), grade and summarize them.
+
+    ``show_progress``: report generation (samples, token rates) and grading (answers) with rate
+    and ETA on stderr, as ``<benchmark>: generate`` and ``<benchmark>: grade`` (``megaopsd.progress``).
 
     Returns:
         Records ordered problem-major (all samples of problem 0, then problem 1, ...).
@@ -138,14 +143,21 @@ def run_benchmark(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     prompts = build_prompt_ids(tokenizer, benchmark, template=template, enable_thinking=enable_thinking)
-    completions = engine.generate(prompts, dataclasses.replace(sampling, n=k), step=step)
+    generating = (
+        progress_factory(desc=f"{benchmark.name}: generate", unit="sample") if show_progress else None
+    )
+    completions = engine.generate(prompts, dataclasses.replace(sampling, n=k), step=step, progress=generating)
     flat = [
         (problem, index, completion)
         for problem, samples in zip(benchmark.problems, completions, strict=True)
         for index, completion in enumerate(samples)
     ]
     texts = [tokenizer.decode(c.response_ids, skip_special_tokens=True) for _, _, c in flat]
-    grades = grader.grade_responses(texts, [problem.answer for problem, _, _ in flat])
+    grades = grader.grade_responses(
+        texts,
+        [problem.answer for problem, _, _ in flat],
+        progress=f"{benchmark.name}: grade" if show_progress else None,
+    )
     records = [
         SampleRecord(
             benchmark=benchmark.name,

@@ -93,8 +93,10 @@ def transformer_config(
         add_bias_linear=False,
         add_qkv_bias=spec.qkv_bias,
         qk_layernorm=spec.qk_norm,
+        # HF decoder configs carry only attention dropout (applied in training, as here);
+        # its random masks come from megatron's RNG tracker, which checkpoints restore.
         hidden_dropout=0.0,
-        attention_dropout=0.0,
+        attention_dropout=float(spec.raw.get("attention_dropout", 0.0)),
         attention_softmax_in_fp32=True,
         init_method_std=float(spec.raw.get("initializer_range", 0.02)),
         params_dtype=dtype,
@@ -103,6 +105,10 @@ def transformer_config(
         tensor_model_parallel_size=parallel.tp_size,
         pipeline_model_parallel_size=parallel.pp_size,
         virtual_pipeline_model_parallel_size=parallel.vpp_size,
+        # megatron places and numbers the layers of uneven stages itself (layer_number includes
+        # the offset), so conversion and checkpoints follow without arithmetic of ours.
+        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
         sequence_parallel=parallel.sequence_parallel,
         bias_activation_fusion=fused,
         masked_softmax_fusion=fused,
@@ -118,6 +124,32 @@ def transformer_config(
         kwargs.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
     kwargs.update(overrides or {})
     return TransformerConfig(**kwargs)
+
+
+def megatron_overrides(model_cfg: ModelConfig) -> dict[str, Any]:
+    """TransformerConfig fields from the config: activation recompute, then ``transformer_overrides``.
+
+    Raises:
+        ValueError: an override names no TransformerConfig field.
+    """
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    known = {field.name for field in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(set(model_cfg.transformer_overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"model.transformer_overrides.{unknown[0]} is not a megatron TransformerConfig field; "
+            "check the name against megatron/core/transformer/transformer_config.py"
+        )
+    overrides: dict[str, Any] = {}
+    if model_cfg.recompute_granularity is not None:
+        overrides["recompute_granularity"] = model_cfg.recompute_granularity
+        if model_cfg.recompute_granularity == "full":
+            overrides["recompute_method"] = model_cfg.recompute_method
+            overrides["recompute_num_layers"] = model_cfg.recompute_num_layers
+    return overrides | dict(model_cfg.transformer_overrides)
 
 
 def layer_spec(spec: HFModelSpec, transformer_impl: str) -> ModuleSpec:
@@ -168,7 +200,8 @@ def build_model_chunks(
         spec: the parsed HF config (``load_hf_config``).
         model_cfg: dtype, vocab padding and layer implementation.
         parallel: this rank's layout (``runtime.parallel``); megatron's parallel state must exist.
-        config_overrides: extra TransformerConfig fields (e.g. activation recompute).
+        config_overrides: extra TransformerConfig fields; None takes them from ``model_cfg``
+            (``megatron_overrides``: activation recompute and ``transformer_overrides``).
 
     Returns:
         ``[GPTModel]`` of length ``vpp_size or 1``; chunk ``i`` is built with ``vp_stage=i``.
@@ -176,6 +209,8 @@ def build_model_chunks(
     """
     from megatron.core.models.gpt import GPTModel
 
+    if config_overrides is None:
+        config_overrides = megatron_overrides(model_cfg)
     config = transformer_config(spec, model_cfg, parallel, config_overrides)
     block_spec = layer_spec(spec, model_cfg.transformer_impl)
     _, padded = vocab_sizes(spec, model_cfg, parallel.tp_size)

@@ -7,8 +7,8 @@ student ids the engine saw and the teacher ids travel together in one ``Rollout`
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from megaopsd.rollout.types import Completion, Rollout, SamplingSettings
 
@@ -29,11 +29,14 @@ class RolloutEngine(Protocol):
         *,
         step: int = 0,
         first_prompt_index: int = 0,
+        progress: Callable[..., Any] | None = None,
     ) -> list[list[Completion]]:
         """``sampling.n`` completions per prompt, in prompt order.
 
         ``step`` and ``first_prompt_index + i`` (the prompt's global index) derive each prompt's
         seed, so results do not depend on how prompts are split into calls or engines.
+        ``progress``: a tqdm-like constructor for progress per finished sample (long
+        evaluations); engines that cannot report may ignore it.
         """
         ...
 

@@ -2,8 +2,9 @@
 
 Both sides are raw log-probabilities at temperature 1 of the same tokens under the same weights,
 so the value measures numerical disagreement between the engine and the trainer. The paired
-forward step sums ``logprob_abs_diff_tokens`` over each microbatch (the trainer logs the token
-mean as ``rollout/logprob_abs_diff``; about 5e-6 for the tiny models in float32 on CPU); tests
+forward step sums ``logprob_abs_diff_tokens`` over each microbatch and takes its maximum (the
+trainer logs the token mean as ``rollout/logprob_abs_diff``, about 4e-7 for the tiny models in
+float32 on CPU, and the worst token as ``rollout/logprob_abs_diff_max``, about 2e-6); tests
 and tools take the mean of a batch with ``logprob_abs_diff``. One function computes both.
 
 Shapes: any shape ``S`` shared by the three tensors (``[B, T]`` padded rows, or ``[N]`` tokens).

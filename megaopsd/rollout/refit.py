@@ -1,6 +1,6 @@
 """Refit: the trainer's Megatron shards -> every engine, in memory, bucket by bucket.
 
-    export_hf_weights (TP gather inside the stage, broadcast by the owning rank)
+    export_hf_weights (TP all-gather inside the owning stage, broadcast to the other ranks)
         -> EngineFleet.update_weights (wake weights, buckets, engine reload, wake KV cache)
 
 Collective: every rank calls ``refit`` with its own chunks. Peak extra memory per rank: on

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -142,6 +142,7 @@ class VllmEngine:
         *,
         step: int = 0,
         first_prompt_index: int = 0,
+        progress: Callable[..., Any] | None = None,
     ) -> list[list[Completion]]:
         """``sampling.n`` completions for each token-id prompt, in prompt order.
 
@@ -150,6 +151,8 @@ class VllmEngine:
             sampling: temperature, top-p, top-k, n, max_new_tokens, stop tokens, base seed.
             step: training step (part of each request seed).
             first_prompt_index: global index of ``prompt_ids[0]`` (part of each request seed).
+            progress: a tqdm-like constructor (``megaopsd.progress.progress_factory``) for
+                vLLM's per-sample progress with token rates; None: silent.
 
         Raises:
             RuntimeError: the engine saw prompt ids other than the ones given.
@@ -170,7 +173,9 @@ class VllmEngine:
         budget = self.prefill_budget if sampling.seed is not None else None
         for block in prefill_blocks([len(ids) for ids in prompt_ids], sampling.n, budget):
             outputs += self.llm.generate(
-                prompts[block.start : block.stop], params[block.start : block.stop], use_tqdm=False
+                prompts[block.start : block.stop],
+                params[block.start : block.stop],
+                use_tqdm=progress or False,
             )
         results = []
         for ids, output in zip(prompt_ids, outputs, strict=True):

@@ -23,6 +23,10 @@ seen to be needed (the ids S1..S9 are those of docs/cpu-emulation.md, which says
   PP with two stages), gloo matches messages per peer in FIFO order, so the sends are posted
   next-before-prev to meet the peer's receives (otherwise a gradient lands in the activation
   buffer and training silently diverges).
+- S12 Activation recompute: the function mode is suspended while it dispatches
+  ``torch.autograd.backward``, so the forward that megatron's ``CheckpointFunction`` re-runs
+  inside backward would allocate on ``cuda`` (the default causal mask first). Its backward
+  runs under the mode again.
 
 The patches are process-wide by nature (they replace library attributes). ``enable()``
 returns a handle whose ``disable()`` restores every original; enabling twice is a no-op that
@@ -155,6 +159,13 @@ class CpuEmulation:
         self._patch(mcore_random, "_set_cuda_rng_state", set_cpu_rng_state)  # S5
         self._patch(torch_norm.WrappedTorchNorm, "__new__", _sequence_parallel_torch_norm)  # S8
         self._patch(dist, "batch_isend_irecv", batch_isend_irecv)  # S9
+        original_recompute_backward = mcore_random.CheckpointFunction.backward
+
+        def recompute_backward(ctx, *grads):
+            with CudaToCpuMode():
+                return original_recompute_backward(ctx, *grads)
+
+        self._patch(mcore_random.CheckpointFunction, "backward", staticmethod(recompute_backward))  # S12
         self._log_filter = _DropEmulatedRngWarning()
         logging.getLogger(_RNG_LOGGER).addFilter(self._log_filter)
         self._mode = CudaToCpuMode()  # S6, S7

@@ -39,6 +39,9 @@ class ParallelState:
     pp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
     mp_group: dist.ProcessGroup | None = None  # the TP x PP ranks of this data-parallel replica
+    # Uneven pipeline stages (ParallelConfig); None: the layers split evenly.
+    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = None
 
     @property
     def is_first_stage(self) -> bool:
@@ -78,6 +81,8 @@ def initialize_parallel_state(cfg: ParallelConfig, *, seed: int, gloo_side_group
         pp_group=mps.get_pipeline_model_parallel_group(),
         dp_group=mps.get_data_parallel_group(),
         mp_group=mps.get_model_parallel_group(),
+        num_layers_in_first_pipeline_stage=cfg.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=cfg.num_layers_in_last_pipeline_stage,
     )
 
 

@@ -184,3 +184,30 @@ def test_missing_checkpoint_files_are_reported(tiny_models, tmp_path):
     result = run_cli("export-hf", "--ckpt", str(tiny_models["qwen3"]), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert "missing metadata.json" in result.stderr
+
+
+def test_uneven_stages_import_and_export_reshard_bit_exact(tiny_qwen3_3layers, tmp_path):
+    """3 layers saved at PP2 as 2 + 1, loaded at PP2 as 1 + 2 for export: every tensor bit for bit."""
+    from safetensors.torch import load_file
+
+    ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
+    refused = run_cli("import-hf", "--hf-dir", str(tiny_qwen3_3layers), "--out", str(ckpt), "--pp", "2")
+    assert refused.returncode == 2
+    assert "--last-stage-layers=2" in refused.stderr and "num_hidden_layers=3" in refused.stderr
+    imported = run_cli(
+        "import-hf",
+        *("--hf-dir", str(tiny_qwen3_3layers), "--out", str(ckpt), "--pp", "2"),
+        *("--first-stage-layers", "2"),
+        nproc=2,
+    )
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    manifest = json.loads((ckpt / "megaopsd.json").read_text())
+    assert manifest["saved_layout"] == {"tp": 1, "pp": 2, "first_stage_layers": 2}
+    exported = run_cli(
+        "export-hf", "--ckpt", str(ckpt), "--out", str(out), "--pp", "2", "--last-stage-layers", "2", nproc=2
+    )
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    original = load_file(str(tiny_qwen3_3layers / "model.safetensors"))
+    written = load_file(str(out / "model.safetensors"))
+    assert sorted(written) == sorted(original) and any(".layers.2." in n for n in written)
+    assert all(torch.equal(written[name], original[name]) for name in original)

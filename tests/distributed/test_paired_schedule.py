@@ -21,32 +21,67 @@ from tests.helpers import (
     paired_setup,
 )
 
+pytestmark = pytest.mark.distributed
 
-def layout_worker(hf_dir: str, tp: int, pp: int, sp: bool, budgets: tuple[int, ...], algorithm: str = "opsd"):
-    """Loss and HF-named gradients for each microbatch budget, on this layout."""
+
+def _local_grads(student) -> dict[str, torch.Tensor]:
+    return {
+        f"{i}.{name}": p.main_grad.detach().clone()
+        for i, chunk in enumerate(student.chunks)
+        for name, p in chunk.named_parameters()
+    }
+
+
+def layout_worker(
+    hf_dir: str,
+    tp: int,
+    pp: int,
+    sp: bool,
+    budgets: tuple[int, ...],
+    stages: tuple[int | None, int | None] = (None, None),
+    vpp: int | None = None,
+    algorithm: str = "opsd",
+):
+    """Loss and HF-named gradients for each microbatch budget, on this layout.
+
+    Also runs the last budget with logits at every position (the older last-stage path) and
+    reports how far its loss and this rank's local gradients are from the response-only path.
+    """
     from megaopsd.algorithm.step import forward_backward
 
-    runtime, parts = paired_setup(hf_dir, tp, pp, sp=sp, algorithm=algorithm)
+    runtime, parts = paired_setup(hf_dir, tp, pp, sp=sp, vpp=vpp, stages=stages, algorithm=algorithm)
     spec, student, teacher, loss_fn = parts.spec, parts.student, parts.teacher, parts.loss_fn
-    results = []
-    for budget in budgets:
+
+    def run(budget: int, all_positions: bool):
         mbs = my_microbatches(runtime, budget, algorithm)
         sums, tokens = forward_backward(
-            student=student, teacher=teacher, microbatches=mbs, loss_fn=loss_fn, parallel=runtime.parallel
+            student=student,
+            teacher=teacher,
+            microbatches=mbs,
+            loss_fn=loss_fn,
+            parallel=runtime.parallel,
+            all_position_logits=all_positions,
         )
-        results.append(
-            {
-                "loss": sums["loss_sum"] / tokens,
-                "tokens": tokens,
-                "num_mb": len(mbs),
-                "metrics": {k: v / tokens for k, v in sums.items()},
-                "teacher": teacher is not None,
-            }
-        )
+        return {
+            "loss": sums["loss_sum"] / tokens,
+            "tokens": tokens,
+            "num_mb": len(mbs),
+            "metrics": {k: v / tokens for k, v in sums.items()},
+            "teacher": teacher is not None,
+        }
+
+    old = run(budgets[-1], True)
+    old_grads = _local_grads(student)
+    results = [run(budget, False) for budget in budgets]
+    new_grads = _local_grads(student)
+    path_diff = {
+        "loss": abs(results[-1]["loss"] - old["loss"]) / abs(old["loss"]),
+        "grads": {name: _rel(new_grads[name], ref) for name, ref in old_grads.items()},
+    }
     # Gradients of the last budget (the weights are overwritten by grads: do it last).
     grads = export_full(student.chunks, spec, runtime, grads=True)
     runtime.shutdown()
-    return {"runs": results, "grads": grads}
+    return {"runs": results, "grads": grads, "path_diff": path_diff}
 
 
 def reference_worker(hf_dir: str):
@@ -95,6 +130,16 @@ def baseline(tiny_qwen3):
     )[0]
 
 
+def _assert_paths_agree(results):
+    """Response-only logits give the all-position path's loss and gradients (every rank)."""
+    for rank, result in enumerate(results):
+        diff = result["path_diff"]
+        assert diff["loss"] <= 1e-6, (rank, diff["loss"])
+        assert diff["grads"], rank
+        worst = max(diff["grads"].items(), key=lambda item: item[1])
+        assert worst[1] <= 1e-6, (rank, worst)
+
+
 def _assert_matches(result, baseline):
     for run, ref in zip(result["runs"], baseline["runs"], strict=True):
         assert run["tokens"] == ref["tokens"]
@@ -103,6 +148,10 @@ def _assert_matches(result, baseline):
     assert sorted(grads) == sorted(ref_grads)
     for name, ref in ref_grads.items():
         assert _rel(grads[name], ref) <= 1e-5, (name, _rel(grads[name], ref))
+
+
+def test_response_only_logits_equal_all_positions_tp1(baseline):
+    _assert_paths_agree([baseline])
 
 
 def test_microbatch_cut_does_not_change_loss_or_grads(baseline, tiny_qwen3):
@@ -133,14 +182,51 @@ def test_layouts_match_single_process(baseline, tiny_qwen3, tp, pp, sp, world):
         layout_worker, world_size=world, args=(str(tiny_qwen3), tp, pp, sp, (BUDGET_ONE, BUDGET_FOUR))
     )
     _assert_matches(results[0], baseline)
+    _assert_paths_agree(results)
+
+
+def test_pp2_vpp2_matches_single_process(baseline, tiny_qwen3):
+    # Several microbatches only: with VPP2 at PP2 a step of exactly 2 microbatches hung in gloo
+    # p2p (both paths; seen 2026-12-01, not yet understood).
+    results = run_ranks(
+        layout_worker, world_size=2, args=(str(tiny_qwen3), 1, 2, False, (BUDGET_FOUR,), (None, None), 2)
+    )
+    run, ref = results[0]["runs"][0], baseline["runs"][1]
+    assert run["tokens"] == ref["tokens"] and run["num_mb"] % 2 == 0
+    assert abs(run["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (run, ref)
+    for name, grad in baseline["grads"].items():
+        assert _rel(results[0]["grads"][name], grad) <= 1e-5, name
+    _assert_paths_agree(results)
+
+
+@pytest.fixture(scope="module")
+def baseline_3layers(tiny_qwen3_3layers):
+    return run_ranks(
+        layout_worker, world_size=1, args=(str(tiny_qwen3_3layers), 1, 1, False, (BUDGET_ONE, BUDGET_FOUR))
+    )[0]
+
+
+@pytest.mark.parametrize("stages", [(2, None), (None, 2)], ids=["2+1", "1+2"])
+def test_uneven_pipeline_stages_match_single_process(baseline_3layers, tiny_qwen3_3layers, stages):
+    """3 layers at PP2 (megatron's num_layers_in_first/last_pipeline_stage) equal TP1 within 1e-5."""
+    results = run_ranks(
+        layout_worker,
+        world_size=2,
+        args=(str(tiny_qwen3_3layers), 1, 2, False, (BUDGET_ONE, BUDGET_FOUR), stages),
+    )
+    _assert_matches(results[0], baseline_3layers)
+    _assert_paths_agree(results)
+    assert any(".layers.2." in name for name in results[0]["grads"])  # all 3 layers, HF-named
 
 
 @pytest.mark.slow
-def test_tp2_pp2_matches_single_process(baseline, tiny_qwen3):
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2-pp2", "tp2-sp-pp2"])
+def test_tp2_pp2_matches_single_process(baseline, tiny_qwen3, sp):
     results = run_ranks(
-        layout_worker, world_size=4, args=(str(tiny_qwen3), 2, 2, False, (BUDGET_ONE, BUDGET_FOUR))
+        layout_worker, world_size=4, args=(str(tiny_qwen3), 2, 2, sp, (BUDGET_ONE, BUDGET_FOUR))
     )
     _assert_matches(results[0], baseline)
+    _assert_paths_agree(results)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +235,7 @@ def baselines_tp1(tiny_qwen3):
         algorithm: run_ranks(
             layout_worker,
             world_size=1,
-            args=(str(tiny_qwen3), 1, 1, False, (BUDGET_ONE, BUDGET_FOUR), algorithm),
+            args=(str(tiny_qwen3), 1, 1, False, (BUDGET_ONE, BUDGET_FOUR), (None, None), None, algorithm),
         )[0]
         for algorithm in ("grpo", "sft")
     }
@@ -171,7 +257,7 @@ def test_baseline_losses_match_single_process(baselines_tp1, tiny_qwen3, algorit
     results = run_ranks(
         layout_worker,
         world_size=2,
-        args=(str(tiny_qwen3), tp, pp, False, (BUDGET_ONE, BUDGET_FOUR), algorithm),
+        args=(str(tiny_qwen3), tp, pp, False, (BUDGET_ONE, BUDGET_FOUR), (None, None), None, algorithm),
     )
     _assert_matches(results[0], baseline)
     if algorithm == "grpo":

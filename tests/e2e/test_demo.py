@@ -21,6 +21,11 @@ def test_make_demo_trains_logs_checkpoints_and_exports():
     for tag in TAGS:
         assert sorted(values[tag]) == list(range(1, 9)), tag
     assert values["train/divergence"][8] < values["train/divergence"][1]
+    # the thinking boundary (docs/prompts.md), logged every step
+    for tag in ("train/first_token_divergence", "train/first_token_teacher_think_fraction"):
+        assert sorted(values[tag]) == list(range(1, 9)), tag
+    assert all(0.0 <= v <= 1.0 for v in values["train/first_token_teacher_think_fraction"].values())
+    assert values["train/first_token_divergence"][1] > 0.0
     assert (demo / "checkpoints" / "latest").read_text().strip() == "iter_0000008"
     model = AutoModelForCausalLM.from_pretrained(demo / "hf")
     assert model.config.architectures == ["Qwen3ForCausalLM"]

@@ -79,7 +79,7 @@ class ScriptedEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
         self.calls: list[int] = []
 
-    def generate(self, prompt_ids, sampling, *, step=0, first_prompt_index=0):
+    def generate(self, prompt_ids, sampling, *, step=0, first_prompt_index=0, progress=None):
         from megaopsd.rollout.types import Completion
 
         assert sampling.n == K and len(prompt_ids) == len(SCRIPTED)

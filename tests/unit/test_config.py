@@ -112,6 +112,28 @@ INVALID = [
     (["teacher.reason_first=true"], 1, ["teacher.reason_max_new_tokens=4096", "rollout.max_model_len=4096"]),
     (["data.prompt_style=v0"], 1, ["data.prompt_style='v0'", "opsd, opsd_first_release"]),
     (["rollout.max_new_tokens=4000"], 1, ["rollout.max_model_len=4096", "rollout.max_new_tokens=4000"]),
+    (
+        ["parallel.overlap_param_gather=true"],
+        1,
+        ["parallel.overlap_param_gather=True", "distributed optimizer"],
+    ),
+    (
+        ["model.recompute_granularity=everything"],
+        1,
+        ["model.recompute_granularity='everything'", "selective"],
+    ),
+    (["model.recompute_method=ring"], 1, ["model.recompute_method='ring'", "uniform, block"]),
+    (
+        ["model.recompute_granularity=full", "model.recompute_num_layers=3", "parallel=pp2"],
+        2,
+        ["model.recompute_num_layers=3", "2 layers of a pipeline chunk"],
+    ),
+    (
+        ["+model.transformer_overrides.recompute_granularity=full"],
+        1,
+        ["model.transformer_overrides.recompute_granularity", "set model.recompute_granularity"],
+    ),
+    (["runtime.device_peak_tflops=0"], 1, ["runtime.device_peak_tflops=0.0", "> 0"]),
 ]
 
 

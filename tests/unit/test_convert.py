@@ -175,6 +175,8 @@ def test_side_files_skip_weights_and_checkpoint_metadata(tmp_path):
         "chat_template.jinja",
         "metadata.json",
         "megaopsd.json",
+        "manifest.json",
+        "trainer_state.json",
         "model.safetensors",
         "model.safetensors.index.json",
         "common.pt",

@@ -20,7 +20,9 @@ from megaopsd.loss import KINDS, vocab_parallel_divergence
 T, W, V, TOP_K, CHUNK = 37, 256, 203, 7, 8
 BETAS = (0.0, 0.1, 0.5, 0.9, 1.0)
 TAUS = (0.7, 1.0, 1.1)
-TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
+# float64 agrees with the float64 reference to rounding (measured <= 1e-14 relative): a looser
+# bound would hide a precision regression such as a float32 intermediate.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-4}
 
 
 # ----------------------------------------------------------------------------- reference
@@ -198,7 +200,7 @@ def test_chunk_sizes(kind, chunk):
     student, teacher, mask, sampled = make_inputs(seed=2)
     kw = dict(kind=kind, beta=0.5, temperature=1.0, vocab_size=V, top_k=TOP_K)
     ours, ref = run_both(student, teacher, mask, sampled, chunk_tokens=chunk, **kw)
-    assert_matches(ours, ref, 1e-6)
+    assert_matches(ours, ref, TOL[torch.float64])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -239,7 +241,7 @@ def test_float_mask_weights_tokens(kind):
         top_k=TOP_K,
         chunk_tokens=CHUNK,
     )
-    assert_matches(ours, ref, 1e-6)
+    assert_matches(ours, ref, TOL[torch.float64])
     assert ours[2].token_count.item() == pytest.approx(weights.sum().item())
 
 
@@ -282,7 +284,7 @@ def test_topk_ties_go_to_the_lowest_token_id(kind):
             top_k=k,
             chunk_tokens=CHUNK,
         )
-        assert_matches(ours, ref, 1e-6)
+        assert_matches(ours, ref, TOL[torch.float64])
 
 
 def test_bfloat16_inputs_compute_in_float32():

@@ -6,15 +6,20 @@ The Qwen3 recipes point at checkpoints that are not here; their public config.js
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from megaopsd.train import build_config, describe_layout, estimate_memory_gib
+from megaopsd.config import ConfigError, load_config, validate
+from megaopsd.dry_run import DryRunPlan, describe_layout, estimate_memory_gib
+from megaopsd.train import build_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,13 +87,43 @@ def test_qwen3_recipes_fit_an_8_gpu_node(recipe, tmp_path, monkeypatch):
     assert cfg.teacher.mode == "fixed" and cfg.loss.kind == "jsd" and cfg.trainer.prompts_per_step == 32
     assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k) == (1.1, 0.95, 20)
     assert cfg.model.dtype == "bfloat16"
+    assert cfg.trainer.dry_run_world_size == 8  # the dry run plans the same node
     assert LAYOUTS[recipe] in describe_layout(cfg, 8)
     memory = estimate_memory_gib(cfg, 8)
     assert 1.0 < memory["total"] < 70.0, memory  # fits an 80 GB H100 with room for activations
 
 
-def test_dry_run_cli_prints_layout_and_memory(tmp_path):
+def test_readme_dry_run_command_works_as_written(tmp_path):
+    """The README's command, with only a config.json and no launcher variables: the recipe names
+    its target (trainer.dry_run_world_size=8), so a laptop plans the 8-GPU job."""
     hf = qwen3_config_dir(tmp_path, "qwen3_8b")
+    readme = (REPO / "README.md").read_text()
+    command = "python -m megaopsd.train recipe=qwen3_8b model.hf_path=/models/Qwen3-8B trainer.dry_run=true"
+    assert command in readme
+    argv = command.replace("/models/Qwen3-8B", str(hf)).split()[1:]
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "SLURM_"))
+    }
+    out = subprocess.run(
+        [sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "world size 8 = TP 4 x PP 1 x DP 2, sequence parallel" in out.stdout
+    memory = dict(
+        (line.split()[0], float(line.split()[-4]))
+        for line in out.stdout.splitlines()
+        if line.endswith("GiB per GPU")
+    )
+    assert set(memory) >= {"weights", "optimizer", "total"}, out.stdout
+    expected = estimate_memory_gib(_config("qwen3_8b", hf, dry_run=True), 8)
+    assert abs(memory["total"] - expected["total"]) < 0.01
+    # bf16 weights of an 8B model over TP4: 36 layers + embedding + output layer, about 3.8 GiB
+    assert 3.5 < memory["weights"] < 4.1, memory
+
+
+def test_dry_run_without_a_target_names_the_setting(tmp_path):
+    hf = qwen3_config_dir(tmp_path, "qwen3_8b")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "SLURM_"))}
     out = subprocess.run(
         [
             sys.executable,
@@ -97,16 +132,50 @@ def test_dry_run_cli_prints_layout_and_memory(tmp_path):
             "recipe=qwen3_8b",
             f"model.hf_path={hf}",
             "trainer.dry_run=true",
+            "trainer.dry_run_world_size=null",
         ],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
-        env={"WORLD_SIZE": "8", "RANK": "0", "PATH": ""},
+        env=env,
     )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "world size 8 = TP 4 x PP 1 x DP 2, sequence parallel" in out.stdout
-    assert "GiB per GPU" in out.stdout and "total" in out.stdout
+    assert out.returncode == 2
+    assert "does not divide the world size 1" in out.stderr and "trainer.dry_run_world_size" in out.stderr
+
+
+def _config(recipe: str, hf: Path, **trainer):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        raw = compose(config_name="config", overrides=[f"recipe={recipe}", f"model.hf_path={hf}"])
+    data = OmegaConf.to_container(raw, resolve=True)
+    data["trainer"].update(trainer)
+    return load_config(data)
+
+
+def test_uneven_stages_in_the_dry_run(tmp_path):
+    """Qwen3-8B's 36 layers on PP8: refused evenly, planned with a lighter first stage."""
+    hf = qwen3_config_dir(tmp_path, "qwen3_8b")
+    cfg = _config("qwen3_8b", hf, dry_run=True)
+    even = dataclasses.replace(
+        cfg,
+        parallel=dataclasses.replace(
+            cfg.parallel,
+            tensor_model_parallel_size=1,
+            sequence_parallel=False,
+            pipeline_model_parallel_size=8,
+        ),
+    )
+    with pytest.raises(ConfigError, match="num_layers_in_first_pipeline_stage=1"):
+        validate(even, world_size=8)
+    uneven = dataclasses.replace(
+        even, parallel=dataclasses.replace(even.parallel, num_layers_in_first_pipeline_stage=1)
+    )
+    validate(uneven, world_size=8)
+    assert "layers per pipeline stage: 1 + 5 + 5 + 5 + 5 + 5 + 5 + 5" in describe_layout(uneven, 8)
+    # the largest stage is the last: 5 layers and the output layer (the first has 1 + the embedding)
+    plan = DryRunPlan.of(uneven, 8)
+    params = plan.stage_params()
+    assert max(params) == params[-1] and params[0] < params[1]
 
 
 def test_tiny_cpu_recipe_is_valid_for_two_processes(tiny_qwen3, monkeypatch):

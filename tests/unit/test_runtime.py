@@ -155,3 +155,24 @@ def test_mode_leaves_cpu_code_alone():
         y = torch.ones(2, device="cpu") + 1
         assert y.device.type == "cpu" and y.type() == "torch.cuda.FloatTensor"
     assert y.type() == "torch.FloatTensor"
+
+
+def test_recompute_in_backward_runs_under_the_emulation():
+    """S12: megatron's CheckpointFunction re-runs the forward inside backward, where the global
+    function mode is suspended; a ``device="cuda"`` allocation there must still land on the CPU."""
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    original = mcore_random.CheckpointFunction.backward
+    cpu_emulation.enable()
+    try:
+        x = torch.full((3,), 2.0, requires_grad=True)
+
+        def scaled(t: torch.Tensor) -> torch.Tensor:
+            return t * torch.full((3,), 3.0, device="cuda")
+
+        tensor_parallel.checkpoint(scaled, False, x).sum().backward()
+        assert torch.equal(x.grad, torch.full((3,), 3.0))
+    finally:
+        cpu_emulation.disable()
+    assert mcore_random.CheckpointFunction.backward is original
