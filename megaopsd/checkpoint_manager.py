@@ -33,7 +33,7 @@ from megaopsd.runtime.signals import StopRequest
 class CheckpointManager:
     """Resume, periodic saves and the agreed stop of one run (every call is collective)."""
 
-    def __init__(self, cfg: Config, runtime: Runtime, *, student: TrainableStudent, teacher: Teacher):
+    def __init__(self, cfg: Config, runtime: Runtime, *, student: TrainableStudent, teacher: Teacher | None):
         self.cfg, self.runtime = cfg.checkpoint, runtime
         self.max_steps = cfg.trainer.max_steps
         self.hf_path = cfg.model.hf_path

@@ -20,8 +20,9 @@ import torch
 from megaopsd.algorithm.forward import LossFn
 from megaopsd.algorithm.loss import make_loss_fn
 from megaopsd.algorithm.optim import TrainableStudent, wrap_student
+from megaopsd.algorithm.policy_loss import GrpoLoss, SftLoss, StudentLoss
 from megaopsd.algorithm.teacher import Teacher, make_teacher
-from megaopsd.config import Config
+from megaopsd.config import Config, TeacherConfig
 from megaopsd.loss.logprobs import token_logprobs
 from megaopsd.models.hf_config import HFModelSpec
 from megaopsd.runtime.parallel import Runtime
@@ -34,9 +35,9 @@ class Components:
     spec: HFModelSpec  # the parsed HF config
     chunks: list[torch.nn.Module]  # this rank's unwrapped GPTModel chunks (the student's modules)
     build_chunks: Callable[[], list[torch.nn.Module]]  # fresh chunks like ``chunks`` (random init)
-    teacher: Teacher
+    teacher: Teacher | None  # None: a student-only algorithm (GRPO without KL, SFT)
     student: TrainableStudent  # DDP-wrapped ``chunks`` with optimizer and LR schedule
-    loss_fn: LossFn  # the divergence on vocab-parallel logits, bound to the TP group
+    loss_fn: LossFn | StudentLoss  # the per-token loss on vocab-parallel logits, bound to the TP group
     logprob_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # student logprobs of sampled ids
 
 
@@ -49,7 +50,7 @@ def build_components(cfg: Config, runtime: Runtime, *, think_token_ids: Sequence
         think_token_ids: the tokenizer's think tags, for the thinking-boundary metrics.
 
     Returns:
-        The components; the student and the teacher hold identical weights at return.
+        The components; the student and the teacher (if any) hold identical weights at return.
     """
     from megaopsd.convert import load_hf_weights
     from megaopsd.models import build_model_chunks, load_hf_config
@@ -64,7 +65,7 @@ def build_components(cfg: Config, runtime: Runtime, *, think_token_ids: Sequence
         # Adapters and the frozen base before DDP: its buffers and the optimizer see adapters only.
         add_lora(chunks, cfg.lora)
     # The teacher copies the loaded weights before DDP wraps the chunks (LoRA: no copy).
-    teacher = make_teacher(cfg.teacher, chunks, build, lora=cfg.lora.enabled)
+    teacher = _make_teacher(cfg, chunks, build)
     student = wrap_student(
         chunks, trainer=cfg.trainer, parallel=cfg.parallel, bf16=cfg.model.dtype == "bfloat16"
     )
@@ -75,8 +76,31 @@ def build_components(cfg: Config, runtime: Runtime, *, think_token_ids: Sequence
         build_chunks=build,
         teacher=teacher,
         student=student,
-        loss_fn=make_loss_fn(
-            cfg.loss, vocab_size=spec.vocab_size, tp_group=tp_group, think_token_ids=think_token_ids
+        loss_fn=_make_loss(
+            cfg, vocab_size=spec.vocab_size, tp_group=tp_group, think_token_ids=think_token_ids
         ),
         logprob_fn=functools.partial(token_logprobs, vocab_size=spec.vocab_size, tp_group=tp_group),
     )
+
+
+def _make_teacher(cfg: Config, chunks: list[torch.nn.Module], build) -> Teacher | None:
+    """OPSD's teacher; GRPO's frozen reference (only with a KL penalty); nothing for SFT.
+
+    GRPO and SFT never pay for a teacher stream: no copy is built and no teacher forward runs.
+    """
+    alg = cfg.algorithm
+    lora = cfg.lora.enabled
+    if alg.name == "opsd":
+        return make_teacher(cfg.teacher, chunks, build, lora=lora)
+    if alg.name == "grpo" and alg.kl_coef > 0:
+        return make_teacher(TeacherConfig(mode="fixed"), chunks, build, lora=lora)
+    return None
+
+
+def _make_loss(cfg: Config, *, vocab_size: int, tp_group, think_token_ids=None) -> LossFn | StudentLoss:
+    common = dict(vocab_size=vocab_size, tp_group=tp_group, chunk_tokens=cfg.loss.chunk_tokens)
+    if cfg.algorithm.name == "grpo":
+        return GrpoLoss(cfg.algorithm, **common)
+    if cfg.algorithm.name == "sft":
+        return SftLoss(**common)
+    return make_loss_fn(cfg.loss, vocab_size=vocab_size, tp_group=tp_group, think_token_ids=think_token_ids)

@@ -35,10 +35,11 @@ TransformerImpl = Literal["local", "transformer_engine"]
 LrSchedule = Literal["constant", "cosine"]
 Placement = Literal["colocated", "rank0"]
 LoraInit = Literal["kaiming", "gaussian"]
+AlgorithmName = Literal["opsd", "grpo", "sft"]
 RecomputeGranularity = Literal["selective", "full"]
 RecomputeMethod = Literal["uniform", "block"]
 ClipMode = Literal["token", "entry"]  # token: a token's divergence; entry: each vocab entry's term
-PromptStyle = Literal["opsd", "opsd_first_release"]
+PromptStyle = Literal["opsd", "opsd_first_release", "compact"]
 ThinkPrefix = Literal["none", "open", "closed"]
 ReasonCache = Literal["regenerate", "per_example"]
 
@@ -110,6 +111,22 @@ class LossConfig:
     # sum over the vocabulary (the official OPSD --jsd_token_clip; the loss can go negative)
     clip_mode: ClipMode = "token"
     chunk_tokens: int = 1024  # tokens per chunk in the vocab-parallel loss
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AlgorithmConfig:
+    # opsd: the divergence to the self-teacher (loss.*, teacher.*); grpo and sft are the baselines on
+    # the same schedule with the student stream only (docs/baselines.md)
+    name: AlgorithmName = "opsd"
+    normalize_std: bool = True  # grpo: divide group-centred rewards by the group std (False: Dr. GRPO)
+    clip_low: float = 0.2  # grpo: the ratio's lower bound is 1 - clip_low
+    clip_high: float = 0.28  # grpo: the ratio's upper bound is 1 + clip_high (clip-higher)
+    kl_coef: float = 0.0  # grpo: k3 KL to the initial weights (a frozen copy); 0 builds no copy
+    dynamic_sampling: bool = True  # grpo: drop groups whose rewards are all equal
+    tis_cap: float | None = None  # grpo: truncated IS weight cap for the engine/trainer gap; None off
+    # sft: the prompts the reference solution follows: the student's, or both the student's and
+    # the teacher's (a warm start that also teaches a self-teacher to read its privileged context)
+    sft_prompts: Literal["student", "both"] = "student"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -247,6 +264,7 @@ class Config:
     model: ModelConfig
     parallel: ParallelConfig = ParallelConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
     loss: LossConfig = LossConfig()
     teacher: TeacherConfig = TeacherConfig()
     lora: LoraConfig = LoraConfig()
@@ -565,6 +583,27 @@ def _validate_lora(cfg: Config) -> None:
         )
 
 
+def _validate_baselines(cfg: Config) -> None:
+    alg = cfg.algorithm
+    if alg.name == "grpo" and cfg.rollout.n < 2:
+        _fail("rollout.n", cfg.rollout.n, "gives GRPO groups of one", "use rollout.n >= 2 (e.g. 8)")
+    for name in ("clip_low", "clip_high"):
+        value = getattr(alg, name)
+        if not 0.0 <= value < (1.0 if name == "clip_low" else float("inf")):
+            _fail(f"algorithm.{name}", value, "is out of range", "use e.g. clip_low=0.2, clip_high=0.28")
+    if alg.kl_coef < 0:
+        _fail("algorithm.kl_coef", alg.kl_coef, "must be >= 0", "use 0 to turn the KL penalty off")
+    if alg.tis_cap is not None and alg.tis_cap <= 0:
+        _fail("algorithm.tis_cap", alg.tis_cap, "must be > 0", "use e.g. 2.0, or null to turn it off")
+    if alg.name == "sft" and cfg.trainer.skip_first_tokens:
+        _fail(
+            "trainer.skip_first_tokens",
+            cfg.trainer.skip_first_tokens,
+            "does not apply to sft",
+            "set it to 0 (sft trains on the whole reference solution)",
+        )
+
+
 def _validate_batch_and_engine(cfg: Config, world_size: int) -> None:
     """Rules that need the world size: rollouts per DP replica, engine placement."""
     par, tr, ro = cfg.parallel, cfg.trainer, cfg.rollout
@@ -575,6 +614,13 @@ def _validate_batch_and_engine(cfg: Config, world_size: int) -> None:
             "trainer.prompts_per_step",
             tr.prompts_per_step,
             f"x rollout.n={ro.n} = {rollouts} rollouts do not split evenly over {dp} data-parallel replicas",
+            f"use a multiple of {dp}",
+        )
+    if cfg.algorithm.name in ("grpo", "sft") and tr.prompts_per_step % dp:
+        _fail(
+            "trainer.prompts_per_step",
+            tr.prompts_per_step,
+            f"does not split evenly over {dp} data-parallel replicas ({cfg.algorithm.name} keeps prompts whole)",
             f"use a multiple of {dp}",
         )
     vpp = par.virtual_pipeline_model_parallel_size
@@ -807,6 +853,7 @@ def validate(cfg: Config, *, world_size: int, hf_config: Mapping[str, Any] | Non
     _validate_training(cfg)
     _validate_parallel(cfg, world_size, _model_spec(cfg.model.hf_path, hf))
     _validate_algorithm(cfg)
+    _validate_baselines(cfg)
     _validate_lengths_and_eval(cfg)
     _validate_batch_and_engine(cfg, world_size)
     _validate_placement(cfg, world_size, hf)

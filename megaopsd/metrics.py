@@ -14,6 +14,7 @@ not branch on rank. Tags are ``<section>/<name>`` (``train/loss``, ``perf/step_t
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -143,6 +144,29 @@ def step_scalars(
         values["train/clipped_loss_share"] = m["clipped_loss_sum"] / max(m["positive_loss_sum"], 1e-30)
     if "teacher_topk_mass_sum" in m:
         values["train/teacher_topk_mass"] = m["teacher_topk_mass_sum"]
+    values.update(_baseline_scalars(m))
     for reason, count in data_skipped.items():
         values[f"data/skipped_{reason}"] = count
+    return values
+
+
+def _baseline_scalars(m: Mapping[str, float]) -> dict[str, float]:
+    """GRPO's and SFT's token means (``megaopsd/algorithm/policy_loss.py`` reports the sums)."""
+    values = {}
+    if "nll_sum" in m:
+        values["train/cross_entropy"] = m["nll_sum"]
+    if "advantage_sum" in m:
+        mean = m["advantage_sum"]
+        values.update(
+            {
+                "train/advantage_mean": mean,
+                "train/advantage_std": math.sqrt(max(m["advantage_sq_sum"] - mean * mean, 0.0)),
+                "train/clip_fraction": m["clip_low_sum"] + m["clip_high_sum"],
+                "train/clip_low_fraction": m["clip_low_sum"],
+                "train/clip_high_fraction": m["clip_high_sum"],
+                "train/ratio_mean": m["ratio_sum"],
+                "train/is_weight_mean": m["is_weight_sum"],
+                "train/kl": m["kl_sum"],
+            }
+        )
     return values

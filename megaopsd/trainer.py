@@ -1,7 +1,11 @@
-"""The OPSD training loop.
+"""The training loop of OPSD and its baselines (``algorithm.name``: opsd | grpo | sft).
 
     prompts -> rollouts (vLLM engines) -> paired step (all ranks) -> optimizer -> teacher update
     -> weight sync (Megatron export -> engines, in memory) -> log -> checkpoint
+
+GRPO grades its ``rollout.n`` responses per prompt, keeps the groups with mixed rewards and
+trains the student stream alone (plus a frozen reference with a KL penalty); SFT replaces the
+rollouts by the reference solutions and generates only for evaluation (docs/baselines.md).
 
 Every rank builds the same prompts from the same data stream. The engines (one in-process
 engine, a vLLM worker in every trainer process, or one engine on rank 0: ``rollout.placement``)
@@ -13,6 +17,8 @@ exit at the next step boundary (Slurm preemption).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
 from typing import Any
 
@@ -33,6 +39,27 @@ from megaopsd.models.builder import unwrap_chunk
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import Runtime
 from megaopsd.runtime.signals import StopRequest
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainingBatch:
+    """One step's data on this replica: what was sampled (for logs) and what is trained on."""
+
+    sampled: list  # the step's rollouts (SFT: the reference responses)
+    train: list  # what the update trains on (GRPO: after dynamic sampling)
+    advantages: list[float] | None = None  # GRPO, one per ``train`` entry
+    in_loss: list[bool] | None = None  # GRPO, one per ``train`` entry
+    scalars: dict[str, float] = dataclasses.field(default_factory=dict)  # algorithm tags
+    empty: bool = False  # GRPO: no group anywhere had mixed rewards; the step has no update
+
+
+def _reward_grader(cfg: Config):
+    """GRPO's reward grader (killable math-verify workers), kept for the whole run."""
+    if cfg.algorithm.name != "grpo":
+        return None
+    from megaopsd.eval.grading import Grader, GradingSettings
+
+    return Grader(GradingSettings(timeout_s=cfg.eval.grading_timeout_s, num_workers=cfg.eval.grading_workers))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,6 +100,7 @@ class Trainer:
         # Benchmarks load (and may fail) before the engines start, so a failure leaks no engine.
         # Every rank evaluates: its engine generates part of the samples (grading is repeated).
         self.evaluator = InTrainingEvaluator.start(cfg.eval)
+        self.reward_grader = _reward_grader(cfg)
         self.fleet = self._start_engines()
         self.export_plan = None  # the weight export's plan, agreed once
         # Every rank rewrites the same teacher prompts (the fleet's generate is collective).
@@ -81,6 +109,7 @@ class Trainer:
         self.stop = stop.install()
         self.step = 0
         self.nonfinite_in_a_row = 0
+        self.generated_tokens = 0.0  # response tokens the engines generated for training, all replicas
 
     # ------------------------------------------------------------------ loop
 
@@ -112,26 +141,36 @@ class Trainer:
         with timer.phase("step"):
             with timer.phase("rollout"):
                 prompts = self.prompts.next_prompts(self.cfg.trainer.prompts_per_step)
-                rollouts = self._rollouts(prompts)
+                batch = self._training_batch(prompts)
             with timer.phase("train"):
-                result, train_tokens = self._paired_update(rollouts)
+                result, train_tokens = self._paired_update(batch)
+            due = eval_due(self.cfg.eval, self.step)
             with timer.phase("weight_sync"):
-                sync = self._sync_weights() if not result.skipped or self.fleet.needs_weights else {}
-            evaluation = self._evaluate(timer) if eval_due(self.cfg.eval, self.step) else {}
+                # SFT's engines only evaluate: refit them when an evaluation needs the new weights.
+                wanted = not result.skipped and (self.cfg.algorithm.name != "sft" or due)
+                sync = (
+                    self._sync_weights() if (wanted and not batch.empty) or self.fleet.needs_weights else {}
+                )
+            evaluation = self._evaluate(timer) if due else {}
         self._check_nonfinite(result)
+        totals = self._rollout_totals(batch.sampled)
+        if self.cfg.algorithm.name != "sft":
+            self.generated_tokens += totals[0]
         values = step_scalars(
             result,
-            self._rollout_totals(rollouts),
+            totals,
             timer,
             train_tokens=train_tokens,
             data_skipped=self.prompts.skipped(),
             engines=self.fleet.layout.num_engines,
         )
+        values["rollout/generated_tokens_total"] = self.generated_tokens
+        values.update(batch.scalars)
         values.update(evaluation)
         values.update(
             utilisation_scalars(
                 self.spec,
-                rollouts,
+                batch.train,
                 timer.seconds["train"],
                 device=self.runtime.device,
                 dtype=self.cfg.model.dtype,
@@ -144,8 +183,55 @@ class Trainer:
         if self.step == 1 or (
             self.cfg.logging.text_sample_interval and self.step % self.cfg.logging.text_sample_interval == 0
         ):
-            self._text_sample(prompts, rollouts)
+            self._text_sample(prompts, batch.sampled)
         return values
+
+    def _training_batch(self, prompts: list) -> TrainingBatch:
+        """What this replica trains on this step, by algorithm."""
+        from megaopsd.algorithm.baselines import grpo_batch, reference_responses, rewards_of
+
+        alg = self.cfg.algorithm
+        if alg.name == "sft":
+            per_replica = len(prompts) // self.parallel.dp_size
+            first = self.parallel.dp_rank * per_replica
+            mine = prompts[first : first + per_replica]
+            refs = reference_responses(
+                mine,
+                first,
+                self.tokenizer,
+                max_tokens=self.cfg.rollout.max_new_tokens,
+                with_teacher_prompt=alg.sft_prompts == "both",
+            )
+            return TrainingBatch(sampled=refs, train=refs)
+        rollouts = self._rollouts(prompts)
+        if alg.name == "opsd":
+            return TrainingBatch(sampled=rollouts, train=rollouts)
+        par = self.parallel
+        rewards = rewards_of(rollouts, prompts, self.reward_grader, self.tokenizer)
+        grpo = grpo_batch(
+            rollouts,
+            rewards,
+            alg,
+            with_reference=self.teacher is not None,
+            min_rollouts=par.pp_size if par.vpp_size else 1,
+        )
+        counts = torch.tensor(grpo.counts, dtype=torch.float64, device=collective_device())
+        dist.all_reduce(counts, group=par.dp_group)
+        reward_sum, correct, num, groups, kept = (float(v) for v in counts)
+        scalars = {
+            "train/reward_mean": reward_sum / max(num, 1.0),
+            "train/accuracy": correct / max(num, 1.0),
+            "train/kept_group_fraction": kept / max(groups, 1.0),
+            "train/dropped_groups": groups - kept,
+        }
+        return TrainingBatch(
+            sampled=rollouts,
+            train=grpo.rollouts,
+            advantages=grpo.advantages,
+            in_loss=grpo.in_loss,
+            scalars=scalars,
+            empty=kept == 0,
+        )
 
     def _rollouts(self, prompts: list) -> list:
         """The rollouts this rank's data-parallel replica trains on (the engines split the prompts)."""
@@ -172,17 +258,26 @@ class Trainer:
         length_sum, count, truncated = (float(v) for v in counts)
         return length_sum, count, truncated
 
-    def _paired_update(self, rollouts: list) -> tuple[StepResult, dict[str, float]]:
+    def _paired_update(self, batch: TrainingBatch) -> tuple[StepResult, dict[str, float]]:
         """One optimizer step on this replica's share; returns the result and the global
         (real, padded) token counts the two streams fed through the model."""
         par, tr = self.parallel, self.cfg.trainer
+        if batch.empty:
+            # Every group of the step was uniform: nothing to learn from, no update (not an error).
+            lr = self.student.optimizer.param_groups[0]["lr"]
+            return StepResult(
+                loss=math.nan, grad_norm=math.nan, lr=lr, num_tokens=0, skipped=False, metrics={}
+            ), {"real": 0.0, "padded": 0.0}
         microbatches = build_microbatches(
-            rollouts,
+            batch.train,
             max_tokens=tr.microbatch_tokens,
             pad_id=self.pad_id,
             pad_multiple=par.tp_size if par.sequence_parallel else 1,
             skip_first_tokens=tr.skip_first_tokens,
             count_multiple=par.pp_size if par.vpp_size else 1,
+            student_only=self.teacher is None,
+            advantages=batch.advantages,
+            in_loss=batch.in_loss,
         )
         result = train_step(
             student=self.student,
@@ -262,11 +357,16 @@ class Trainer:
         self.step = state["step"]
         self.prompts.load_state_dict(state["data"])
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+        self.generated_tokens = state.get("generated_tokens", 0.0)
         return True
 
     def _trainer_state(self) -> dict[str, Any]:
         """What a checkpoint holds besides model, optimizer, teacher and RNG."""
-        return {"data": self.prompts.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row}
+        return {
+            "data": self.prompts.state_dict(),
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "generated_tokens": self.generated_tokens,
+        }
 
     # ------------------------------------------------------------------ logging
 
@@ -297,6 +397,9 @@ class Trainer:
         from megaopsd.convert import release_save_workers
 
         self.writer.close()
+        if self.reward_grader is not None:
+            self.reward_grader.close()
+            self.reward_grader = None
         if self.evaluator is not None:
             self.evaluator.close()
             self.evaluator = None

@@ -50,15 +50,19 @@ def paired_setup(
     lora: dict | None = None,
     checkpoint_dir: str = "outputs/checkpoints",
     with_config: bool = False,
+    algorithm: str = "opsd",
 ):
     """Start the runtime and build the components for the tiny model: JSD(0.5) at temperature 1.1.
 
-    ``stages``: layers on the first / last pipeline stage (uneven stages), None for an even split.
+    ``algorithm="grpo"`` uses clip 0.2/0.28 and a k3 KL (0.05) to the frozen reference;
+    ``"sft"`` the cross-entropy. ``stages``: layers on the first / last pipeline stage (uneven
+    stages), None for an even split.
 
     Returns ``(runtime, components)``, or ``(runtime, components, config)`` with ``with_config``.
     """
     from megaopsd.components import build_components
     from megaopsd.config import (
+        AlgorithmConfig,
         CheckpointConfig,
         Config,
         LoraConfig,
@@ -87,21 +91,52 @@ def paired_setup(
         loss=LossConfig(kind="jsd", beta=0.5, temperature=1.1),
         lora=LoraConfig(**(lora or {})),
         checkpoint=CheckpointConfig(dir=checkpoint_dir),
+        algorithm=AlgorithmConfig(name=algorithm, kl_coef=0.05 if algorithm == "grpo" else 0.0),
     )
     runtime = Runtime.start(cfg.parallel, cfg.runtime)
     parts = build_components(cfg, runtime)
     return (runtime, parts, cfg) if with_config else (runtime, parts)
 
 
-def my_microbatches(runtime, budget: int):
-    """This data-parallel replica's share of ``fixed_rollouts()`` cut at ``budget`` tokens."""
+@dataclasses.dataclass
+class GrpoRollout(FixedRollout):
+    engine_logprobs: list[float]
+    advantage: float
+
+
+def grpo_rollouts() -> list[GrpoRollout]:
+    """``fixed_rollouts`` as GRPO sees them: the reference scores the student prompt; engine
+    logprobs near the tiny model's (about -log 549) so that some ratios leave [0.8, 1.28]."""
+    rng = random.Random(99)
+    out = []
+    for i, r in enumerate(fixed_rollouts()):
+        engine = [-6.3 + rng.uniform(-0.6, 0.6) for _ in r.response_ids]
+        out.append(
+            GrpoRollout(
+                r.student_prompt_ids, list(r.student_prompt_ids), r.response_ids, engine, (-1) ** i * 0.75
+            )
+        )
+    return out
+
+
+def my_microbatches(runtime, budget: int, algorithm: str = "opsd"):
+    """This data-parallel replica's share of the fixed rollouts cut at ``budget`` tokens."""
     from megaopsd.algorithm.batch import build_microbatches
 
     par = runtime.parallel
-    mine = fixed_rollouts()[par.dp_rank :: par.dp_size]
+    rollouts = grpo_rollouts() if algorithm == "grpo" else fixed_rollouts()
+    mine = rollouts[par.dp_rank :: par.dp_size]
     pad = par.tp_size if par.sequence_parallel else 1
     multiple = par.pp_size if par.vpp_size else 1  # the interleaved schedule's count rule
-    return build_microbatches(mine, max_tokens=budget, pad_id=0, pad_multiple=pad, count_multiple=multiple)
+    return build_microbatches(
+        mine,
+        max_tokens=budget,
+        pad_id=0,
+        pad_multiple=pad,
+        count_multiple=multiple,
+        student_only=algorithm == "sft",
+        advantages=[r.advantage for r in mine] if algorithm == "grpo" else None,
+    )
 
 
 def export_full(chunks, spec, runtime, *, grads: bool) -> dict[str, torch.Tensor] | None:

@@ -12,6 +12,11 @@ multiple of 128, so Megatron pads it at every TP size.
     python tools/make_tiny_model.py --family qwen3 --out /tmp/tiny-qwen3
     python tools/make_tiny_model.py --family qwen3 --layers 3 --out /tmp/tiny-qwen3-3l   # uneven PP2
     python tools/make_tiny_model.py --family qwen3 --preset small --out /tmp/small-qwen3   # ~100M params
+    python tools/make_tiny_model.py --family qwen3 --tokenizer char --out /tmp/char-qwen3   # one id per character
+
+``--tokenizer char`` gives every printable ASCII character (and newline, tab, the em dash of the
+official OPSD prompt) its own id: arithmetic is then spelled digit by digit, which a 0.8M-parameter
+model learns in minutes on a CPU (the learning experiment, tools/learning_experiment.py).
 """
 
 from __future__ import annotations
@@ -102,6 +107,32 @@ def build_tokenizer(out_dir: Path, vocab_size: int = BPE_VOCAB_SIZE) -> dict[str
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
+    _write_tokenizer_config(out_dir, ids)
+    return ids
+
+
+# Characters the char tokenizer knows: printable ASCII, newline, tab, the official prompt's em dash.
+CHAR_ALPHABET = "".join(chr(c) for c in range(32, 127)) + "\n\t\u2014"
+CHAR_UNK = "<|unk|>"
+
+
+def build_char_tokenizer(out_dir: Path) -> tuple[dict[str, int], int]:
+    """One id per character (``CHAR_ALPHABET``), the ChatML specials after them; (ids, vocab size)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: i for i, char in enumerate(CHAR_ALPHABET)}
+    vocab[CHAR_UNK] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=CHAR_UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
+    _write_tokenizer_config(out_dir, ids)
+    return ids, tokenizer.get_vocab_size()
+
+
+def _write_tokenizer_config(out_dir: Path, ids: dict[str, int]) -> None:
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
@@ -127,7 +158,6 @@ def build_tokenizer(out_dir: Path, vocab_size: int = BPE_VOCAB_SIZE) -> dict[str
     (out_dir / "special_tokens_map.json").write_text(
         json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, indent=2)
     )
-    return ids
 
 
 def model_config(
@@ -193,10 +223,17 @@ def model_config(
 
 
 def make_tiny_model(
-    family: str, out: str | Path, *, preset: str = "tiny", seed: int = 0, num_layers: int | None = None
+    family: str,
+    out: str | Path,
+    *,
+    preset: str = "tiny",
+    seed: int = 0,
+    tokenizer: str = "bpe",
+    num_layers: int | None = None,
 ) -> Path:
     """Write a deterministic random model directory and return its path.
 
+    ``tokenizer``: ``bpe`` (byte-level BPE, 549 ids) or ``char`` (one id per character).
     ``num_layers`` replaces the preset's layer count (e.g. 3 for uneven pipeline stages at PP2).
     """
     import torch
@@ -204,8 +241,11 @@ def make_tiny_model(
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    special = build_tokenizer(out_dir)
-    vocab_size = PRESETS[preset].get("vocab_override") or (BPE_VOCAB_SIZE + len(SPECIAL_TOKENS))
+    if tokenizer == "char":
+        special, vocab_size = build_char_tokenizer(out_dir)
+    else:
+        special = build_tokenizer(out_dir)
+        vocab_size = PRESETS[preset].get("vocab_override") or (BPE_VOCAB_SIZE + len(SPECIAL_TOKENS))
     config_dict = model_config(family, preset, vocab_size, special, num_layers=num_layers)
     (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
     config = AutoConfig.from_pretrained(out_dir)
@@ -233,11 +273,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory (created)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", choices=("bpe", "char"), default="bpe")
     parser.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
     args = parser.parse_args(argv)
     if args.layers is not None and args.layers < 1:
         parser.error(f"--layers {args.layers} must be >= 1")
-    path = make_tiny_model(args.family, args.out, preset=args.preset, seed=args.seed, num_layers=args.layers)
+    path = make_tiny_model(
+        args.family,
+        args.out,
+        preset=args.preset,
+        seed=args.seed,
+        tokenizer=args.tokenizer,
+        num_layers=args.layers,
+    )
     print(f"wrote {args.family} ({args.preset}) to {path}")
     return 0
 

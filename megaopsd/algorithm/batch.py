@@ -15,6 +15,10 @@ sorted rollouts to the DP replicas in a snake order, so every replica gets the s
 about the same number of tokens. Both are deterministic (ties keep rollout order), and the
 loss is normalised over the global token count, so neither changes the result.
 
+Student-only microbatches (GRPO, SFT: ``student_only=True``) carry an empty teacher stream
+(``Lt == 0``): the forward step then runs no teacher at all. GRPO's per-token advantages and
+per-rollout loss switches ride along in the same record.
+
 Shapes: B samples in a microbatch, Ls / Lt padded student / teacher lengths, T response tokens.
 """
 
@@ -48,6 +52,7 @@ class PairedMicrobatch:
     sample_T: torch.Tensor  # [T] index (in the list given to build_microbatch) of each token's rollout
     engine_logprobs_T: torch.Tensor | None = None  # [T] the rollout engine's raw logprobs, if known
     lengths_B2: torch.Tensor | None = None  # [B, 2] unpadded (student, teacher) sequence lengths
+    advantage_T: torch.Tensor | None = None  # [T] float32 GRPO advantage of each token's rollout
 
     @property
     def batch_size(self) -> int:
@@ -97,9 +102,10 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _sequence_lengths(rollout: PairedRollout) -> tuple[int, int]:
+def _sequence_lengths(rollout: PairedRollout, student_only: bool = False) -> tuple[int, int]:
     response = len(rollout.response_ids)
-    return len(rollout.student_prompt_ids) + response - 1, len(rollout.teacher_prompt_ids) + response - 1
+    teacher = 0 if student_only else len(rollout.teacher_prompt_ids) + response - 1
+    return len(rollout.student_prompt_ids) + response - 1, teacher
 
 
 def _by_length(rollouts: Sequence[PairedRollout]) -> list[int]:
@@ -130,6 +136,9 @@ def build_microbatch(
     pad_id: int,
     pad_multiple: int = 1,
     skip_first_tokens: int = 0,
+    student_only: bool = False,
+    advantages: Sequence[float] | None = None,
+    in_loss: Sequence[bool] | None = None,
 ) -> PairedMicrobatch:
     """Pad the two streams of ``rollouts[i] for i in sample_ids`` and build the index maps.
 
@@ -139,8 +148,11 @@ def build_microbatch(
         pad_id: token id used for right padding (padded positions are never scored).
         pad_multiple: round both lengths up to this (TP size with sequence parallel).
         skip_first_tokens: leave the first k response tokens of every rollout out of the loss.
+        student_only: build no teacher stream (``Lt == 0``; GRPO without a reference, SFT).
+        advantages: one advantage per rollout of ``rollouts`` (GRPO), spread over its tokens.
+        in_loss: per rollout of ``rollouts``; False masks all its tokens out of the loss.
     """
-    lengths = [_sequence_lengths(rollouts[i]) for i in sample_ids]
+    lengths = [_sequence_lengths(rollouts[i], student_only) for i in sample_ids]
     student_len = _round_up(max(s for s, _ in lengths), pad_multiple)
     teacher_len = _round_up(max(t for _, t in lengths), pad_multiple)
     batch = len(sample_ids)
@@ -154,19 +166,21 @@ def build_microbatch(
         s_prompt, t_prompt = list(rollout.student_prompt_ids), list(rollout.teacher_prompt_ids)
         s_seq, t_seq = s_prompt + response[:-1], t_prompt + response[:-1]
         student[row, : len(s_seq)] = torch.tensor(s_seq, dtype=torch.long)
-        teacher[row, : len(t_seq)] = torch.tensor(t_seq, dtype=torch.long)
         positions = torch.arange(len(response))
         student_index.append(row * student_len + len(s_prompt) - 1 + positions)
-        teacher_index.append(row * teacher_len + len(t_prompt) - 1 + positions)
+        if not student_only:
+            teacher[row, : len(t_seq)] = torch.tensor(t_seq, dtype=torch.long)
+            teacher_index.append(row * teacher_len + len(t_prompt) - 1 + positions)
         targets.append(torch.tensor(response, dtype=torch.long))
-        mask.append(positions >= skip_first_tokens)
+        keep = in_loss is None or in_loss[sample]
+        mask.append((positions >= skip_first_tokens) & keep)
         owner.append(torch.full((len(response),), sample, dtype=torch.long))
         engine.append(getattr(rollout, "engine_logprobs", None))
     return PairedMicrobatch(
         student_tokens_BL=student,
         teacher_tokens_BL=teacher,
         student_index_T=torch.cat(student_index),
-        teacher_index_T=torch.cat(teacher_index),
+        teacher_index_T=torch.cat(teacher_index) if teacher_index else torch.zeros(0, dtype=torch.long),
         target_ids_T=torch.cat(targets),
         loss_mask_T=torch.cat(mask),
         sample_T=torch.cat(owner),
@@ -174,6 +188,9 @@ def build_microbatch(
         if any(lp is None for lp in engine)
         else torch.tensor([lp for row in engine for lp in row], dtype=torch.float32),
         lengths_B2=lengths_B2,
+        advantage_T=None
+        if advantages is None
+        else torch.tensor([float(advantages[s]) for s in sample_ids for _ in rollouts[s].response_ids]),
     )
 
 
@@ -218,7 +235,12 @@ def _least_padding_cut(lengths: list[tuple[int, int]], max_tokens: int, groups: 
 
 
 def plan_microbatches(
-    rollouts: Sequence[PairedRollout], *, max_tokens: int, pad_multiple: int = 1, length_aware: bool = True
+    rollouts: Sequence[PairedRollout],
+    *,
+    max_tokens: int,
+    pad_multiple: int = 1,
+    length_aware: bool = True,
+    student_only: bool = False,
 ) -> list[list[int]]:
     """Cut rollouts into groups whose padded size ``B * (Ls + Lt)`` fits ``max_tokens``.
 
@@ -232,7 +254,9 @@ def plan_microbatches(
         if not rollout.response_ids:
             raise ValueError(f"rollout {index} has an empty response; drop it before building microbatches")
     order = _by_length(rollouts) if length_aware else list(range(len(rollouts)))
-    lengths = [tuple(_round_up(n, pad_multiple) for n in _sequence_lengths(rollouts[i])) for i in order]
+    lengths = [
+        tuple(_round_up(n, pad_multiple) for n in _sequence_lengths(rollouts[i], student_only)) for i in order
+    ]
     sizes = _greedy_cut(lengths, max_tokens)
     if length_aware and len(sizes) > 1:
         sizes = _least_padding_cut(lengths, max_tokens, len(sizes))
@@ -275,24 +299,39 @@ def build_microbatches(
     skip_first_tokens: int = 0,
     count_multiple: int = 1,
     length_aware: bool = True,
+    student_only: bool = False,
+    advantages: Sequence[float] | None = None,
+    in_loss: Sequence[bool] | None = None,
 ) -> list[PairedMicrobatch]:
     """All microbatches of a step: ``plan_microbatches`` then ``build_microbatch`` per group.
 
     ``count_multiple``: the number of microbatches must be a multiple of this (PP with an
-    interleaved pipeline). ``length_aware``: see ``plan_microbatches``.
+    interleaved pipeline). ``length_aware``: see ``plan_microbatches``. ``student_only``,
+    ``advantages``, ``in_loss``: see ``build_microbatch``.
     """
     if not rollouts:
         raise ValueError(
             "no rollouts for this data-parallel replica; prompts per step must cover every replica"
         )
     groups = plan_microbatches(
-        rollouts, max_tokens=max_tokens, pad_multiple=pad_multiple, length_aware=length_aware
+        rollouts,
+        max_tokens=max_tokens,
+        pad_multiple=pad_multiple,
+        length_aware=length_aware,
+        student_only=student_only,
     )
     if count_multiple > 1:
         groups = regroup_to_multiple(groups, count_multiple)
     return [
         build_microbatch(
-            rollouts, group, pad_id=pad_id, pad_multiple=pad_multiple, skip_first_tokens=skip_first_tokens
+            rollouts,
+            group,
+            pad_id=pad_id,
+            pad_multiple=pad_multiple,
+            skip_first_tokens=skip_first_tokens,
+            student_only=student_only,
+            advantages=advantages,
+            in_loss=in_loss,
         )
         for group in groups
     ]

@@ -13,6 +13,12 @@ teacher prompts that is most of the output-layer cost, and most of what the last
 for backward. ``all_position_logits=True`` keeps the older path (logits at every position,
 rows picked afterwards) for comparisons; both give the same loss and gradients.
 
+Student-only algorithms (GRPO without a reference, SFT) pass ``teacher=None`` and microbatches
+with an empty teacher stream: no teacher forward runs and stages send the student tensor alone.
+GRPO with a KL penalty passes the frozen initial weights as the "teacher" and the student's own
+prompt as the teacher sequence, so the reference rides the same paired schedule. A
+``StudentLoss`` (GRPO, SFT) receives the whole microbatch (advantages, engine logprobs).
+
 Shapes: S/T stream lengths, B batch, H hidden, V vocab shard (vocab / TP), N response tokens.
 """
 
@@ -25,6 +31,7 @@ from functools import partial
 import torch
 
 from megaopsd.algorithm.batch import PairedMicrobatch
+from megaopsd.algorithm.policy_loss import StudentLoss
 from megaopsd.algorithm.teacher import Teacher
 from megaopsd.loss.boundary import first_token_mask
 from megaopsd.models.builder import unwrap_chunk
@@ -43,8 +50,8 @@ class PairedForward:
     """A ``forward_step_func`` for ``megatron.core.pipeline_parallel.get_forward_backward_func``."""
 
     student_chunks: Sequence[torch.nn.Module]  # DDP-wrapped (or plain) student chunks, one per VPP stage
-    teacher: Teacher
-    loss_fn: LossFn
+    teacher: Teacher | None  # None: the student stream only (microbatches carry no teacher rows)
+    loss_fn: LossFn | StudentLoss
     sequence_parallel_size: int = 1  # TP size when sequence parallel is on, else 1
     # When set, microbatches carrying the engine's logprobs also report the mismatch
     # sum and max of |engine logprob - student logprob| over loss tokens
@@ -62,6 +69,8 @@ class PairedForward:
     def __call__(self, data_iterator: Iterator[PairedMicrobatch], model: torch.nn.Module):
         student = unwrap_chunk(model)
         mb = next(data_iterator).to(next(student.parameters()).device)
+        if self.teacher is None:
+            return self._student_only(mb, model, student)
         teacher = self.teacher.chunk(self._chunk_index(model))
         received = student.decoder.input_tensor  # set by the schedule; None on the first stage
         s_split = mb.student_len // self.sequence_parallel_size
@@ -103,10 +112,26 @@ class PairedForward:
             return out.reshape(-1, out.shape[-1]).index_select(0, rows_T)
         return rows_logits(inner, decoder_hidden(model, tokens_BL, positions_BL), rows_T)
 
-    def _loss(self, mb: PairedMicrobatch, teacher_NV: torch.Tensor, student_NV: torch.Tensor):
-        loss_sum, metrics = self.loss_fn(
-            student_NV, teacher_NV, mb.loss_mask_T, mb.target_ids_T, first_N=first_token_mask(mb.sample_T)
-        )
+    def _student_only(self, mb: PairedMicrobatch, model: torch.nn.Module, student: torch.nn.Module):
+        received = student.decoder.input_tensor
+        if received is not None:
+            s_rows = mb.student_len // self.sequence_parallel_size
+            if received.shape[0] != s_rows:
+                raise RuntimeError(f"received {received.shape[0]} rows, expected {s_rows} student rows")
+            student.set_input_tensor(received)
+        last = student.post_process
+        s_out = self._stream(model, student, mb.student_tokens_BL, mb.student_index_T, last)
+        if not last:
+            return s_out, _never_called
+        return s_out, partial(self._loss, mb, None)
+
+    def _loss(self, mb: PairedMicrobatch, teacher_NV: torch.Tensor | None, student_NV: torch.Tensor):
+        if isinstance(self.loss_fn, StudentLoss):
+            loss_sum, metrics = self.loss_fn(student_NV, teacher_NV, mb)
+        else:
+            loss_sum, metrics = self.loss_fn(
+                student_NV, teacher_NV, mb.loss_mask_T, mb.target_ids_T, first_N=first_token_mask(mb.sample_T)
+            )
         num_tokens = mb.loss_mask_T.sum().to(torch.int)
         reported = {name: value.detach().clone().reshape(()) for name, value in metrics.items()}
         # clone: the schedule may scale the returned loss in place

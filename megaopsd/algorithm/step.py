@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megaopsd.algorithm.batch import PairedMicrobatch
 from megaopsd.algorithm.forward import LogprobFn, LossFn, PairedForward
 from megaopsd.algorithm.optim import TrainableStudent
+from megaopsd.algorithm.policy_loss import StudentLoss
 from megaopsd.algorithm.teacher import Teacher
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import ParallelState
@@ -68,9 +69,9 @@ def _reduce_metrics(outputs: list[dict[str, torch.Tensor]], parallel: ParallelSt
 def forward_backward(
     *,
     student: TrainableStudent,
-    teacher: Teacher,
+    teacher: Teacher | None,
     microbatches: Sequence[PairedMicrobatch],
-    loss_fn: LossFn,
+    loss_fn: LossFn | StudentLoss,
     parallel: ParallelState,
     forward_only: bool = False,
     logprob_fn: LogprobFn | None = None,
@@ -80,6 +81,7 @@ def forward_backward(
 
     ``all_position_logits`` selects the older last-stage path (output layer at every
     position); the default applies it to the scored rows only, with the same result.
+    ``teacher=None`` runs the student stream alone (GRPO without a reference, SFT).
 
     Returns the loss outputs summed over microbatches and DP ranks (same on every rank) and
     the global number of loss tokens. After it, each parameter's ``main_grad`` holds the
@@ -145,9 +147,9 @@ def _gather_params_now(student: TrainableStudent) -> None:
 def train_step(
     *,
     student: TrainableStudent,
-    teacher: Teacher,
+    teacher: Teacher | None,
     microbatches: Sequence[PairedMicrobatch],
-    loss_fn: LossFn,
+    loss_fn: LossFn | StudentLoss,
     parallel: ParallelState,
     logprob_fn: LogprobFn | None = None,
 ) -> StepResult:
@@ -172,7 +174,8 @@ def train_step(
         _gather_params_now(student)
         if ok:
             student.scheduler.step(increment=1)
-            teacher.after_optimizer_step()
+            if teacher is not None:
+                teacher.after_optimizer_step()
     denominator = max(num_tokens, 1)
     return StepResult(
         loss=loss_sum / denominator,

@@ -87,10 +87,16 @@ FIRST_RELEASE_TEACHER_TEMPLATE = (
     + INSTRUCTION
 )
 
+# ---- style "compact" (not official): the same student message, a teacher message without the
+# long transition. For small models where every prompt token is compute (the learning experiment's
+# char-level model: the official teacher message is ~600 characters, the problem ~15).
+COMPACT_TEACHER_TEMPLATE = "Problem: {problem}\n\nReference solution:\n{solution}\n\n" + INSTRUCTION
+
 # name -> (student template, teacher template); data.prompt_style picks one.
 PROMPT_STYLES = {
     "opsd": (STUDENT_TEMPLATE, TEACHER_TEMPLATE),
     "opsd_first_release": (STUDENT_TEMPLATE, FIRST_RELEASE_TEACHER_TEMPLATE),
+    "compact": (STUDENT_TEMPLATE, COMPACT_TEACHER_TEMPLATE),
 }
 
 # What data.teacher_think_prefix appends to the rendered teacher prompt (Qwen3 / R1-style tags).

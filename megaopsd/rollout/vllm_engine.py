@@ -106,6 +106,7 @@ class VllmEngine:
                 **placement,
             )
         self.eos_token_id: int = self.llm.get_tokenizer().eos_token_id
+        self.prefill_budget = _seeded_prefill_budget(self.llm)
         hf_config = self.llm.llm_engine.model_config.hf_config
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.transport = self._make_transport()
@@ -168,7 +169,14 @@ class VllmEngine:
             )
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=progress or False)
+        outputs = []
+        budget = self.prefill_budget if sampling.seed is not None else None
+        for block in prefill_blocks([len(ids) for ids in prompt_ids], sampling.n, budget):
+            outputs += self.llm.generate(
+                prompts[block.start : block.stop],
+                params[block.start : block.stop],
+                use_tqdm=progress or False,
+            )
         results = []
         for ids, output in zip(prompt_ids, outputs, strict=True):
             if list(output.prompt_token_ids) != list(ids):
@@ -224,3 +232,39 @@ def _completion(output: Any) -> Completion:
         engine_logprobs=logprobs,
         finish_reason=str(output.finish_reason),
     )
+
+
+def _seeded_prefill_budget(llm: Any) -> int | None:
+    """The scheduler's token budget on CPU, where seeded requests must never prefill in chunks.
+
+    vLLM (0.32, CPU) rewinds a seeded request's generator when it discards the token sampled at
+    the end of a partial prefill (``gen.set_offset``), which a CPU generator refuses: "CPU
+    Generator does not use offset". A partial prefill happens when one ``generate`` call holds
+    more prompt tokens than the scheduler's budget (an evaluation of hundreds of problems, GRPO's
+    n samples of 32 prompts). On GPU the rewind works: no limit.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    return int(llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
+
+
+def prefill_blocks(lengths: Sequence[int], n: int, budget: int | None) -> list[range]:
+    """Contiguous blocks of prompts whose ``n`` samples' prompt tokens fit ``budget`` together.
+
+    Each block is one ``generate`` call, so its prefills all fit the first scheduler step (none is
+    chunked). Requests carry their own seeds, so the samples do not depend on the cut. A single
+    prompt larger than the budget gets a block of its own. ``budget=None``: one block.
+    """
+    if budget is None or not lengths:
+        return [range(len(lengths))]
+    blocks, start, used = [], 0, 0
+    for i, length in enumerate(lengths):
+        cost = length * n
+        if i > start and used + cost > budget:
+            blocks.append(range(start, i))
+            start, used = i, 0
+        used += cost
+    blocks.append(range(start, len(lengths)))
+    return blocks

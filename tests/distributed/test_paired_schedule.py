@@ -40,6 +40,7 @@ def layout_worker(
     budgets: tuple[int, ...],
     stages: tuple[int | None, int | None] = (None, None),
     vpp: int | None = None,
+    algorithm: str = "opsd",
 ):
     """Loss and HF-named gradients for each microbatch budget, on this layout.
 
@@ -48,11 +49,11 @@ def layout_worker(
     """
     from megaopsd.algorithm.step import forward_backward
 
-    runtime, parts = paired_setup(hf_dir, tp, pp, sp=sp, vpp=vpp, stages=stages)
+    runtime, parts = paired_setup(hf_dir, tp, pp, sp=sp, vpp=vpp, stages=stages, algorithm=algorithm)
     spec, student, teacher, loss_fn = parts.spec, parts.student, parts.teacher, parts.loss_fn
 
     def run(budget: int, all_positions: bool):
-        mbs = my_microbatches(runtime, budget)
+        mbs = my_microbatches(runtime, budget, algorithm)
         sums, tokens = forward_backward(
             student=student,
             teacher=teacher,
@@ -61,7 +62,13 @@ def layout_worker(
             parallel=runtime.parallel,
             all_position_logits=all_positions,
         )
-        return {"loss": sums["loss_sum"] / tokens, "tokens": tokens, "num_mb": len(mbs)}
+        return {
+            "loss": sums["loss_sum"] / tokens,
+            "tokens": tokens,
+            "num_mb": len(mbs),
+            "metrics": {k: v / tokens for k, v in sums.items()},
+            "teacher": teacher is not None,
+        }
 
     old = run(budgets[-1], True)
     old_grads = _local_grads(student)
@@ -220,6 +227,44 @@ def test_tp2_pp2_matches_single_process(baseline, tiny_qwen3, sp):
     )
     _assert_matches(results[0], baseline)
     _assert_paths_agree(results)
+
+
+@pytest.fixture(scope="module")
+def baselines_tp1(tiny_qwen3):
+    return {
+        algorithm: run_ranks(
+            layout_worker,
+            world_size=1,
+            args=(str(tiny_qwen3), 1, 1, False, (BUDGET_ONE, BUDGET_FOUR), (None, None), None, algorithm),
+        )[0]
+        for algorithm in ("grpo", "sft")
+    }
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "sft"])
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_baseline_losses_match_single_process(baselines_tp1, tiny_qwen3, algorithm, tp, pp):
+    """GRPO (with its reference stream) and SFT (student stream only): TP2 and PP2 equal TP1."""
+    baseline = baselines_tp1[algorithm]
+    one, four = baseline["runs"]
+    assert abs(one["loss"] - four["loss"]) <= 1e-6 * abs(one["loss"])
+    # GRPO keeps a reference (KL 0.05); SFT builds no teacher at all
+    assert one["teacher"] == (algorithm == "grpo")
+    if algorithm == "grpo":
+        m = one["metrics"]
+        assert 0 < m["clip_low_sum"] + m["clip_high_sum"] < 1  # some ratios left the clip range
+        assert m["kl_sum"] == 0.0  # the reference holds the initial weights: k3 is exactly 0 at step 0
+    results = run_ranks(
+        layout_worker,
+        world_size=2,
+        args=(str(tiny_qwen3), tp, pp, False, (BUDGET_ONE, BUDGET_FOUR), (None, None), None, algorithm),
+    )
+    _assert_matches(results[0], baseline)
+    if algorithm == "grpo":
+        for key in ("clip_low_sum", "clip_high_sum", "ratio_sum"):
+            assert results[0]["runs"][0]["metrics"][key] == pytest.approx(
+                one["metrics"][key], rel=1e-5, abs=1e-9
+            )
 
 
 def teacher_worker(hf_dir: str, tp: int, pp: int, mode: str, steps: int):

@@ -147,3 +147,12 @@ def test_stream_skips_long_examples_and_fails_when_all_are_long(tokenizer):
     )
     with pytest.raises(DataError, match="max_prompt_tokens"):
         only_long.next_prompts(1)
+
+
+def test_compact_style_keeps_the_student_message():
+    templates = PromptTemplates.from_style("compact")
+    assert templates.student == PromptTemplates.from_style("opsd").student
+    assert fill_template(templates.teacher, problem="1+2", solution="1+2=3\n\\boxed{3}") == (
+        "Problem: 1+2\n\nReference solution:\n1+2=3\n\\boxed{3}\n\n"
+        "Please reason step by step, and put your final answer within \\boxed{}."
+    )

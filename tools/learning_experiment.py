@@ -1,0 +1,327 @@
+"""The learning experiment: does OPSD make a model better, against GRPO and SFT, on a 2-core CPU?
+
+    make experiment                      # or: python tools/learning_experiment.py --out outputs/experiment
+
+1. a char-level tiny Qwen3 (tools/make_tiny_model.py --tokenizer char, 0.8M parameters) and the
+   synthetic multi-step sums of tools/make_arith_data.py (300 held-out problems);
+2. warm start with megaopsd's own SFT mode on the reference solutions, after the student prompt
+   AND after the teacher prompt (``algorithm.sft_prompts=both``: the self-teacher must be able to
+   read its privileged context), a fixed number of steps chosen once to land at partial
+   accuracy; exported to Hugging Face;
+3. from that checkpoint, OPSD (the released loss: forward KL with the per-entry clip), GRPO
+   (n=8) and SFT, each for the same number of steps of the same number of prompts, per seed;
+4. held-out avg@4 (sampled at T=1 through the live engine, the in-training evaluator) every few
+   steps, against generated tokens and wall time; a PNG plot and a markdown table.
+
+Every run is ``python -m megaopsd.train recipe=arith_cpu ...``; the numbers are read back from
+the TensorBoard event files. ``--smoke`` runs the whole pipeline at toy size (a test uses it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = "arith"
+
+# The released OPSD loss (the official runs' settings, as the recipes opsd_qwen3_* carry them):
+# forward KL, per-entry clip 0.05, fixed teacher; the official loss temperature is the sampling
+# temperature, here 1.0.
+OPSD_RELEASED = [
+    "algorithm.name=opsd",
+    "loss.kind=forward_kl",
+    "loss.beta=0.0",
+    "loss.clip=0.05",
+    "loss.clip_mode=entry",
+    "loss.temperature=1.0",
+    "teacher.mode=fixed",
+]
+METHODS: dict[str, list[str]] = {
+    "opsd": OPSD_RELEASED,
+    "opsd_jsd": ["algorithm.name=opsd", "loss.kind=jsd", "loss.beta=0.5", "teacher.mode=fixed"],
+    "grpo": ["algorithm.name=grpo", "rollout.n=8"],
+    "sft": ["algorithm.name=sft"],
+}
+
+
+def train(out: Path, overrides: list[str], log: Path) -> None:
+    """One ``megaopsd.train`` run in its own process; its output goes to ``log``."""
+    cmd = [sys.executable, "-m", "megaopsd.train", "recipe=arith_cpu", f"output_dir={out}", *overrides]
+    with log.open("w") as handle:
+        done = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"run failed ({done.returncode}); see {log}")
+
+
+def scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[str, dict[int, float]] = {}
+    for events in sorted(tb_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            values.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+def curve(tb_dir: Path, k: int) -> list[dict[str, float]]:
+    """(step, generated tokens, wall seconds, held-out avg@k) at every evaluation."""
+    v = scalars(tb_dir)
+    acc = v[f"eval/{BENCH}/avg@{k}"]
+    tokens = v.get("rollout/generated_tokens_total", {})
+    step_time = v.get("perf/step_time_s", {})
+    eval_time = v.get("perf/eval_time_s", {})
+    points = []
+    for step in sorted(acc):
+        # wall time of training so far, evaluations excluded (they are the measurement)
+        wall = sum(t - eval_time.get(s, 0.0) for s, t in step_time.items() if 1 <= s <= step)
+        points.append(
+            {
+                "step": step,
+                "tokens": tokens.get(step, 0.0) if step else 0.0,
+                "wall_s": wall,
+                "accuracy": acc[step],
+            }
+        )
+    return points
+
+
+def paths(args: argparse.Namespace) -> dict[str, str]:
+    out = Path(args.out)
+    return {
+        "model.hf_path": str(out / "model"),
+        "data.train_files": f"[{out / 'data' / 'train.jsonl'}]",
+        "eval.benchmarks": f"['{BENCH}={out / 'data' / 'heldout.jsonl'}']",
+        "eval.k": str(args.k),
+        "eval.limit": str(args.heldout),
+    }
+
+
+def prepare(args: argparse.Namespace) -> Path:
+    """Model, data, SFT warm start, export; returns the warm-started Hugging Face directory."""
+    out = Path(args.out)
+    hf = out / "warm" / "hf"
+    if (hf / "config.json").is_file():
+        return hf
+    subprocess.run(
+        [
+            sys.executable,
+            "tools/make_tiny_model.py",
+            "--family",
+            "qwen3",
+            "--tokenizer",
+            "char",
+            "--out",
+            str(out / "model"),
+        ],
+        cwd=REPO,
+        check=True,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "tools/make_arith_data.py",
+            "--out",
+            str(out / "data"),
+            "--heldout",
+            str(args.heldout),
+        ],
+        cwd=REPO,
+        check=True,
+    )
+    base = [f"{k}={v}" for k, v in paths(args).items()]
+    warm = [
+        "algorithm.name=sft",
+        "algorithm.sft_prompts=both",
+        f"trainer.max_steps={args.warm_steps}",
+        f"trainer.lr={args.warm_lr}",
+        f"checkpoint.save_interval={args.warm_steps}",
+        f"eval.interval={max(args.warm_steps // 5, 1)}",
+        "eval.at_start=false",
+    ]
+    print(f"warm start: {args.warm_steps} SFT steps", flush=True)
+    train(out / "warm", base + warm, out / "warm.log")
+    ckpt = out / "warm" / "checkpoints" / f"iter_{args.warm_steps:07d}"
+    subprocess.run(
+        [sys.executable, "tools/convert_checkpoint.py", "export-hf", "--ckpt", str(ckpt), "--out", str(hf)],
+        cwd=REPO,
+        check=True,
+    )
+    return hf
+
+
+def post_train(args: argparse.Namespace, hf: Path, method: str, seed: int) -> list[dict[str, float]]:
+    out = Path(args.out) / "runs" / f"{method}_seed{seed}"
+    done = out / "curve.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    settings = {**paths(args), "model.hf_path": str(hf)}
+    overrides = [f"{k}={v}" for k, v in settings.items()] + [
+        f"trainer.max_steps={args.steps}",
+        f"trainer.prompts_per_step={args.prompts}",
+        f"trainer.lr={args.lr}",
+        f"eval.interval={args.eval_interval}",
+        f"runtime.seed={seed}",
+        f"rollout.seed={seed}",
+        f"data.shuffle_seed={seed}",
+        *METHODS[method],
+    ]
+    start = time.perf_counter()
+    train(out, overrides, out / "train.log")
+    points = curve(out / "tensorboard", args.k)
+    done.write_text(json.dumps(points))
+    print(
+        f"{method} seed {seed}: {points[0]['accuracy']:.3f} -> {points[-1]['accuracy']:.3f} "
+        f"({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
+    return points
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def summarize(results: dict[str, list[list[dict[str, float]]]], args: argparse.Namespace) -> dict:
+    """Start accuracy, each method's final accuracy (mean, std over seeds), tokens to reach GRPO."""
+    starts = [run[0]["accuracy"] for runs in results.values() for run in runs]
+    start, start_std = _mean_std(starts)
+    n_eval = args.heldout * args.k
+    summary = {"start": start, "start_std_over_runs": start_std, "methods": {}}
+    grpo_final = None
+    if "grpo" in results:
+        grpo_final = _mean_std([run[-1]["accuracy"] for run in results["grpo"]])[0]
+    for method, runs in results.items():
+        finals = [run[-1]["accuracy"] for run in runs]
+        mean, std = _mean_std(finals)
+        # standard error of the gain: seed spread of the final and sampling of the start
+        se = math.sqrt(std**2 / len(runs) + start * (1 - start) / (n_eval * len(starts)))
+        steps = [p["step"] for p in runs[0]]
+        mean_curve = [sum(run[i]["accuracy"] for run in runs) / len(runs) for i in range(len(steps))]
+        tokens = [sum(run[i]["tokens"] for run in runs) / len(runs) for i in range(len(steps))]
+        walls = [sum(run[i]["wall_s"] for run in runs) / len(runs) for i in range(len(steps))]
+        reach = None
+        if grpo_final is not None:
+            hit = [i for i, a in enumerate(mean_curve) if a >= grpo_final]
+            reach = (
+                {"step": steps[hit[0]], "tokens": tokens[hit[0]], "wall_s": walls[hit[0]]} if hit else None
+            )
+        summary["methods"][method] = {
+            "final_mean": mean,
+            "final_std": std,
+            "gain": mean - start,
+            "gain_se": se,
+            "gain_in_se": (mean - start) / se if se > 0 else float("inf"),
+            "tokens_total": tokens[-1],
+            "wall_s_total": walls[-1],
+            "reach_grpo_final": reach,
+            "steps": steps,
+            "mean_curve": mean_curve,
+        }
+    return summary
+
+
+def table(summary: dict, args: argparse.Namespace) -> str:
+    rows = [
+        f"Start (SFT warm start): avg@{args.k} = {100 * summary['start']:.1f} %  "
+        f"({args.heldout} held-out problems x {args.k} samples at T=1)",
+        "",
+        f"| method | final avg@{args.k} (mean +- std, {args.seeds} seeds) | gain (in std. errors) "
+        "| generated tokens | train wall s | to reach GRPO's final |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, m in summary["methods"].items():
+        reach = m["reach_grpo_final"]
+        reach_text = "never" if reach is None else f"step {reach['step']}, {reach['tokens']:.0f} tokens"
+        rows.append(
+            f"| {method} | {100 * m['final_mean']:.1f} +- {100 * m['final_std']:.1f} | "
+            f"{100 * m['gain']:+.1f} ({m['gain_in_se']:.1f}) | {m['tokens_total']:.0f} | {m['wall_s_total']:.0f} | "
+            f"{reach_text} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def plot(results: dict, path: Path, k: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method, runs in results.items():
+        for ax, key in zip(axes, ("tokens", "wall_s"), strict=True):
+            xs = [sum(run[i][key] for run in runs) / len(runs) for i in range(len(runs[0]))]
+            accs = [[100 * run[i]["accuracy"] for run in runs] for i in range(len(runs[0]))]
+            mean = [sum(a) / len(a) for a in accs]
+            lo, hi = [min(a) for a in accs], [max(a) for a in accs]
+            (line,) = ax.plot(xs, mean, marker="o", label=method)
+            ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
+    axes[0].set_xlabel("generated tokens (training rollouts)")
+    axes[0].set_xscale("symlog", linthresh=1000)
+    axes[1].set_xlabel("training wall time, s (evaluation excluded)")
+    for ax in axes:
+        ax.set_ylabel(f"held-out avg@{k}, %")
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="band: min..max over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="outputs/experiment")
+    parser.add_argument("--methods", default="opsd,grpo,sft", help="comma list of " + ",".join(METHODS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--eval-interval", type=int, default=5)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--heldout", type=int, default=300)
+    parser.add_argument("--warm-steps", type=int, default=500)
+    parser.add_argument("--warm-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--smoke", action="store_true", help="toy sizes: checks the pipeline, not the science"
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seeds, args.steps, args.prompts, args.eval_interval = 1, 2, 4, 1
+        args.heldout, args.k, args.warm_steps = 8, 2, 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    hf = prepare(args)
+    methods = args.methods.split(",")
+    # seed-major: an interrupted experiment still has whole seeds (finished runs are cached)
+    results: dict[str, list] = {m: [] for m in methods}
+    for seed in range(args.seeds):
+        for m in methods:
+            results[m].append(post_train(args, hf, m, seed))
+    summary = summarize(results, args)
+    summary["total_wall_s"] = time.perf_counter() - start
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    text = table(summary, args)
+    (out / "table.md").write_text(text)
+    plot(results, out / "accuracy.png", args.k)
+    print(text)
+    print(
+        f"plot: {out / 'accuracy.png'}; summary: {out / 'summary.json'}; total {summary['total_wall_s']:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
