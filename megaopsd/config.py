@@ -184,6 +184,8 @@ class TrainerConfig:
     dry_run: bool = False  # validate, print the layout and a memory estimate, load nothing
     # The GPU count the dry run plans for (e.g. nodes x GPUs per node); None: this launch's world size.
     dry_run_world_size: int | None = None
+    # The target GPU's memory, for the dry run's engine share (rollout.gpu_memory_utilization x this).
+    dry_run_gpu_gib: float = 80.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -710,6 +712,13 @@ def _validate_training(cfg: Config) -> None:
     if model.transformer_impl == "transformer_engine" and runtime.device == "cpu":
         _fail(
             "model.transformer_impl", "transformer_engine", "needs a GPU", "use local with runtime.device=cpu"
+        )
+    if not tr.dry_run_gpu_gib > 0:
+        _fail(
+            "trainer.dry_run_gpu_gib",
+            tr.dry_run_gpu_gib,
+            "must be > 0",
+            "set it to the target GPU's memory in GiB (80 for an H100 80GB)",
         )
     if tr.dry_run_world_size is not None and tr.dry_run_world_size < 1:
         _fail(
