@@ -24,8 +24,8 @@ import dataclasses
 import itertools
 import os
 import signal
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -222,8 +222,12 @@ class EngineFleet:
         *,
         step: int = 0,
         first_prompt_index: int = 0,
+        progress: Callable[..., Any] | None = None,
     ) -> list[list[Completion]]:
-        """Completions for every prompt on every rank, the prompts split over all engines."""
+        """Completions for every prompt on every rank, the prompts split over all engines.
+
+        ``progress`` (a tqdm-like constructor) reports this rank's engine's block only.
+        """
         blocks = split_evenly(len(prompt_ids), self.layout.num_engines)
         mine: list[list[Completion]] = []
         if self.engine is not None:
@@ -234,6 +238,7 @@ class EngineFleet:
                 sampling,
                 step=step,
                 first_prompt_index=first_prompt_index + block.start,
+                progress=progress,
             )
             self._sleep()
         return self._gather(mine, group=None)
