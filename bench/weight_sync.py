@@ -21,6 +21,11 @@ TP gather; see refit.py).
 
     .venv/bin/python bench/weight_sync.py                       # small model, TP1, TP2, PP2
     .venv/bin/python bench/weight_sync.py --preset tiny --layouts tp1,pp2 --repeats 3
+    .venv/bin/python bench/weight_sync.py --lora-rank 64      # LoRA refit (merged) vs full refit
+
+With ``--lora-rank`` the student carries LoRA adapters and the trainer path merges
+``W + (alpha/r) B A`` shard by shard inside the export (what a LoRA run syncs); ``trainer_full``
+times the same export with the adapters off, i.e. the full-model refit without the merge.
 """
 
 from __future__ import annotations
@@ -52,7 +57,9 @@ def _timed(fn: Callable[[], object]) -> float:
     return float(elapsed)
 
 
-def worker(hf_dir: str, tp: int, pp: int, repeats: int, bucket_mib: int, threads: int) -> dict:
+def worker(
+    hf_dir: str, tp: int, pp: int, repeats: int, bucket_mib: int, threads: int, lora_rank: int = 0
+) -> dict:
     from safetensors.torch import load_file
 
     from megaopsd.components import build_components
@@ -70,6 +77,7 @@ def worker(hf_dir: str, tp: int, pp: int, repeats: int, bucket_mib: int, threads
             "runtime": {"cpu_threads": threads},
             "teacher": {"mode": "current"},  # no teacher copy: only the student's shards matter here
             "rollout": {"max_model_len": 512, "kv_cache_gib": 0.0625, "weight_bucket_mb": bucket_mib},
+            "lora": {"rank": lora_rank, "alpha": 2.0 * max(lora_rank, 1)},
         }
     )
     runtime = Runtime.start(cfg.parallel, cfg.runtime)
@@ -105,6 +113,16 @@ def worker(hf_dir: str, tp: int, pp: int, repeats: int, bucket_mib: int, threads
         sync_weights(weights, directory, bucket_bytes=bucket_mib << 20, tie_word_embeddings=tied)
 
     paths = {"trainer": trainer, "engine": engine}
+    if lora_rank:
+        from megaopsd.models.lora import adapter_mode, adapters_of
+
+        adapters = adapters_of(chunks)
+
+        def trainer_full() -> None:  # the same export without the merge: a full-model refit
+            with adapter_mode(adapters, "off"):
+                refit(fleet, chunks, spec, par, plan)
+
+        paths = {"trainer": trainer, "trainer_full": trainer_full, "engine": engine}
     if runtime.world_size > 1:
         paths["rank0_dir"] = rank0_directory
     for fn in paths.values():
@@ -133,13 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bucket-mib", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="LoRA adapters of this rank: 'trainer' merges W + (alpha/r) B A per bucket, 'trainer_full' is the plain refit",
+    )
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-weight-sync-") as tmp:
         model = str(make_tiny_model("qwen3", Path(tmp) / args.preset, preset=args.preset))
         for layout in args.layouts.split(","):
             tp, pp, world = LAYOUTS[layout]
-            job = (model, tp, pp, args.repeats, args.bucket_mib, args.threads)
+            job = (model, tp, pp, args.repeats, args.bucket_mib, args.threads, args.lora_rank)
             rows.append((layout, run_ranks(worker, world_size=world, args=job)[0]))
     header = f"{'layout':<7} {'MB':>7} {'trainer s':>10} {'engine s':>9} {'rank0 dir s':>12} {'overhead':>9} {'peak MB':>8}"
     print(header)
@@ -150,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{layout:<7} {r['bytes'] / 1e6:>7.1f} {r['trainer']:>10.4f} {r['engine']:>9.4f} {directory} "
             f"{r['trainer'] / r['engine']:>9.2f} {r['peak_extra_mb']:>8.1f}"
         )
+    for layout, r in rows:
+        if "trainer_full" in r:
+            print(
+                f"RESULT weight_sync_lora layout={layout} lora_rank={args.lora_rank} lora_refit_s={r['trainer']:.4f} "
+                f"full_refit_s={r['trainer_full']:.4f} lora_over_full={r['trainer'] / r['trainer_full']:.2f}"
+            )
     for layout, r in rows:
         directory = f" rank0_dir_s={r['rank0_dir']:.4f}" if "rank0_dir" in r else ""
         print(

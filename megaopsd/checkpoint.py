@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from megaopsd.algorithm.optim import TrainableStudent
-from megaopsd.algorithm.teacher import Teacher
+from megaopsd.algorithm.teacher import AdapterEmaTeacher, Teacher
 from megaopsd.runtime.parallel import ParallelState
 from megaopsd.runtime.rng import capture_rng_state, load_rng_file, restore_rng_state, save_rng_file
 from megaopsd.runtime.signals import stop_signals_blocked
@@ -175,18 +175,58 @@ def _sharded_state(student: TrainableStudent, teacher: Teacher, *, is_loading: b
 
     # The same model layout as tools/convert_checkpoint.py, so export-hf reads trainer checkpoints.
     state: dict[str, Any] = model_sharded_state_dict(student.chunks)
+    if _has_adapters(student):
+        # LoRA: the base comes from model.hf_path (checked by fingerprint), only adapters are saved.
+        state = {key: {k: v for k, v in chunk.items() if ".lora." in k} for key, chunk in state.items()}
     if is_loading:
         _prepare_optimizer_state(student)
     state["optimizer"] = student.optimizer.sharded_state_dict(
         state, is_loading=is_loading, metadata=SHARDING_METADATA
     )
-    if teacher.mode != "current":
+    if teacher.holds_weights:
         for index in range(len(student.chunks)):
             state[f"teacher{index}"] = teacher.chunk(index).sharded_state_dict(prefix="teacher.")
             if getattr(teacher, "has_shadow", False):  # a non-float32 EMA: its float32 average
                 state[f"teacher_shadow{index}"] = teacher.shadow_sharded_state(index)
+    if isinstance(teacher, AdapterEmaTeacher):
+        state["teacher_lora"] = teacher.sharded_averages()
     state["scheduler"] = student.scheduler.state_dict()
     return state
+
+
+def _has_adapters(student: TrainableStudent) -> bool:
+    from megaopsd.models.lora import adapters_of
+
+    return bool(adapters_of(student.chunks[:1]))
+
+
+def _load_model(student: TrainableStudent, loaded: dict[str, Any]) -> None:
+    """Model entries into the chunks; with LoRA the adapters only (every one of them)."""
+    from megaopsd.convert.dist_ckpt import load_model_state, model_state_key
+    from megaopsd.models.builder import unwrap_chunk
+
+    if not _has_adapters(student):
+        load_model_state(student.chunks, loaded)
+        return
+    for i, chunk in enumerate(student.chunks):
+        result = unwrap_chunk(chunk).load_state_dict(
+            loaded[model_state_key(i, len(student.chunks))], strict=False
+        )
+        missing = [k for k in result.missing_keys if ".lora." in k]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"the checkpoint's adapters do not match the model (missing {missing[:3]}, unexpected "
+                f"{result.unexpected_keys[:3]}); resume with the lora.* settings the run was started with"
+            )
+
+
+def _check_fingerprint(path: Path, expected: str | None) -> None:
+    saved = json.loads((path / STATE_FILE).read_text()).get("base_fingerprint")
+    if saved is not None and expected is not None and saved != expected:
+        raise RuntimeError(
+            f"{path} holds LoRA adapters trained on a different base model (fingerprint {saved}, "
+            f"model.hf_path has {expected}); point model.hf_path at the run's base model"
+        )
 
 
 def _prepare_optimizer_state(student: TrainableStudent) -> None:
@@ -375,29 +415,32 @@ def load_checkpoint(
     student: TrainableStudent,
     teacher: Teacher,
     parallel: ParallelState,
+    base_fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler, teacher and RNG from ``path``; return trainer state.
 
     ``rng_restored`` in the result says whether the RNG came back; ``rng_note`` says why not.
     """
-    from megaopsd.convert.dist_ckpt import load_model_state
     from megaopsd.convert.safe_load import load_dist_checkpoint
 
     path = Path(path)
+    _check_fingerprint(path, base_fingerprint)
     wanted = _sharded_state(student, teacher, is_loading=True)
     if any(k.startswith("teacher_shadow") for k in wanted) and not _has_teacher_shadow(path):
         wanted = {k: v for k, v in wanted.items() if not k.startswith("teacher_shadow")}
     loaded = load_dist_checkpoint(wanted, str(path))
-    load_model_state(student.chunks, loaded)
+    _load_model(student, loaded)
     with _distributed_optimizer_load_fixes(student):
         student.optimizer.load_state_dict(loaded["optimizer"])
     student.scheduler.load_state_dict(loaded["scheduler"])
-    if teacher.mode != "current":
+    if teacher.holds_weights:
         for index in range(len(student.chunks)):
             shadow = (
                 {"shadow": loaded[f"teacher_shadow{index}"]} if f"teacher_shadow{index}" in loaded else {}
             )
             teacher.load_chunk_state(index, loaded[f"teacher{index}"], **shadow)
+    if isinstance(teacher, AdapterEmaTeacher):
+        teacher.load_averages(loaded["teacher_lora"])
     body = json.loads((path / STATE_FILE).read_text())
     rng_state, body["rng_note"] = _read_rng(path, body, parallel)
     if rng_state is not None:
@@ -449,6 +492,7 @@ def resume_latest(
     teacher: Teacher,
     parallel: ParallelState,
     say: Callable[[str], None],
+    base_fingerprint: str | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """Load the newest complete checkpoint under ``root`` (collective); None when there is none.
 
@@ -474,7 +518,9 @@ def resume_latest(
     failures: list[str] = []
     for index, path in enumerate(candidates):
         try:
-            return path, load_checkpoint(path, student=student, teacher=teacher, parallel=parallel)
+            return path, load_checkpoint(
+                path, student=student, teacher=teacher, parallel=parallel, base_fingerprint=base_fingerprint
+            )
         # Whatever dist-checkpointing, torch or safetensors raise on damaged bytes (and the
         # allow-lists on a pickle they refuse): the next older checkpoint may still be good.
         except (Exception, _dcp_exception()) as err:

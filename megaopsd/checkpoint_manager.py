@@ -39,6 +39,19 @@ class CheckpointManager:
         self.hf_path = cfg.model.hf_path
         self.student, self.teacher = student, teacher
         self.saved_step: int | None = None  # the newest step known to be on disk
+        # LoRA checkpoints hold adapters only: the base they were trained on is checked on resume.
+        self.base_fingerprint = None
+        self.lora_state: dict[str, Any] = {}
+        if cfg.lora.enabled:
+            from megaopsd.models.lora import base_fingerprint
+
+            self.base_fingerprint = base_fingerprint(cfg.model.hf_path)
+            # What export-hf needs to rebuild the model: the adapters' settings and the base.
+            self.lora_state = {
+                "base_fingerprint": self.base_fingerprint,
+                "base_model": str(Path(cfg.model.hf_path).resolve()),
+                "lora": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg.lora).items()},
+            }
 
     def resume(self) -> dict[str, Any] | None:
         """Load the newest complete checkpoint when resuming is on; its trainer state, else None.
@@ -52,7 +65,12 @@ class CheckpointManager:
         if not (self.cfg.resume and Path(root).is_dir()):
             return None
         found = resume_latest(
-            root, student=self.student, teacher=self.teacher, parallel=self.runtime.parallel, say=self._say
+            root,
+            student=self.student,
+            teacher=self.teacher,
+            parallel=self.runtime.parallel,
+            say=self._say,
+            base_fingerprint=self.base_fingerprint,
         )
         if found is None:
             return None
@@ -75,7 +93,7 @@ class CheckpointManager:
             student=self.student,
             teacher=self.teacher,
             parallel=self.runtime.parallel,
-            trainer_state=trainer_state,
+            trainer_state={**trainer_state, **self.lora_state},
             keep_last=self.cfg.keep_last,
             side_files=functools.partial(copy_side_files, self.hf_path),
         )

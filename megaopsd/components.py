@@ -53,14 +53,18 @@ def build_components(cfg: Config, runtime: Runtime, *, think_token_ids: Sequence
     """
     from megaopsd.convert import load_hf_weights
     from megaopsd.models import build_model_chunks, load_hf_config
+    from megaopsd.models.lora import add_lora
 
     parallel = runtime.parallel
     spec = load_hf_config(cfg.model.hf_path)
     build = functools.partial(build_model_chunks, spec, cfg.model, parallel)
     chunks = build()
     load_hf_weights(chunks, spec, cfg.model.hf_path, parallel, progress=runtime.is_main)
-    # The teacher copies the loaded weights before DDP wraps the chunks.
-    teacher = make_teacher(cfg.teacher, chunks, build)
+    if cfg.lora.enabled:
+        # Adapters and the frozen base before DDP: its buffers and the optimizer see adapters only.
+        add_lora(chunks, cfg.lora)
+    # The teacher copies the loaded weights before DDP wraps the chunks (LoRA: no copy).
+    teacher = make_teacher(cfg.teacher, chunks, build, lora=cfg.lora.enabled)
     student = wrap_student(
         chunks, trainer=cfg.trainer, parallel=cfg.parallel, bf16=cfg.model.dtype == "bfloat16"
     )

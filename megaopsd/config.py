@@ -34,6 +34,7 @@ WeightTransport = Literal["auto", "memory", "directory"]
 TransformerImpl = Literal["local", "transformer_engine"]
 LrSchedule = Literal["constant", "cosine"]
 Placement = Literal["colocated", "rank0"]
+LoraInit = Literal["kaiming", "gaussian"]
 RecomputeGranularity = Literal["selective", "full"]
 RecomputeMethod = Literal["uniform", "block"]
 ClipMode = Literal["token", "entry"]  # token: a token's divergence; entry: each vocab entry's term
@@ -125,6 +126,29 @@ class TeacherConfig:
     reason_cache: ReasonCache = "regenerate"  # regenerate: every use (official)
 
 
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    rank: int = 0  # adapter rank r; 0 trains every weight (no LoRA)
+    alpha: float = 16.0  # the update is (alpha / rank) * B @ A
+    dropout: float = 0.0  # dropout on the adapter input (default RNG stream, same on TP ranks)
+    target_modules: tuple[str, ...] = LORA_TARGETS  # HF module names (q_proj .. down_proj)
+    init: LoraInit = (
+        "kaiming"  # A: kaiming (uniform +-1/sqrt(fan_in), PEFT's default) | gaussian (std 1/r); B = 0
+    )
+    seed: int = 0  # A's init stream (per layer and module, independent of the layout)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
     temperature: float = 1.1
@@ -184,8 +208,6 @@ class TrainerConfig:
     dry_run: bool = False  # validate, print the layout and a memory estimate, load nothing
     # The GPU count the dry run plans for (e.g. nodes x GPUs per node); None: this launch's world size.
     dry_run_world_size: int | None = None
-    # The target GPU's memory, for the dry run's engine share (rollout.gpu_memory_utilization x this).
-    dry_run_gpu_gib: float = 80.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -227,6 +249,7 @@ class Config:
     runtime: RuntimeConfig = RuntimeConfig()
     loss: LossConfig = LossConfig()
     teacher: TeacherConfig = TeacherConfig()
+    lora: LoraConfig = LoraConfig()
     rollout: RolloutConfig = RolloutConfig()
     data: DataConfig = DataConfig()
     trainer: TrainerConfig = TrainerConfig()
@@ -488,6 +511,7 @@ def _validate_algorithm(cfg: Config) -> None:
         _fail("loss.chunk_tokens", loss.chunk_tokens, "must be >= 1", "use e.g. 1024")
     if teacher.mode == "ema" and not 0.0 <= teacher.ema_decay < 1.0:
         _fail("teacher.ema_decay", teacher.ema_decay, "must be in [0, 1)", "use e.g. 0.99")
+    _validate_lora(cfg)
     if rollout.temperature <= 0:
         _fail(
             "rollout.temperature",
@@ -503,6 +527,42 @@ def _validate_algorithm(cfg: Config) -> None:
         _fail("rollout.n", rollout.n, "must be >= 1", "sample at least one response per prompt")
     if rollout.max_new_tokens < 1:
         _fail("rollout.max_new_tokens", rollout.max_new_tokens, "must be >= 1", "use e.g. 1024")
+
+
+def _validate_lora(cfg: Config) -> None:
+    lora = cfg.lora
+    if lora.rank < 0:
+        _fail("lora.rank", lora.rank, "must be >= 0", "use 0 (no LoRA) or e.g. 64")
+    if not lora.enabled:
+        return
+    if lora.alpha <= 0:
+        _fail("lora.alpha", lora.alpha, "must be > 0", "use e.g. 2 x lora.rank")
+    if not 0.0 <= lora.dropout < 1.0:
+        _fail("lora.dropout", lora.dropout, "is outside [0, 1)", "use 0.0 for no dropout")
+    unknown = sorted(set(lora.target_modules) - set(LORA_TARGETS))
+    if unknown or not lora.target_modules:
+        _fail(
+            "lora.target_modules",
+            list(lora.target_modules),
+            f"holds unknown or no modules {unknown}",
+            f"choose among {', '.join(LORA_TARGETS)}",
+        )
+    for fused in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+        chosen = [m for m in fused if m in lora.target_modules]
+        if chosen and len(chosen) != len(fused):
+            _fail(
+                "lora.target_modules",
+                list(lora.target_modules),
+                f"holds {chosen} but not all of {list(fused)}, which megatron fuses into one layer",
+                "target all of them or none",
+            )
+    if cfg.model.transformer_impl != "local":
+        _fail(
+            "model.transformer_impl",
+            cfg.model.transformer_impl,
+            "is not supported with LoRA (the TE spec fuses the pre-norms into linear_qkv/linear_fc1)",
+            "use model.transformer_impl=local with lora.rank > 0",
+        )
 
 
 def _validate_batch_and_engine(cfg: Config, world_size: int) -> None:
@@ -712,13 +772,6 @@ def _validate_training(cfg: Config) -> None:
     if model.transformer_impl == "transformer_engine" and runtime.device == "cpu":
         _fail(
             "model.transformer_impl", "transformer_engine", "needs a GPU", "use local with runtime.device=cpu"
-        )
-    if not tr.dry_run_gpu_gib > 0:
-        _fail(
-            "trainer.dry_run_gpu_gib",
-            tr.dry_run_gpu_gib,
-            "must be > 0",
-            "set it to the target GPU's memory in GiB (80 for an H100 80GB)",
         )
     if tr.dry_run_world_size is not None and tr.dry_run_world_size < 1:
         _fail(

@@ -47,16 +47,21 @@ def paired_setup(
     mode: str = "fixed",
     decay: float = 0.9,
     lr: float = 1e-3,
+    lora: dict | None = None,
+    checkpoint_dir: str = "outputs/checkpoints",
+    with_config: bool = False,
 ):
     """Start the runtime and build the components for the tiny model: JSD(0.5) at temperature 1.1.
 
     ``stages``: layers on the first / last pipeline stage (uneven stages), None for an even split.
 
-    Returns ``(runtime, components)``.
+    Returns ``(runtime, components)``, or ``(runtime, components, config)`` with ``with_config``.
     """
     from megaopsd.components import build_components
     from megaopsd.config import (
+        CheckpointConfig,
         Config,
+        LoraConfig,
         LossConfig,
         ModelConfig,
         ParallelConfig,
@@ -80,9 +85,12 @@ def paired_setup(
         teacher=TeacherConfig(mode=mode, ema_decay=decay),
         trainer=TrainerConfig(lr=lr, max_steps=100, clip_grad=1.0),
         loss=LossConfig(kind="jsd", beta=0.5, temperature=1.1),
+        lora=LoraConfig(**(lora or {})),
+        checkpoint=CheckpointConfig(dir=checkpoint_dir),
     )
     runtime = Runtime.start(cfg.parallel, cfg.runtime)
-    return runtime, build_components(cfg, runtime)
+    parts = build_components(cfg, runtime)
+    return (runtime, parts, cfg) if with_config else (runtime, parts)
 
 
 def my_microbatches(runtime, budget: int):

@@ -6,6 +6,8 @@
     torchrun --nproc-per-node 8 tools/convert_checkpoint.py import-hf --hf-dir H --out C --pp 8 --first-stage-layers 1
     # megatron dist checkpoint (any saved layout) -> HF safetensors + config + tokenizer
     python tools/convert_checkpoint.py export-hf --ckpt C --out H2
+    # a LoRA run's checkpoint (adapters only): merged HF model + a PEFT adapter
+    python tools/convert_checkpoint.py export-hf --ckpt C --out H2 --peft-out A
 
 import-hf runs at the layout it saves (world size = TP x PP x DP; DP replicas only idle).
 export-hf loads the checkpoint at the running layout (``--tp``/``--pp``, default one process),
@@ -52,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this run (default 1)")
     exp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this run (default 1)")
     exp.add_argument("--max-shard-size-mb", type=int, default=2048, help="safetensors shard size limit")
+    exp.add_argument(
+        "--peft-out", type=Path, help="(LoRA checkpoints) also write the adapters as a PEFT adapter here"
+    )
+    exp.add_argument(
+        "--base", type=Path, help="(LoRA checkpoints) base model directory; default the one the run used"
+    )
     for p in (imp, exp):
         p.add_argument(
             "--first-stage-layers", type=int, help="uneven pipeline: decoder layers on the first stage"
@@ -160,6 +168,8 @@ def run(args: argparse.Namespace) -> None:
                 force=args.force,
                 max_shard_bytes=args.max_shard_size_mb * 2**20,
                 progress=progress,
+                base_dir=args.base,
+                peft_out=args.peft_out,
             )
         if runtime.is_main:
             print(f"{args.command}: wrote {args.out}")

@@ -8,6 +8,10 @@
 A teacher never gets an optimizer, gradients or a DDP wrapper: copies are plain GPTModel
 chunks with ``requires_grad=False``. The training loop only calls ``chunk(i)`` and
 ``after_optimizer_step()``; the mode is chosen once, by ``make_teacher``.
+
+With LoRA (``lora.rank > 0``) no copy is made: ``fixed`` is the student's own modules with the
+adapters switched off (the base weights never train), ``ema`` the student's modules with the
+adapters replaced by their float32 EMA (shadow tensors; the base is shared).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class Teacher:
     """Base: the teacher is the student itself (``current`` mode)."""
 
     mode = "current"
+    holds_weights = False  # True: a copy of the weights that checkpoints save under "teacher."
 
     def __init__(self, student_chunks: Sequence[torch.nn.Module]):
         self._student = [unwrap_chunk(c) for c in student_chunks]
@@ -40,6 +45,7 @@ class FrozenTeacher(Teacher):
     """A copy of the student's weights at construction time, never updated."""
 
     mode = "fixed"
+    holds_weights = True
 
     def __init__(
         self, student_chunks: Sequence[torch.nn.Module], build_chunks: Callable[[], list[torch.nn.Module]]
@@ -157,14 +163,134 @@ def _frozen_copies(student: list[torch.nn.Module], build_chunks: Callable[[], li
     return copies
 
 
+class AdapterView:
+    """The student's chunk run with its LoRA adapters in ``mode`` ("off" or "shadow"): no copy.
+
+    Everything but the call (``set_input_tensor``, ``parameters``, attribute writes) is the
+    student chunk's.
+    """
+
+    def __init__(self, module: torch.nn.Module, mode: str):
+        from megaopsd.models.lora import adapters_of
+
+        self._module, self._mode = module, mode
+        self._adapters = adapters_of([module])
+
+    def __call__(self, *args, **kwargs):
+        from megaopsd.models.lora import adapter_mode
+
+        with adapter_mode(self._adapters, self._mode):
+            return self._module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        # Flags set on the chunk (e.g. ``post_process`` by models.forward.decoder_hidden) must
+        # reach the module itself.
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._module, name, value)
+
+
+class AdaptersOffTeacher(Teacher):
+    """LoRA's fixed teacher: the student's modules with the adapters bypassed (the frozen base)."""
+
+    mode = "fixed"
+
+    def __init__(self, student_chunks: Sequence[torch.nn.Module]):
+        super().__init__(student_chunks)
+        self._views = [AdapterView(module, "off") for module in self._student]
+
+    def chunk(self, index: int) -> AdapterView:
+        return self._views[index]
+
+
+class AdapterEmaTeacher(Teacher):
+    """LoRA's EMA teacher: the base is shared, the adapters are float32 averages of the student's."""
+
+    mode = "ema"
+
+    def __init__(self, student_chunks: Sequence[torch.nn.Module], *, decay: float):
+        from megaopsd.models.lora import adapters_of
+
+        super().__init__(student_chunks)
+        self.decay = decay
+        self._views = [AdapterView(module, "shadow") for module in self._student]
+        # (float32 average, the module-dtype tensor the forward uses, the student parameter)
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.averages: dict[str, torch.Tensor] = {}  # "<layer>.<A|B>.<member>" -> float32 average
+        for adapters in adapters_of(self._student):
+            for kind, params in (("A", adapters.A), ("B", adapters.B)):
+                for member, param in params.items():
+                    average = param.detach().float().clone()
+                    used = average if param.dtype == torch.float32 else average.to(param.dtype)
+                    adapters.shadow[f"{kind}.{member}"] = used
+                    self.averages[f"{adapters.layer}.{kind}.{member}"] = average
+                    self._pairs.append((average, used, param))
+
+    def chunk(self, index: int) -> AdapterView:
+        return self._views[index]
+
+    def sharded_averages(self) -> dict:
+        """The averages as megatron sharded tensors (TP-split like the adapters), for checkpoints."""
+        from megatron.core.transformer.utils import (
+            make_sharded_tensor_for_checkpoint,
+            make_tp_sharded_tensor_for_checkpoint,
+        )
+
+        from megaopsd.models.lora import adapters_of
+
+        out = {}
+        for adapters in adapters_of(self._student):
+            row = adapters.kind == "row"
+            for kind in ("A", "B"):
+                for member in adapters.members:
+                    name = f"{adapters.layer}.{kind}.{member}"
+                    key = f"teacher_lora.{name}"
+                    if (kind == "A") == row:
+                        out[name] = make_tp_sharded_tensor_for_checkpoint(
+                            self.averages[name], key, 1 if row else 0
+                        )
+                    else:
+                        out[name] = make_sharded_tensor_for_checkpoint(self.averages[name], key)
+        return out
+
+    @torch.no_grad()
+    def load_averages(self, averages: dict[str, torch.Tensor]) -> None:
+        """Restore the averages saved from ``averages`` (a checkpoint)."""
+        for name, average in self.averages.items():
+            average.copy_(averages[name])
+        for average, used, _ in self._pairs:
+            if used is not average:
+                used.copy_(average)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        for average, used, student_param in self._pairs:
+            average.mul_(self.decay).add_(student_param.detach().float(), alpha=1.0 - self.decay)
+            if used is not average:
+                used.copy_(average)
+
+
 def make_teacher(
     cfg: TeacherConfig,
     student_chunks: Sequence[torch.nn.Module],
     build_chunks: Callable[[], list[torch.nn.Module]],
+    *,
+    lora: bool = False,
 ) -> Teacher:
-    """The teacher for ``cfg.mode``; ``build_chunks`` makes unwrapped chunks like the student's."""
+    """The teacher for ``cfg.mode``; ``build_chunks`` makes unwrapped chunks like the student's.
+
+    With ``lora`` (adapters already attached to ``student_chunks``) no weights are copied.
+    """
     if cfg.mode == "current":
         return Teacher(student_chunks)
+    if lora and cfg.mode == "fixed":
+        return AdaptersOffTeacher(student_chunks)
+    if lora and cfg.mode == "ema":
+        return AdapterEmaTeacher(student_chunks, decay=cfg.ema_decay)
     if cfg.mode == "fixed":
         return FrozenTeacher(student_chunks, build_chunks)
     if cfg.mode == "ema":

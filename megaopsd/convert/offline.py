@@ -144,9 +144,14 @@ def export_hf_checkpoint(
     force: bool = False,
     max_shard_bytes: int = 2 * 2**30,
     progress: bool = False,
+    base_dir: str | Path | None = None,
+    peft_out: str | Path | None = None,
 ) -> ExportPlan:
     """Collective: convert a distributed checkpoint (from ``import_hf_checkpoint`` or the trainer's
     model state) into an HF model directory, loading it at the running layout.
+
+    A LoRA trainer checkpoint (adapters only) is rebuilt on its base model and exported merged
+    (``W + (alpha/r) B A``); ``peft_out`` also writes the adapters as a PEFT adapter there.
 
     Args:
         ckpt_dir: checkpoint directory holding the dist checkpoint and the HF side files.
@@ -155,6 +160,8 @@ def export_hf_checkpoint(
         force: clear a non-empty ``out_dir``.
         max_shard_bytes: safetensors shard size limit.
         progress: show a progress bar on rank 0.
+        base_dir: (LoRA) the base model directory; default the one the checkpoint records.
+        peft_out: (LoRA) write ``adapter_config.json`` + ``adapter_model.safetensors`` here.
     """
     ckpt, out = Path(ckpt_dir), Path(out_dir)
     spec = load_hf_config(ckpt)
@@ -165,7 +172,11 @@ def export_hf_checkpoint(
         make_vocab_size_divisible_by=manifest.get("make_vocab_size_divisible_by", 128),
     )
     chunks = build_model_chunks(spec, model_cfg, runtime.parallel)
-    load_model_checkpoint(chunks, ckpt)
+    lora = lora_settings(ckpt)
+    if lora is None:
+        load_model_checkpoint(chunks, ckpt)
+    else:
+        _load_lora_checkpoint(chunks, spec, ckpt, runtime, lora, base_dir or lora["base_model"], progress)
     if runtime.is_main and force:
         _clear_dir(out)
     dist.barrier()
@@ -180,5 +191,51 @@ def export_hf_checkpoint(
             config["dtype"] = _DTYPE_NAMES[dtype]  # the weights' dtype, so loaders default to it
             config.pop("torch_dtype", None)
             (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if peft_out is not None:
+        if lora is None:
+            raise ValueError(f"--peft-out: {ckpt} holds no LoRA adapters (a full-parameter checkpoint)")
+        from megaopsd.convert.peft import gather_adapters, write_peft_adapter
+
+        tensors = gather_adapters(chunks, runtime.parallel)
+        if runtime.is_main:
+            write_peft_adapter(peft_out, tensors, _lora_config(lora), spec, lora["base_model"])
     dist.barrier()
     return plan
+
+
+def lora_settings(ckpt_dir: str | Path) -> dict[str, Any] | None:
+    """A LoRA trainer checkpoint's ``lora.*`` settings plus ``base_model``; None for other checkpoints."""
+    state_file = Path(ckpt_dir) / "trainer_state.json"
+    if not state_file.is_file():
+        return None
+    state = json.loads(state_file.read_text())
+    if "lora" not in state:
+        return None
+    return {**state["lora"], "base_model": state["base_model"], "base_fingerprint": state["base_fingerprint"]}
+
+
+def _lora_config(lora: dict[str, Any]):
+    from megaopsd.config import LoraConfig
+
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in lora.items() if not k.startswith("base_")}
+    return LoraConfig(**fields)
+
+
+def _load_lora_checkpoint(chunks, spec, ckpt: Path, runtime: Runtime, lora: dict, base: str, progress: bool):
+    """Base weights from ``base`` (checked against the checkpoint's fingerprint), adapters from ``ckpt``."""
+    from megatron.core import dist_checkpointing
+
+    from megaopsd.convert.dist_ckpt import model_sharded_state_dict, model_state_key
+    from megaopsd.models.lora import add_lora, base_fingerprint
+
+    if base_fingerprint(base) != lora["base_fingerprint"]:
+        raise ValueError(f"{base} is not the base model the adapters in {ckpt} were trained on (fingerprint)")
+    load_hf_weights(chunks, spec, base, runtime.parallel, progress=progress)
+    add_lora(chunks, _lora_config(lora))
+    request = {
+        key: {k: v for k, v in state.items() if ".lora." in k}
+        for key, state in model_sharded_state_dict(chunks).items()
+    }
+    loaded = dist_checkpointing.load(request, str(ckpt))
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[model_state_key(i, len(chunks))], strict=False)

@@ -226,7 +226,8 @@ class EngineFleet:
     ) -> list[list[Completion]]:
         """Completions for every prompt on every rank, the prompts split over all engines.
 
-        ``progress`` (a tqdm-like constructor) reports this rank's engine's block only.
+        ``progress`` (a tqdm-like constructor) is shown by the first engine's leader only, for
+        its own block: one bar per job, not one per rank.
         """
         blocks = split_evenly(len(prompt_ids), self.layout.num_engines)
         mine: list[list[Completion]] = []
@@ -238,7 +239,7 @@ class EngineFleet:
                 sampling,
                 step=step,
                 first_prompt_index=first_prompt_index + block.start,
-                progress=progress,
+                progress=progress if self.is_leader and self.engine_id == 0 else None,
             )
             self._sleep()
         return self._gather(mine, group=None)

@@ -54,6 +54,29 @@ def test_tp2_trainer_with_one_engine_of_tp2(tiny_qwen3, data, tmp_path):
     assert_in_step(scalars(tmp_path / "tp2" / "tensorboard"), engines=1)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="open defect (issue 17): at TP2 the worst token differs by 0.88-0.97 after a LoRA sync "
+    "(step 1, before any sync: 1.4e-6); TP1 keeps <= 1e-5. Cause not found yet.",
+)
+def test_lora_tp2_refit_merges_adapters_with_logprob_parity(tiny_qwen3, data, tmp_path):
+    """LoRA at TP2: each sync merges W + (alpha/r) B A shard by shard; the TP2 engine's logprobs
+    stay within the bound after two syncs (without the merge they would be the base's)."""
+    extra = {
+        "trainer.max_steps": 3,
+        "trainer.lr": "2e-3",
+        "lora.rank": 8,
+        "lora.alpha": 16,
+        "parallel.tensor_model_parallel_size": 2,
+        "parallel.pipeline_model_parallel_size": 1,
+        "++rollout.tensor_parallel_size": 2,
+    }
+    run(overrides(tiny_qwen3, tmp_path / "lora", data, **extra), nproc=2)
+    values = scalars(tmp_path / "lora" / "tensorboard")
+    assert_in_step(values, engines=1)
+    assert values["train/loss"][3] != values["train/loss"][1]
+
+
 def test_two_agents_dp2_two_engines_logs_and_checkpoint(tiny_qwen3, data, tmp_path):
     """Two torchrun agents, one rendezvous: the two-node launch, on one machine."""
     out = tmp_path / "agents"

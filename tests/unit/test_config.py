@@ -134,6 +134,19 @@ INVALID = [
         ["model.transformer_overrides.recompute_granularity", "set model.recompute_granularity"],
     ),
     (["runtime.device_peak_tflops=0"], 1, ["runtime.device_peak_tflops=0.0", "> 0"]),
+    (["lora.rank=-1"], 1, ["lora.rank=-1", "must be >= 0"]),
+    (["lora.rank=8", "lora.target_modules=[q_proj,lm_head]"], 1, ["lora.target_modules", "lm_head"]),
+    (["lora.rank=8", "lora.alpha=0"], 1, ["lora.alpha=0.0", "must be > 0"]),
+    (
+        ["lora.rank=8", "lora.target_modules=[q_proj,o_proj]"],
+        1,
+        ["lora.target_modules", "fuses", "all of them"],
+    ),
+    (
+        ["lora.rank=8", "model.transformer_impl=transformer_engine"],
+        1,
+        ["model.transformer_impl='transformer_engine'", "not supported with LoRA"],
+    ),
 ]
 
 

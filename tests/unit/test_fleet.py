@@ -69,7 +69,7 @@ class RecordingEngine:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def generate(self, prompt_ids, sampling, *, step=0, first_prompt_index=0):
+    def generate(self, prompt_ids, sampling, *, step=0, first_prompt_index=0, progress=None):
         self.calls.append(("generate", len(prompt_ids), step, first_prompt_index))
         return [
             [Completion(response_ids=[7], engine_logprobs=[-1.0], finish_reason="stop")] * sampling.n

@@ -70,7 +70,7 @@ def test_logprob_abs_diff():
 class FakeEngine:
     """Returns n completions per prompt whose ids encode (prompt, sample) and records the call."""
 
-    def generate(self, prompt_ids, sampling, *, step=0, first_prompt_index=0):
+    def generate(self, prompt_ids, sampling, *, step=0, first_prompt_index=0, progress=None):
         self.call = (prompt_ids, sampling, step, first_prompt_index)
         return [
             [
