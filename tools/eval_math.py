@@ -10,6 +10,13 @@ temporary HF directory with ``tools/convert_checkpoint.py export-hf`` first.
         --benchmark hmmt25 --k 16 --max-new-tokens 38912 --out outputs/eval/base
     python tools/eval_math.py --model outputs/checkpoints/iter_0000100 --benchmark aime24=data/aime24.jsonl
 
+Every GPU: ``--engines E --engine-tp T`` runs E vLLM engines of tensor-parallel size T in
+E x T processes (``torchrun --nproc-per-node E*T tools/eval_math.py ...`` or ``srun --ntasks
+E*T``); ranks ``e*T .. e*T+T-1`` form engine ``e`` (the colocated engines of training, vLLM's
+``external_launcher``). The problems are split into contiguous blocks, one per engine; each
+problem's k samples stay on one engine and its request seed comes from (seed, problem index),
+so the records are the same whatever the number of engines. Rank 0 grades and writes.
+
 Writes ``<out>/samples_<benchmark>.jsonl`` (one line per response: problem id, sample index,
 response text, extracted answer, correct, ...) and ``<out>/summary.json``, and prints a table.
 """
@@ -20,12 +27,14 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:  # run as a script from a checkout without installing megaopsd
@@ -36,6 +45,16 @@ from megaopsd.data.prompts import STUDENT_TEMPLATE  # noqa: E402
 from megaopsd.eval.benchmarks import Benchmark, load_benchmark, parse_benchmark_arg  # noqa: E402
 from megaopsd.eval.grading import Grader, GradingSettings  # noqa: E402
 from megaopsd.eval.runner import BenchmarkResult, build_prompt_ids, run_benchmark  # noqa: E402
+from megaopsd.runtime.distributed import (  # noqa: E402
+    LaunchEnv,
+    init_process_group,
+    read_launch_env,
+    select_device,
+)
+
+if TYPE_CHECKING:
+    from megaopsd.rollout import EngineSettings, SamplingSettings
+    from megaopsd.rollout.fleet import EngineFleet
 
 CONVERT_SCRIPT = _REPO / "tools" / "convert_checkpoint.py"
 GIB = 1 << 30
@@ -72,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="default: longest prompt + --max-new-tokens")
     p.add_argument(
         "--kv-cache-gib", type=float, default=4.0, help="vLLM KV cache size (default 4; raise it on GPUs)"
+    )
+    p.add_argument("--engines", type=int, default=1, help="vLLM engines (processes = engines x engine-tp)")
+    p.add_argument("--engine-tp", type=int, default=1, help="tensor-parallel size of each engine")
+    p.add_argument(
+        "--cpu-threads", type=int, default=0, help="torch threads per process on CPU (0 keeps vLLM's choice)"
     )
     p.add_argument("--grading-timeout", type=float, default=10.0, help="hard limit per graded answer (s)")
     p.add_argument("--grading-workers", type=int, default=2, help="grading processes (default 2)")
@@ -177,11 +201,96 @@ def _load_benchmarks(args: argparse.Namespace) -> list[Benchmark]:
     return benchmarks
 
 
-def evaluate_model(args: argparse.Namespace, model_dir: Path, benchmarks: list[Benchmark]) -> dict:
-    """Start the engine on ``model_dir``, run every benchmark, write the files; the summary."""
+def launch_processes(args: argparse.Namespace) -> LaunchEnv:
+    """This process's place in the launch; its size must be ``--engines x --engine-tp``."""
+    if args.engines < 1 or args.engine_tp < 1:
+        raise EvalError("--engines and --engine-tp must be >= 1")
+    launch = read_launch_env()
+    needed = args.engines * args.engine_tp
+    if launch.world_size != needed:
+        raise EvalError(
+            f"--engines {args.engines} x --engine-tp {args.engine_tp} needs {needed} processes but "
+            f"the launch has {launch.world_size}; use torchrun --nproc-per-node {needed} (or srun --ntasks {needed})"
+        )
+    return launch
+
+
+@contextlib.contextmanager
+def start_engines(
+    args: argparse.Namespace, settings: EngineSettings, launch: LaunchEnv
+) -> Iterator[EngineFleet]:
+    """This process's part of the engines: one in-process engine, or a colocated worker."""
+    import torch
+
+    from megaopsd.rollout import VllmEngine
+    from megaopsd.rollout.fleet import EngineFleet, EngineLayout
+
+    if launch.world_size == 1:
+        layout = EngineLayout(placement="single", world_size=1)
+    else:
+        device = select_device("auto", launch)
+        init_process_group(launch, device)
+        # vLLM's external_launcher reads the torchrun variables; srun does not set them
+        os.environ.update(
+            RANK=str(launch.rank), LOCAL_RANK=str(launch.local_rank), WORLD_SIZE=str(launch.world_size)
+        )
+        layout = EngineLayout(placement="colocated", world_size=launch.world_size, engine_tp=args.engine_tp)
+        settings = dataclasses.replace(settings, external_launcher=True, tensor_parallel_size=args.engine_tp)
+    engine = VllmEngine(settings)
+    if args.cpu_threads > 0 and not torch.cuda.is_available():
+        torch._C.set_num_threads(args.cpu_threads)  # vLLM's CPU worker sets its own count
+    fleet = EngineFleet(
+        engine,
+        layout,
+        rank=launch.rank,
+        replica_of_rank=[0] * launch.world_size,
+        dp_rank=0,
+        dp_size=1,
+        sleep_level=0,
+    )
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
+def _run_benchmarks(
+    args: argparse.Namespace,
+    engines: EngineFleet,
+    tokenizer: Any,
+    benchmarks: list[Benchmark],
+    sampling: SamplingSettings,
+    grader: Grader,
+) -> list[BenchmarkResult]:
+    """Rank 0: every benchmark through all engines, graded, its samples file written."""
+    results = []
+    for benchmark in benchmarks:
+        start = time.perf_counter()
+        result = run_benchmark(
+            engines,
+            tokenizer,
+            benchmark,
+            k=args.k,
+            sampling=sampling,
+            grader=grader,
+            template=args.template,
+            enable_thinking=not args.no_thinking,
+            show_progress=not args.no_progress,
+        )
+        path = write_samples(result, args.out)
+        print(f"eval_math: {benchmark.name}: {time.perf_counter() - start:.1f} s, wrote {path}", flush=True)
+        results.append(result)
+    return results
+
+
+def evaluate_model(
+    args: argparse.Namespace, model_dir: Path, benchmarks: list[Benchmark], launch: LaunchEnv
+) -> dict | None:
+    """Start the engines on ``model_dir``, run every benchmark, write the files; the summary
+    (rank 0; the other ranks generate their blocks and return None)."""
     from transformers import AutoTokenizer
 
-    from megaopsd.rollout import EngineSettings, SamplingSettings, VllmEngine
+    from megaopsd.rollout import EngineSettings, SamplingSettings
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     thinking = not args.no_thinking
@@ -207,25 +316,16 @@ def evaluate_model(args: argparse.Namespace, model_dir: Path, benchmarks: list[B
     )
     grading = GradingSettings(timeout_s=args.grading_timeout, num_workers=args.grading_workers)
     results = []
-    with VllmEngine(engine_settings) as engine, Grader(grading) as grader:
-        for benchmark in benchmarks:
-            start = time.perf_counter()
-            result = run_benchmark(
-                engine,
-                tokenizer,
-                benchmark,
-                k=args.k,
-                sampling=sampling,
-                grader=grader,
-                template=args.template,
-                enable_thinking=thinking,
-                show_progress=not args.no_progress,
-            )
-            path = write_samples(result, args.out)
-            print(
-                f"eval_math: {benchmark.name}: {time.perf_counter() - start:.1f} s, wrote {path}", flush=True
-            )
-            results.append(result)
+    with start_engines(args, engine_settings, launch) as engines:
+        if launch.rank != 0:  # generate this rank's blocks, in the same order as rank 0
+            for benchmark in benchmarks:
+                prompts = build_prompt_ids(
+                    tokenizer, benchmark, template=args.template, enable_thinking=thinking
+                )
+                engines.generate(prompts, dataclasses.replace(sampling, n=args.k))
+            return None
+        with Grader(grading) as grader:
+            results = _run_benchmarks(args, engines, tokenizer, benchmarks, sampling, grader)
     print(format_table(results))
     return {
         "model": str(args.model),
@@ -240,6 +340,8 @@ def evaluate_model(args: argparse.Namespace, model_dir: Path, benchmarks: list[B
             "template": args.template,
             "max_model_len": engine_settings.max_model_len,
             "dtype": args.dtype,
+            "engines": args.engines,
+            "engine_tp": args.engine_tp,
         },
         "benchmarks": {
             r.name: {"source": b.source, "k": r.k, **r.summary, "num_problems": len(b)}
@@ -253,13 +355,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.k < 1 or args.max_new_tokens < 1:
             raise EvalError("--k and --max-new-tokens must be >= 1")
+        launch = launch_processes(args)
         benchmarks = _load_benchmarks(args)  # fail on data problems before starting an engine
         args.out.mkdir(parents=True, exist_ok=True)
-        with hf_model_dir(args.model, args.export_dir) as model_dir:
-            summary = evaluate_model(args, model_dir, benchmarks)
+        with hf_model_dir(args.model, args.export_dir if launch.rank == 0 else None) as model_dir:
+            summary = evaluate_model(args, model_dir, benchmarks, launch)
     except (EvalError, DataError) as exc:
         print(f"eval_math.py: error: {exc}", file=sys.stderr)
         return 2
+    if summary is None:  # not rank 0: its blocks went to rank 0
+        return 0
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"eval_math: wrote {args.out / 'summary.json'}")
     return 0
