@@ -67,3 +67,12 @@ def tiny_qwen3_3layers(tmp_path_factory) -> Path:
     from tools.make_tiny_model import make_tiny_model
 
     return make_tiny_model("qwen3", tmp_path_factory.mktemp("tiny_3layers") / "qwen3", num_layers=3)
+
+
+@pytest.fixture(scope="module")
+def fixed_prompts(tmp_path_factory) -> Path:
+    """Eight demo problems: with 8 prompts per step every step sees the same prompt set."""
+    path = tmp_path_factory.mktemp("data") / "fixed.jsonl"
+    lines = (Path(__file__).resolve().parents[1] / "data/demo/train.jsonl").read_text().splitlines()[:8]
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -39,15 +39,6 @@ class MarkerPayload:
 
 
 @pytest.fixture(scope="module")
-def fixed_prompts(tmp_path_factory) -> Path:
-    """Eight demo problems (as in test_trainer.py): every step sees the same prompt set."""
-    path = tmp_path_factory.mktemp("data") / "fixed.jsonl"
-    lines = (REPO / "data/demo/train.jsonl").read_text().splitlines()[:8]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
 def straight(tiny_qwen3, fixed_prompts, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("straight4")
     run(overrides(tiny_qwen3, out, fixed_prompts, **STEPS), nproc=1)

