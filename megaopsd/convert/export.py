@@ -156,7 +156,7 @@ def _gather_full(ref: ParamRef, parallel: ParallelState, is_owner: bool) -> torc
 
 def _all_gather_full(ref: ParamRef, parallel: ParallelState, meter: ExportMeter | None) -> torch.Tensor:
     """The full Megatron tensor of ``ref`` on every rank of its TP group (they all need it)."""
-    local = ref.tensor.detach()
+    local = merged_shard(ref.tensor)  # LoRA: W + (alpha/r) B A on this shard; else the weight
     dim = ref.rule.layout.tp_dim
     if dim is None or parallel.tp_size == 1:
         return local
