@@ -51,12 +51,13 @@ def paired_setup(
     checkpoint_dir: str = "outputs/checkpoints",
     with_config: bool = False,
     algorithm: str = "opsd",
+    parallel: dict | None = None,
 ):
     """Start the runtime and build the components for the tiny model: JSD(0.5) at temperature 1.1.
 
     ``algorithm="grpo"`` uses clip 0.2/0.28 and a k3 KL (0.05) to the frozen reference;
     ``"sft"`` the cross-entropy. ``stages``: layers on the first / last pipeline stage (uneven
-    stages), None for an even split.
+    stages), None for an even split. ``parallel``: further ``ParallelConfig`` fields.
 
     Returns ``(runtime, components)``, or ``(runtime, components, config)`` with ``with_config``.
     """
@@ -84,6 +85,7 @@ def paired_setup(
             sequence_parallel=sp,
             num_layers_in_first_pipeline_stage=stages[0],
             num_layers_in_last_pipeline_stage=stages[1],
+            **(parallel or {}),
         ),
         runtime=RuntimeConfig(seed=7),
         teacher=TeacherConfig(mode=mode, ema_decay=decay),

@@ -356,3 +356,49 @@ def test_ema_teacher_follows_the_formula(tiny_qwen3):
             expected[name] = 0.8 * expected[name] + 0.2 * history["student"][step][name].double()
             assert _rel(history["teacher"][step][name], expected[name]) <= 1e-6, (step, name)
     assert history["loss"][-1] < history["loss"][0]
+
+
+def overlap_worker(hf_dir: str, overlap: bool, steps: int):
+    """DP2, distributed optimizer: losses and the final weights after ``steps`` steps."""
+    from megaopsd.algorithm.step import train_step
+
+    knobs = {
+        "use_distributed_optimizer": True,
+        "overlap_grad_reduce": overlap,
+        "overlap_param_gather": overlap,
+    }
+    runtime, parts = paired_setup(hf_dir, 1, 1, lr=3e-3, parallel=knobs)
+    ddp = parts.student.chunks[0].ddp_config
+    assert (ddp.overlap_grad_reduce, ddp.overlap_param_gather, ddp.use_distributed_optimizer) == (
+        overlap,
+        overlap,
+        True,
+    )
+    assert (parts.student.chunks[0].config.grad_sync_func is not None) == overlap
+    losses = [
+        train_step(
+            student=parts.student,
+            teacher=parts.teacher,
+            microbatches=my_microbatches(runtime, BUDGET_FOUR),
+            loss_fn=parts.loss_fn,
+            parallel=runtime.parallel,
+        ).loss
+        for _ in range(steps)
+    ]
+    weights = export_full(parts.student.chunks, parts.spec, runtime, grads=False)
+    runtime.shutdown()
+    return {"losses": losses, "weights": weights}
+
+
+def test_overlapped_grad_reduce_and_param_gather_equal_the_plain_distributed_optimizer(tiny_qwen3):
+    """parallel.overlap_grad_reduce + overlap_param_gather (DP2, distributed optimizer, several
+    microbatches): the same losses and weights after 3 steps as without the overlap."""
+    plain, overlapped = (
+        run_ranks(overlap_worker, world_size=2, args=(str(tiny_qwen3), overlap, 3))[0]
+        for overlap in (False, True)
+    )
+    assert plain["losses"][-1] < plain["losses"][0]
+    for a, b in zip(plain["losses"], overlapped["losses"], strict=True):
+        assert abs(a - b) <= 1e-6 * abs(a), (plain["losses"], overlapped["losses"])
+    for name, tensor in plain["weights"].items():
+        assert _rel(overlapped["weights"][name], tensor) <= 1e-6, name
