@@ -39,7 +39,7 @@ AlgorithmName = Literal["opsd", "grpo", "sft"]
 RecomputeGranularity = Literal["selective", "full"]
 RecomputeMethod = Literal["uniform", "block"]
 ClipMode = Literal["token", "entry"]  # token: a token's divergence; entry: each vocab entry's term
-PromptStyle = Literal["opsd", "opsd_first_release", "compact"]
+PromptStyle = Literal["opsd", "opsd_first_release", "compact", "minimal"]
 ThinkPrefix = Literal["none", "open", "closed"]
 ReasonCache = Literal["regenerate", "per_example"]
 

@@ -116,24 +116,23 @@ def step_scalars(
     length_sum, count, truncated = rollout_totals
     values = {
         "train/loss": result.loss,
-        "train/divergence": m.get("divergence_sum", float("nan")),
         "train/grad_norm": result.grad_norm,
         "train/lr": result.lr,
-        "train/student_entropy": m.get("student_entropy_sum", float("nan")),
-        "train/teacher_entropy": m.get("teacher_entropy_sum", float("nan")),
         "train/clipped_fraction": m.get("clipped_sum", 0.0),
         "train/loss_tokens": result.num_tokens,
         "train/skipped_nonfinite": float(result.skipped),
         "rollout/response_length_mean": length_sum / max(count, 1.0),
         "rollout/truncated_fraction": truncated / max(count, 1.0),
-        "rollout/logprob_abs_diff": m.get("logprob_abs_diff_sum", float("nan")),
-        "rollout/logprob_abs_diff_max": m.get("logprob_abs_diff_max", float("nan")),
         "rollout/engines": float(engines),
         **timer.as_scalars(),
         # Real tokens only: padding is work, not throughput.
         "perf/train_tokens_per_s": train_tokens["real"] / max(timer.seconds["train"], 1e-9),
         "perf/padding_fraction": 1.0 - train_tokens["real"] / max(train_tokens["padded"], 1.0),
     }
+    # Only what the algorithm measured: SFT has no rollouts and no divergence, GRPO no teacher.
+    for tag, key in _OPTIONAL_TAGS:
+        if key in m:
+            values[tag] = m[key]
     if m.get("first_token_count", 0.0) > 0:  # the thinking boundary (loss/boundary.py)
         values["train/first_token_divergence"] = m["first_token_divergence_sum"] / m["first_token_count"]
         values["train/first_token_teacher_think_fraction"] = (
@@ -148,6 +147,15 @@ def step_scalars(
     for reason, count in data_skipped.items():
         values[f"data/skipped_{reason}"] = count
     return values
+
+
+_OPTIONAL_TAGS = (
+    ("train/divergence", "divergence_sum"),
+    ("train/student_entropy", "student_entropy_sum"),
+    ("train/teacher_entropy", "teacher_entropy_sum"),
+    ("rollout/logprob_abs_diff", "logprob_abs_diff_sum"),
+    ("rollout/logprob_abs_diff_max", "logprob_abs_diff_max"),
+)
 
 
 def _baseline_scalars(m: Mapping[str, float]) -> dict[str, float]:

@@ -92,11 +92,18 @@ FIRST_RELEASE_TEACHER_TEMPLATE = (
 # char-level model: the official teacher message is ~600 characters, the problem ~15).
 COMPACT_TEACHER_TEMPLATE = "Problem: {problem}\n\nReference solution:\n{solution}\n\n" + INSTRUCTION
 
+# ---- style "minimal" (not official): the bare problem for the student, the problem and the
+# solution for the teacher, no instruction. For char-level toy models trained from scratch, where
+# the 72-character instruction would be two thirds of every prompt's compute and teaches nothing.
+MINIMAL_STUDENT_TEMPLATE = "{problem}"
+MINIMAL_TEACHER_TEMPLATE = "{problem}\nReference solution:\n{solution}"
+
 # name -> (student template, teacher template); data.prompt_style picks one.
 PROMPT_STYLES = {
     "opsd": (STUDENT_TEMPLATE, TEACHER_TEMPLATE),
     "opsd_first_release": (STUDENT_TEMPLATE, FIRST_RELEASE_TEACHER_TEMPLATE),
     "compact": (STUDENT_TEMPLATE, COMPACT_TEACHER_TEMPLATE),
+    "minimal": (MINIMAL_STUDENT_TEMPLATE, MINIMAL_TEACHER_TEMPLATE),
 }
 
 # What data.teacher_think_prefix appends to the rendered teacher prompt (Qwen3 / R1-style tags).

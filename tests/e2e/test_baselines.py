@@ -134,9 +134,8 @@ def test_sft_lowers_heldout_cross_entropy(tiny_qwen3, sft_run):
     values = scalars(root / "run" / "tensorboard")
     ce = values["train/cross_entropy"]
     assert ce[40] < ce[1], ce
-    assert "train/teacher_entropy" not in values or all(
-        v != v for v in values["train/teacher_entropy"].values()
-    )
+    # no teacher stream, no rollouts: nothing logged for them (not NaN placeholders)
+    assert not {"train/teacher_entropy", "train/divergence", "rollout/logprob_abs_diff"} & set(values)
     print(f"held-out cross-entropy {before:.3f} -> {after:.3f}")
     assert after < 0.5 * before, (before, after)
 

@@ -149,6 +149,14 @@ def test_stream_skips_long_examples_and_fails_when_all_are_long(tokenizer):
         only_long.next_prompts(1)
 
 
+def test_minimal_style_is_the_bare_problem_and_solution():
+    templates = PromptTemplates.from_style("minimal")
+    assert fill_template(templates.student, problem="1+2") == "1+2"
+    assert fill_template(templates.teacher, problem="1+2", solution="1+2=3\n\\boxed{3}") == (
+        "1+2\nReference solution:\n1+2=3\n\\boxed{3}"
+    )
+
+
 def test_compact_style_keeps_the_student_message():
     templates = PromptTemplates.from_style("compact")
     assert templates.student == PromptTemplates.from_style("opsd").student

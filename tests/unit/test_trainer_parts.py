@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import types
 
+import pytest
+
 from megaopsd.checkpoint_manager import CheckpointManager
 from megaopsd.config import CheckpointConfig, Config, EvalConfig, ModelConfig, TrainerConfig
 from megaopsd.eval.in_training import InTrainingEvaluator, eval_due
@@ -51,3 +53,26 @@ def test_evaluation_is_off_without_interval_or_at_start_and_due_on_multiples():
     cfg = EvalConfig(interval=4)
     assert [s for s in range(1, 13) if eval_due(cfg, s)] == [4, 8, 12]
     assert not any(eval_due(EvalConfig(interval=0), s) for s in range(1, 13))
+
+
+def _scalars(metrics: dict[str, float]) -> dict[str, float]:
+    from megaopsd.algorithm.step import StepResult
+    from megaopsd.metrics import PhaseTimer, status_line, step_scalars
+
+    timer = PhaseTimer()
+    timer.seconds["train"] = 2.0
+    result = StepResult(loss=0.5, grad_norm=1.0, lr=1e-4, num_tokens=10, skipped=False, metrics=metrics)
+    values = step_scalars(
+        result, (40.0, 4.0, 0.0), timer, train_tokens={"real": 90.0, "padded": 100.0}, data_skipped={}
+    )
+    assert "nan" not in status_line(1, 2, values)
+    return values
+
+
+def test_step_scalars_log_only_what_the_algorithm_measured():
+    sft = _scalars({"nll_sum": 0.5})
+    assert sft["train/cross_entropy"] == 0.5 and sft["perf/padding_fraction"] == pytest.approx(0.1)
+    assert not {"train/divergence", "train/teacher_entropy", "rollout/logprob_abs_diff_max"} & set(sft)
+    opsd = _scalars({"divergence_sum": 0.25, "teacher_entropy_sum": 1.5, "logprob_abs_diff_max": 2e-6})
+    assert (opsd["train/divergence"], opsd["train/teacher_entropy"]) == (0.25, 1.5)
+    assert opsd["rollout/logprob_abs_diff_max"] == 2e-6 and "train/student_entropy" not in opsd
