@@ -283,15 +283,15 @@ def plot(results: dict, path: Path, k: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/experiment")
-    parser.add_argument("--methods", default="opsd,grpo,sft", help="comma list of " + ",".join(METHODS))
+    parser.add_argument("--methods", default="opsd,opsd_jsd,grpo,sft", help="comma list of " + ",".join(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--eval-interval", type=int, default=5)
+    parser.add_argument("--eval-interval", type=int, default=10)
     parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--heldout", type=int, default=300)
-    parser.add_argument("--warm-steps", type=int, default=500)
+    parser.add_argument("--heldout", type=int, default=200)
+    parser.add_argument("--warm-steps", type=int, default=1200)
     parser.add_argument("--warm-lr", type=float, default=1e-3)
     parser.add_argument(
         "--smoke", action="store_true", help="toy sizes: checks the pipeline, not the science"
@@ -299,11 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.prompts, args.eval_interval = 1, 2, 4, 1
-        args.heldout, args.k, args.warm_steps = 8, 2, 2
+        args.heldout, args.k, args.warm_steps, args.methods = 8, 2, 2, "opsd,grpo,sft"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    cached = (out / "warm" / "hf" / "config.json").is_file()
     hf = prepare(args)
+    warm_s = None if cached else time.perf_counter() - start
     methods = args.methods.split(",")
     # seed-major: an interrupted experiment still has whole seeds (finished runs are cached)
     results: dict[str, list] = {m: [] for m in methods}
@@ -312,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             results[m].append(post_train(args, hf, m, seed))
     summary = summarize(results, args)
     summary["total_wall_s"] = time.perf_counter() - start
+    summary["warm_start_wall_s"] = warm_s  # None: an earlier invocation made the warm start
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     text = table(summary, args)
     (out / "table.md").write_text(text)

@@ -24,6 +24,7 @@ def test_experiment_smoke(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"opsd", "grpo", "sft"}
+    assert summary["warm_start_wall_s"] > 0  # made by this invocation, timed apart from the runs
     for method, m in summary["methods"].items():
         assert m["steps"] == [0, 1, 2], method
         assert 0.0 <= m["final_mean"] <= 1.0
