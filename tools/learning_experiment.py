@@ -283,7 +283,9 @@ def plot(results: dict, path: Path, k: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/experiment")
-    parser.add_argument("--methods", default="opsd,opsd_jsd,grpo,sft", help="comma list of " + ",".join(METHODS))
+    parser.add_argument(
+        "--methods", default="opsd,opsd_jsd,grpo,sft", help="comma list of " + ",".join(METHODS)
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--prompts", type=int, default=32)
