@@ -15,7 +15,7 @@ multiple of 128, so Megatron pads it at every TP size.
     python tools/make_tiny_model.py --family qwen3 --tokenizer char --out /tmp/char-qwen3   # one id per character
 
 ``--tokenizer char`` gives every printable ASCII character (and newline, tab, the em dash of the
-official OPSD prompt) its own id: arithmetic is then spelled digit by digit, which a 0.8M-parameter
+official OPSD prompt) its own id: arithmetic is then spelled digit by digit, which a 0.6M-parameter
 model learns in minutes on a CPU (the learning experiment, tools/learning_experiment.py).
 """
 
