@@ -141,6 +141,19 @@ def my_microbatches(runtime, budget: int, algorithm: str = "opsd"):
     )
 
 
+def fixed_step(runtime, parts, budget: int = BUDGET_FOUR):
+    """One optimizer step of ``parts`` on this replica's share of the fixed rollouts (a StepResult)."""
+    from megaopsd.algorithm.step import train_step
+
+    return train_step(
+        student=parts.student,
+        teacher=parts.teacher,
+        microbatches=my_microbatches(runtime, budget),
+        loss_fn=parts.loss_fn,
+        parallel=runtime.parallel,
+    )
+
+
 def export_full(chunks, spec, runtime, *, grads: bool) -> dict[str, torch.Tensor] | None:
     """HF-named full tensors on rank 0: the weights, or (grads=True) each param's main_grad."""
     from megaopsd.convert import export_hf_weights

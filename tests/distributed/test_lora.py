@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.dist_harness import run_ranks
-from tests.helpers import BUDGET_FOUR, fixed_rollouts, my_microbatches, paired_setup
+from tests.helpers import BUDGET_FOUR, fixed_rollouts, fixed_step, my_microbatches, paired_setup
 
 LORA = {"rank": 4, "alpha": 8.0}
 
@@ -103,21 +103,14 @@ def test_zero_b_is_the_base_and_the_adapters_off_teacher_stays_the_base(tiny_qwe
 
 def layout_worker(hf_dir: str, tp: int, pp: int, steps: int):
     """Losses of ``steps`` training steps, then one more forward/backward: full adapter grads."""
-    from megaopsd.algorithm.step import forward_backward, train_step
+    from megaopsd.algorithm.step import forward_backward
     from megaopsd.convert.peft import gather_adapters
 
     runtime, parts = paired_setup(hf_dir, tp, pp, mode="fixed", lr=3e-3, lora=LORA)
     student = parts.student
     losses = []
     for _ in range(steps):
-        result = train_step(
-            student=student,
-            teacher=parts.teacher,
-            microbatches=my_microbatches(runtime, BUDGET_FOUR),
-            loss_fn=parts.loss_fn,
-            parallel=runtime.parallel,
-        )
-        losses.append(result.loss)
+        losses.append(fixed_step(runtime, parts).loss)
     forward_backward(
         student=student,
         teacher=parts.teacher,
@@ -163,7 +156,6 @@ def test_layouts_match_single_process(single, tiny_qwen3, tp, pp, world):
 
 def save_worker(hf_dir: str, ckpt_root: str, tp: int, mode: str):
     """Train two steps with LoRA at TP ``tp`` and save through the trainer's CheckpointManager."""
-    from megaopsd.algorithm.step import train_step
     from megaopsd.checkpoint_manager import CheckpointManager
     from megaopsd.convert.peft import gather_adapters
 
@@ -171,13 +163,7 @@ def save_worker(hf_dir: str, ckpt_root: str, tp: int, mode: str):
         hf_dir, tp, 1, mode=mode, lr=3e-3, lora=LORA, checkpoint_dir=ckpt_root, with_config=True
     )
     for _ in range(2):
-        train_step(
-            student=parts.student,
-            teacher=parts.teacher,
-            microbatches=my_microbatches(runtime, BUDGET_FOUR),
-            loss_fn=parts.loss_fn,
-            parallel=runtime.parallel,
-        )
+        fixed_step(runtime, parts)
     manager = CheckpointManager(cfg, runtime, student=parts.student, teacher=parts.teacher)
     manager.save(2, {"data": {}})
     adapters = gather_adapters(parts.chunks, runtime.parallel)
@@ -244,7 +230,6 @@ def test_tp2_checkpoint_exports_a_peft_adapter_matching_the_merged_export(tiny_q
 def ema_worker(hf_dir: str, steps: int):
     """LoRA + ema teacher: per step the student's adapters and the teacher's averages."""
     from megaopsd.algorithm.batch import build_microbatch
-    from megaopsd.algorithm.step import train_step
     from megaopsd.models.lora import adapters_of
 
     runtime, parts = paired_setup(hf_dir, 1, 1, mode="ema", decay=0.8, lr=3e-3, lora=LORA)
@@ -263,13 +248,7 @@ def ema_worker(hf_dir: str, steps: int):
         "teacher": [{k: v.clone() for k, v in parts.teacher.averages.items()}],
     }
     for _ in range(steps):
-        train_step(
-            student=parts.student,
-            teacher=parts.teacher,
-            microbatches=my_microbatches(runtime, BUDGET_FOUR),
-            loss_fn=parts.loss_fn,
-            parallel=runtime.parallel,
-        )
+        fixed_step(runtime, parts)
         history["student"].append(student_adapters())
         history["teacher"].append({k: v.clone() for k, v in parts.teacher.averages.items()})
     rollouts = fixed_rollouts()
@@ -296,7 +275,6 @@ def test_ema_teacher_averages_the_adapters_only(tiny_qwen3):
 
 def distopt_worker(hf_dir: str, steps: int):
     """``steps`` LoRA steps; with 2 ranks DP2 and the distributed optimizer (sharded Adam state)."""
-    from megaopsd.algorithm.step import train_step
     from megaopsd.convert.peft import gather_adapters
 
     knobs = {"use_distributed_optimizer": True} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
@@ -306,14 +284,7 @@ def distopt_worker(hf_dir: str, steps: int):
     buffered = [p for c in student.chunks for p in c.parameters() if hasattr(p, "main_grad")]
     losses = []
     for _ in range(steps):
-        result = train_step(
-            student=student,
-            teacher=parts.teacher,
-            microbatches=my_microbatches(runtime, BUDGET_FOUR),
-            loss_fn=parts.loss_fn,
-            parallel=runtime.parallel,
-        )
-        losses.append(result.loss)
+        losses.append(fixed_step(runtime, parts).loss)
     adapters = gather_adapters(student.chunks, runtime.parallel)
     runtime.shutdown()
     return {"losses": losses, "adapters": adapters, "trained": len(trained), "buffered": len(buffered)}

@@ -17,6 +17,7 @@ from tests.helpers import (
     BUDGET_ONE,
     export_full,
     fixed_rollouts,
+    fixed_step,
     my_microbatches,
     paired_setup,
 )
@@ -360,7 +361,6 @@ def test_ema_teacher_follows_the_formula(tiny_qwen3):
 
 def overlap_worker(hf_dir: str, overlap: bool, steps: int):
     """DP2, distributed optimizer: losses and the final weights after ``steps`` steps."""
-    from megaopsd.algorithm.step import train_step
 
     knobs = {
         "use_distributed_optimizer": True,
@@ -375,16 +375,7 @@ def overlap_worker(hf_dir: str, overlap: bool, steps: int):
         True,
     )
     assert (parts.student.chunks[0].config.grad_sync_func is not None) == overlap
-    losses = [
-        train_step(
-            student=parts.student,
-            teacher=parts.teacher,
-            microbatches=my_microbatches(runtime, BUDGET_FOUR),
-            loss_fn=parts.loss_fn,
-            parallel=runtime.parallel,
-        ).loss
-        for _ in range(steps)
-    ]
+    losses = [fixed_step(runtime, parts).loss for _ in range(steps)]
     weights = export_full(parts.student.chunks, parts.spec, runtime, grads=False)
     runtime.shutdown()
     return {"losses": losses, "weights": weights}
