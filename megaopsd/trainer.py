@@ -31,7 +31,6 @@ from megaopsd.checkpoint import CheckpointError
 from megaopsd.checkpoint_manager import CheckpointManager
 from megaopsd.components import build_components
 from megaopsd.config import Config
-from megaopsd.data.prompts import PROMPT_STYLES
 from megaopsd.eval.in_training import InTrainingEvaluator, eval_due
 from megaopsd.flops import utilisation_scalars
 from megaopsd.loss.boundary import think_token_ids
@@ -100,7 +99,7 @@ class Trainer:
         self.writer = MetricsWriter(cfg.logging.tensorboard_dir, enabled=runtime.is_main)
         # Benchmarks load (and may fail) before the engines start, so a failure leaks no engine.
         # Every rank evaluates: its engine generates part of the samples (grading is repeated).
-        self.evaluator = InTrainingEvaluator.start(cfg.eval, PROMPT_STYLES[cfg.data.prompt_style][0])
+        self.evaluator = InTrainingEvaluator.start(cfg.eval, templates.student)
         self.reward_grader = _reward_grader(cfg)
         self.fleet = self._start_engines()
         self.export_plan = None  # the weight export's plan, agreed once

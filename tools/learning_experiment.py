@@ -285,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/experiment")
     parser.add_argument(
-        "--methods", default="opsd,opsd_jsd,grpo,sft", help="comma list of " + ",".join(METHODS)
+        "--methods",
+        help="comma list of "
+        + ",".join(METHODS)
+        + " (default: opsd,opsd_jsd,grpo,sft; with --smoke opsd,grpo,sft)",
     )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
@@ -302,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.prompts, args.eval_interval = 1, 2, 4, 1
-        args.heldout, args.k, args.warm_steps, args.methods = 8, 2, 2, "opsd,grpo,sft"
+        args.heldout, args.k, args.warm_steps = 8, 2, 2
+    if args.methods is None:
+        args.methods = "opsd,grpo,sft" if args.smoke else "opsd,opsd_jsd,grpo,sft"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

