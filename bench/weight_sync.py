@@ -4,9 +4,13 @@ For each trainer layout (TP1 in one process; TP2 and PP2 in two gloo processes w
 vLLM engine of TP1 in each, as ``rollout.placement=colocated`` runs them), on a model made on
 the fly (``--preset``, default ``small``: ~100M parameters, tied embeddings, float32):
 
-- trainer: ``megaopsd.rollout.refit.refit``, exactly what the trainer calls after a step: the
-  streaming Megatron -> HF export (TP gather inside the stage, broadcast by the owning rank),
-  buckets, the in-memory transport into every engine, prefix-cache reset;
+- trainer: ``megaopsd.rollout.refit.Refitter``, exactly what the trainer calls after a step: the
+  streaming Megatron -> HF export (on CPU with both ranks on this host, the TP and PP shards
+  travel through shared memory, ``rollout.shared_memory_export``), buckets, the in-memory
+  transport into every engine, prefix-cache reset;
+- gloo (beside, world 2 only): the same refit with ``rollout.shared_memory_export=false``: TP
+  all-gather and broadcast from the owning stage over gloo (what a multi-host CPU job does, and
+  the path NCCL takes on GPUs);
 - engine: each engine's own ``collective_rpc("reload_weights", weights_iterator=...)`` from a
   ready in-memory HF state dict of the same weights, in engine order: the floor set by vLLM's
   loading and CPU repacking, with the whole state dict already in memory;
@@ -16,8 +20,8 @@ the fly (``--preset``, default ``small``: ~100M parameters, tied embeddings, flo
 
 Each timing runs from a barrier to the slowest rank's end; medians over ``--repeats`` interleaved
 rounds after a warm-up. overhead_ratio = trainer / engine (goal <= 1.5). peak_extra_mb = what the
-sync holds beyond the parameters on the worst rank (accounted on CPU: largest bucket + largest
-TP gather; see refit.py).
+sync holds beyond the parameters on the worst rank (accounted on CPU: largest bucket + the
+shared-memory slots, or + the largest TP gather on the gloo path; see refit.py).
 
     .venv/bin/python bench/weight_sync.py                       # small model, TP1, TP2, PP2
     .venv/bin/python bench/weight_sync.py --preset tiny --layouts tp1,pp2 --repeats 3
@@ -66,7 +70,7 @@ def worker(
     from megaopsd.config import load_config
     from megaopsd.convert import export_hf_weights, export_plan
     from megaopsd.rollout.fleet import start_fleet
-    from megaopsd.rollout.refit import refit
+    from megaopsd.rollout.refit import Refitter
     from megaopsd.rollout.weight_sync import DirectoryTransport, iter_buckets, order_by_module, sync_weights
     from megaopsd.runtime.parallel import Runtime
 
@@ -86,7 +90,9 @@ def worker(
     spec, chunks = parts.spec, parts.chunks
     fleet = start_fleet(cfg, runtime)
     tied = bool(spec.tie_word_embeddings)
-    plan = export_plan(chunks, spec, par, include_tied_lm_head=tied)
+    refitter = Refitter(fleet, chunks, spec, par)  # what the trainer builds at its first sync
+    collective = Refitter(fleet, chunks, spec, par, shared_memory=False)
+    plan = export_plan(chunks, spec, par)
     state = load_file(str(Path(hf_dir) / "model.safetensors"))
     whole = 1 << 62
     ready = [
@@ -99,7 +105,10 @@ def worker(
     peaks: list[float] = []
 
     def trainer() -> None:
-        peaks.append(refit(fleet, chunks, spec, par, plan)["perf/weight_sync_peak_mb"])
+        peaks.append(refitter(chunks)["perf/weight_sync_peak_mb"])
+
+    def trainer_collective() -> None:  # the same refit through gloo's all-gather and broadcast
+        collective(chunks)
 
     def engine() -> None:
         llm.collective_rpc("reload_weights", kwargs={"weights_iterator": ready, "is_checkpoint_format": True})
@@ -120,11 +129,13 @@ def worker(
 
         def trainer_full() -> None:  # the same export without the merge: a full-model refit
             with adapter_mode(adapters, "off"):
-                refit(fleet, chunks, spec, par, plan)
+                refitter(chunks)
 
         paths = {"trainer": trainer, "trainer_full": trainer_full, "engine": engine}
     if runtime.world_size > 1:
         paths["rank0_dir"] = rank0_directory
+        if refitter.exchange is not None:
+            paths["collective"] = trainer_collective
     for fn in paths.values():
         fn()  # warm-up
     rounds: dict[str, list[float]] = {key: [] for key in paths}
@@ -134,6 +145,8 @@ def worker(
     result = {key: statistics.median(v) for key, v in rounds.items()}
     result["peak_extra_mb"] = max(peaks)
     result["bytes"] = plan.total_bytes
+    result["transport"] = refitter.transport
+    refitter.close()
     if directory is not None:
         directory.close()
     fleet.close()
@@ -165,14 +178,21 @@ def main(argv: list[str] | None = None) -> int:
             tp, pp, world = LAYOUTS[layout]
             job = (model, tp, pp, args.repeats, args.bucket_mib, args.threads, args.lora_rank)
             rows.append((layout, run_ranks(worker, world_size=world, args=job)[0]))
-    header = f"{'layout':<7} {'MB':>7} {'trainer s':>10} {'engine s':>9} {'rank0 dir s':>12} {'overhead':>9} {'peak MB':>8}"
+    header = (
+        f"{'layout':<7} {'MB':>7} {'trainer s':>10} {'engine s':>9} {'gloo s':>8} {'rank0 dir s':>12} "
+        f"{'overhead':>9} {'peak MB':>8}"
+    )
     print(header)
     print("-" * len(header))
+
+    def column(r: dict, key: str, width: int) -> str:
+        return f"{r[key]:>{width}.4f}" if key in r else f"{'-':>{width}}"
+
     for layout, r in rows:
-        directory = f"{r['rank0_dir']:>12.4f}" if "rank0_dir" in r else f"{'-':>12}"
         print(
-            f"{layout:<7} {r['bytes'] / 1e6:>7.1f} {r['trainer']:>10.4f} {r['engine']:>9.4f} {directory} "
-            f"{r['trainer'] / r['engine']:>9.2f} {r['peak_extra_mb']:>8.1f}"
+            f"{layout:<7} {r['bytes'] / 1e6:>7.1f} {r['trainer']:>10.4f} {r['engine']:>9.4f} "
+            f"{column(r, 'collective', 8)} {column(r, 'rank0_dir', 12)} "
+            f"{r['trainer'] / r['engine']:>9.2f} {r['peak_extra_mb']:>8.1f}   {r['transport']}"
         )
     for layout, r in rows:
         if "trainer_full" in r:
@@ -181,10 +201,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"full_refit_s={r['trainer_full']:.4f} lora_over_full={r['trainer'] / r['trainer_full']:.2f}"
             )
     for layout, r in rows:
-        directory = f" rank0_dir_s={r['rank0_dir']:.4f}" if "rank0_dir" in r else ""
+        extra = "".join(
+            f" {name}={r[key]:.4f}"
+            for key, name in (("collective", "gloo_s"), ("rank0_dir", "rank0_dir_s"))
+            if key in r
+        )
         print(
             f"RESULT weight_sync layout={layout} overhead_ratio={r['trainer'] / r['engine']:.2f} "
-            f"peak_extra_mb={r['peak_extra_mb']:.1f} trainer_s={r['trainer']:.4f} engine_s={r['engine']:.4f}{directory}"
+            f"peak_extra_mb={r['peak_extra_mb']:.1f} trainer_s={r['trainer']:.4f} engine_s={r['engine']:.4f}{extra}"
         )
     return 0
 

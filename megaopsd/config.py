@@ -181,6 +181,8 @@ class RolloutConfig:
     weight_transport: WeightTransport = "auto"  # auto | memory | directory
     weight_bucket_mb: int = 512
     weight_sync_dir: str | None = None  # directory transport; None uses /dev/shm
+    # CPU, colocated, one host: the refit moves shards through /dev/shm instead of gloo (loopback TCP)
+    shared_memory_export: bool = True
     # Where engines live with more than one trainer process: colocated (a vLLM worker in every
     # trainer process, world / tensor_parallel_size engines) or rank0 (one engine in its own
     # process). None: colocated. A single trainer process always keeps one in-process engine.

@@ -102,7 +102,7 @@ class Trainer:
         self.evaluator = InTrainingEvaluator.start(cfg.eval, templates.student)
         self.reward_grader = _reward_grader(cfg)
         self.fleet = self._start_engines()
-        self.export_plan = None  # the weight export's plan, agreed once
+        self.refitter = None  # the weight sync's plan and shared memory, built at the first sync
         # Every rank rewrites the same teacher prompts (the fleet's generate is collective).
         self.reason_first = self._make_reason_first() if cfg.teacher.reason_first else None
         # An in-process vLLM engine installs its own SIGTERM handler; take the signals back.
@@ -333,14 +333,14 @@ class Trainer:
 
     def _sync_weights(self) -> dict[str, float]:
         """Refit every engine from the student's own shards, in memory (``rollout/refit.py``)."""
-        from megaopsd.convert import export_plan
-        from megaopsd.rollout.refit import refit
+        from megaopsd.rollout.refit import Refitter
 
         modules = [unwrap_chunk(c) for c in self.student.chunks]
-        if self.export_plan is None:
-            tied = bool(self.spec.tie_word_embeddings)
-            self.export_plan = export_plan(modules, self.spec, self.parallel, include_tied_lm_head=tied)
-        return refit(self.fleet, modules, self.spec, self.parallel, self.export_plan)
+        if self.refitter is None:
+            shared = self.cfg.rollout.shared_memory_export
+            self.refitter = Refitter(self.fleet, modules, self.spec, self.parallel, shared_memory=shared)
+            self._say(self.refitter.transport)
+        return self.refitter(modules)
 
     # ------------------------------------------------------------------ evaluation and checkpoints
 
@@ -403,6 +403,9 @@ class Trainer:
         if self.evaluator is not None:
             self.evaluator.close()
             self.evaluator = None
+        if self.refitter is not None:
+            self.refitter.close()
+            self.refitter = None
         if self.fleet is not None:
             self.fleet.close()
             self.fleet = None

@@ -12,21 +12,29 @@ padding dropped) and sent from that stage's TP rank 0 to each destination.
 
 Order: embedding, then layer by layer (q, k, v of a layer together, gate and up together),
 final norm, output layer. Weight-sync buckets rely on fused members arriving together.
+
+To every rank (colocated engines) there are two paths with the same tensors: the collectives
+(TP all-gather in the owning stage, broadcast from its TP rank 0 to the other ranks), and, for
+CPU ranks on one host, a ``HostExchange``: every rank reads the shards from shared memory and
+places them straight into the HF tensors (``Layout.shard_to_hf``). That path yields round by
+round (each round carries items of every stage, in plan order within the round).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-from megaopsd.convert.families import mapping_for
-from megaopsd.convert.layouts import Geometry
+from megaopsd.convert.families import Rule, mapping_for
+from megaopsd.convert.layouts import Geometry, Layout
 from megaopsd.convert.params import ParamRef, local_params
 from megaopsd.models.hf_config import HFModelSpec
 from megaopsd.models.lora import merged_shard
+from megaopsd.runtime.host_exchange import HostExchange, aligned
 from megaopsd.runtime.parallel import ParallelState
 
 
@@ -39,7 +47,13 @@ class ExportItem:
     shapes: tuple[tuple[int, ...], ...]
     dtype: torch.dtype
     owner: int  # global rank that sends (TP rank 0 of the owning stage, DP replica 0)
-    producers: tuple[int, ...]  # global ranks that gather it to the owner (the owner's TP group)
+    producers: tuple[int, ...]  # global ranks that gather it to the owner (the owner's TP group), by TP rank
+    shard_shape: tuple[int, ...]  # each producer's Megatron shard
+    shard_dtype: torch.dtype
+
+    @property
+    def shard_bytes(self) -> int:
+        return _numel(self.shard_shape) * torch.empty((), dtype=self.shard_dtype).element_size()
 
     @property
     def nbytes(self) -> int:
@@ -65,6 +79,11 @@ class ExportPlan:
     @property
     def total_bytes(self) -> int:
         return sum(item.nbytes for item in self.items)
+
+    @property
+    def max_shard_bytes(self) -> int:
+        """The largest Megatron shard one rank holds: a host exchange's slot (``shared_export``)."""
+        return max((item.shard_bytes for item in self.items), default=0)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -115,20 +134,30 @@ def export_plan(
     mine = []
     for ref in refs:
         shapes = tuple(ref.rule.layout.hf_shapes(_full_shape(ref, parallel.tp_size), geo))
-        mine.append((ref.key, ref.hf_names, shapes, dtype or ref.tensor.dtype))
+        mine.append(
+            (
+                ref.key,
+                ref.hf_names,
+                shapes,
+                dtype or ref.tensor.dtype,
+                tuple(ref.tensor.shape),
+                ref.tensor.dtype,
+            )
+        )
     report = (dist.get_rank(), parallel.tp_rank, parallel.dp_rank, mine)
     reports: list = [None] * dist.get_world_size()
     dist.all_gather_object(reports, report)
     by_key: dict[tuple[int, int, int], list] = {}
     for rank, tp_rank, dp_rank, entries in reports:
-        for key, names, shapes, item_dtype in entries:
+        for key, *entry in entries:
             if dp_rank == 0:
-                by_key.setdefault(key, []).append((tp_rank, rank, names, shapes, item_dtype))
+                by_key.setdefault(key, []).append((tp_rank, rank, *entry))
     items = []
     for key in sorted(by_key):
-        holders = sorted(by_key[key])
-        _, owner, names, shapes, item_dtype = holders[0]
-        items.append(ExportItem(key, names, shapes, item_dtype, owner, tuple(r for _, r, *_ in holders)))
+        holders = sorted(by_key[key], key=lambda holder: holder[:2])
+        _, owner, names, shapes, item_dtype, shard_shape, shard_dtype = holders[0]
+        producers = tuple(rank for _, rank, *_ in holders)
+        items.append(ExportItem(key, names, shapes, item_dtype, owner, producers, shard_shape, shard_dtype))
     return ExportPlan(tuple(items))
 
 
@@ -213,6 +242,86 @@ def _to_every_rank(
     return tensors
 
 
+def _sources(item: ExportItem, layout: Layout) -> tuple[int, ...]:
+    """The ranks whose shards make ``item``: its TP group, or the owner of a whole tensor."""
+    return item.producers if layout.tp_dim is not None and len(item.producers) > 1 else (item.owner,)
+
+
+Round = list[tuple[ExportItem, Layout, int]]  # items with their layout and byte offset in the slots
+
+
+def _shared_rounds(items: Sequence[ExportItem], rules: Sequence[Rule], slot_bytes: int) -> Iterator[Round]:
+    """Pack the items into exchange rounds: as many as the ranks' slots hold, every stage's in each.
+
+    Each rank's slot holds the shards that rank publishes in a round; an item's shards sit at
+    one offset in each of its sources' slots. Items are taken in plan order from one queue per
+    set of sources (a pipeline stage's TP group, or one rank for whole tensors), in turn, so a
+    round carries every stage's items and each rank publishes and copies out about as much per
+    round: no rank idles while another copies. Every rank computes the same rounds.
+    """
+    queues: dict[tuple[int, ...], collections.deque] = {}
+    for item in items:
+        layout = rules[item.key[2]].layout
+        queues.setdefault(_sources(item, layout), collections.deque()).append((item, layout))
+    while any(queues.values()):
+        used: dict[int, int] = collections.defaultdict(int)
+        batch: Round = []
+        progress = True
+        while progress:
+            progress = False
+            for sources, queue in queues.items():
+                if not queue:
+                    continue
+                item, layout = queue[0]
+                offset = max(used[rank] for rank in sources)
+                end = offset + aligned(item.shard_bytes)
+                if end > slot_bytes:
+                    continue  # the next round (a slot holds the largest shard, so it fits an empty one)
+                queue.popleft()
+                batch.append((item, layout, offset))
+                for rank in sources:
+                    used[rank] = end
+                progress = True
+        yield sorted(batch, key=lambda entry: entry[0].key)
+
+
+def _every_rank_shared(
+    plan: ExportPlan,
+    refs: dict[tuple[int, int, int], ParamRef],
+    rules: Sequence[Rule],
+    exchange: HostExchange,
+    geo: Geometry,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every item's HF tensors on every rank of one host, through shared memory.
+
+    Per round (``_shared_rounds``): each source publishes its shards, then every rank places
+    all shards of each item straight into that item's HF tensors: no gather buffers, no
+    concatenation, no broadcast. A rank holding a whole parameter yields it as the collective
+    path does (no copy where possible). Every placement of a round happens before the next
+    ``publish`` (the generator only gets there after them), as views require.
+    """
+    me = dist.get_rank()
+    for batch in _shared_rounds(plan.items, rules, exchange.slot_bytes):
+        local = {
+            item.key: merged_shard(refs[item.key].tensor)  # LoRA: W + (alpha/r) B A; else the weight
+            for item, layout, _ in batch
+            if me in _sources(item, layout)
+        }
+        exchange.publish([(offset, local[item.key]) for item, _, offset in batch if item.key in local])
+        for item, layout, offset in batch:
+            sources = _sources(item, layout)
+            if sources == (me,):
+                tensors = [t.to(item.dtype).contiguous() for t in layout.to_hf(local[item.key], geo)]
+            else:
+                tensors = [torch.empty(shape, dtype=item.dtype) for shape in item.shapes]
+                for tp_rank, rank in enumerate(sources):
+                    shard = local.get(item.key) if rank == me else None
+                    if shard is None:
+                        shard = exchange.view(rank, offset, item.shard_shape, item.shard_dtype)
+                    layout.shard_to_hf(shard, geo, tp_rank, tensors)
+            yield from zip(item.hf_names, tensors)
+
+
 def export_hf_weights(
     chunks: Sequence[torch.nn.Module],
     spec: HFModelSpec,
@@ -223,6 +332,7 @@ def export_hf_weights(
     dtype: torch.dtype | None = None,
     plan: ExportPlan | None = None,
     meter: ExportMeter | None = None,
+    exchange: HostExchange | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream the model's Hugging Face tensors to ``dst_ranks``.
 
@@ -240,10 +350,14 @@ def export_hf_weights(
         dtype: see ``export_plan``.
         plan: a plan from ``export_plan`` with the same options (computed here when None).
         meter: records the largest TP gather this rank made (bytes).
+        exchange: with ``dst_ranks=None`` on CPU, every rank of the world on one host: shards
+            travel through this shared memory (slots of ``plan.max_shard_bytes``) instead of
+            the all-gather and broadcast; the tensors are the same.
 
     Yields:
-        ``(hf_name, tensor)`` on destination ranks, in ``plan`` order; tensors are full
-        (unsharded, unpadded). On an owning rank a tensor may share memory with a parameter
+        ``(hf_name, tensor)`` on destination ranks, in ``plan`` order (with ``exchange``: round
+        by round, plan order within a round; an item's tensors always together); tensors are
+        full (unsharded, unpadded). On an owning rank a tensor may share memory with a parameter
         (TP1, no cast): copy it if it must outlive the next optimizer step.
     """
     if plan is None:
@@ -253,6 +367,9 @@ def export_hf_weights(
     # Look parameters up in the superset (tied lm_head included); the plan decides what is sent.
     refs = {ref.key: ref for ref in local_params(chunks, mapping_for(spec), spec, include_tied_lm_head=True)}
     device = next(iter(chunks[0].parameters())).device
+    if dst_ranks is None and exchange is not None:
+        yield from _every_rank_shared(plan, refs, mapping_for(spec).rules, exchange, geo)
+        return
     for item in plan.items:
         if dst_ranks is None:
             yield from zip(

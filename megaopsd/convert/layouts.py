@@ -5,6 +5,8 @@ A ``Layout`` knows three things about one Megatron parameter:
 - ``tp_dim``: the dimension along which TP ranks hold equal slices (``None``: replicated);
   concatenating the ranks' shards along it gives the "full" Megatron tensor;
 - ``to_hf(full, geo)``: the full Megatron tensor -> the Hugging Face tensors (export);
+- ``shard_to_hf(shard, geo, tp_rank, outputs)``: copy one TP rank's shard into its places in
+  the Hugging Face tensors (export without first concatenating the shards);
 - ``read_shard(slices, geo, tp_rank, shard_shape)``: read only the rows/columns that one TP
   rank needs from the Hugging Face tensors (import; ``slices`` are safetensors slice objects
   or anything indexable the same way).
@@ -67,6 +69,16 @@ class Layout(Protocol):
         """The HF tensors (contiguous, in ``Rule.hf`` order) of a TP-gathered Megatron tensor."""
         ...
 
+    def shard_to_hf(
+        self, shard: torch.Tensor, geo: Geometry, tp_rank: int, outputs: Sequence[torch.Tensor]
+    ) -> None:
+        """Copy TP rank ``tp_rank``'s shard into the full HF tensors ``outputs`` (``hf_shapes``).
+
+        Every rank's shard placed this way gives exactly ``to_hf`` of their concatenation; a
+        replicated parameter is placed from TP rank 0 only.
+        """
+        ...
+
     def read_shard(
         self, slices: Sequence[Any], geo: Geometry, tp_rank: int, shard_shape: Shape
     ) -> torch.Tensor:
@@ -89,6 +101,11 @@ class Replicated(_OneHfTensor):
 
     tp_dim = None
 
+    def shard_to_hf(
+        self, shard: torch.Tensor, geo: Geometry, tp_rank: int, outputs: Sequence[torch.Tensor]
+    ) -> None:
+        outputs[0].copy_(shard)
+
     def read_shard(
         self, slices: Sequence[Any], geo: Geometry, tp_rank: int, shard_shape: Shape
     ) -> torch.Tensor:
@@ -99,6 +116,12 @@ class RowParallel(_OneHfTensor):
     """``[out, in]`` weight whose input dimension is split over TP."""
 
     tp_dim = 1
+
+    def shard_to_hf(
+        self, shard: torch.Tensor, geo: Geometry, tp_rank: int, outputs: Sequence[torch.Tensor]
+    ) -> None:
+        width = shard.shape[1]
+        outputs[0][:, tp_rank * width : (tp_rank + 1) * width].copy_(shard)
 
     def read_shard(
         self, slices: Sequence[Any], geo: Geometry, tp_rank: int, shard_shape: Shape
@@ -117,6 +140,14 @@ class VocabParallel:
 
     def to_hf(self, full: torch.Tensor, geo: Geometry) -> list[torch.Tensor]:
         return [full[: geo.vocab_size].contiguous()]
+
+    def shard_to_hf(
+        self, shard: torch.Tensor, geo: Geometry, tp_rank: int, outputs: Sequence[torch.Tensor]
+    ) -> None:
+        start = tp_rank * shard.shape[0]
+        end = min(start + shard.shape[0], geo.vocab_size)
+        if end > start:  # a shard of padding rows only has no place in the HF tensor
+            outputs[0][start:end].copy_(shard[: end - start])
 
     def read_shard(
         self, slices: Sequence[Any], geo: Geometry, tp_rank: int, shard_shape: Shape
@@ -151,6 +182,17 @@ class FusedQKV:
         q, k, v = torch.split(grouped, [q_rows, geo.head_dim, geo.head_dim], dim=1)
         return [t.reshape(-1, *rest).contiguous() for t in (q, k, v)]
 
+    def shard_to_hf(
+        self, shard: torch.Tensor, geo: Geometry, tp_rank: int, outputs: Sequence[torch.Tensor]
+    ) -> None:
+        rest = shard.shape[1:]
+        q_rows = geo.heads_per_group * geo.head_dim
+        first, last = _tp_range(geo.num_groups, tp_rank, geo.tp_size)
+        grouped = shard.reshape(last - first, q_rows + 2 * geo.head_dim, *rest)
+        parts = torch.split(grouped, [q_rows, geo.head_dim, geo.head_dim], dim=1)
+        for out, part in zip(outputs, parts):
+            out.view(geo.num_groups, part.shape[1], *rest)[first:last].copy_(part)
+
     def read_shard(
         self, slices: Sequence[Any], geo: Geometry, tp_rank: int, shard_shape: Shape
     ) -> torch.Tensor:
@@ -182,6 +224,13 @@ class FusedGateUp:
         rest = full.shape[1:]
         per_rank = full.reshape(geo.tp_size, 2, full.shape[0] // (2 * geo.tp_size), *rest)
         return [per_rank[:, i].reshape(-1, *rest).contiguous() for i in range(2)]
+
+    def shard_to_hf(
+        self, shard: torch.Tensor, geo: Geometry, tp_rank: int, outputs: Sequence[torch.Tensor]
+    ) -> None:
+        rows = shard.shape[0] // 2
+        for out, part in zip(outputs, (shard[:rows], shard[rows:])):
+            out[tp_rank * rows : (tp_rank + 1) * rows].copy_(part)
 
     def read_shard(
         self, slices: Sequence[Any], geo: Geometry, tp_rank: int, shard_shape: Shape

@@ -3,7 +3,9 @@
 The tiny vocabulary (549) is not a multiple of 128 x TP, so the padding path is exercised;
 qwen3 has tied embeddings, so PP2 covers the last stage's copy of the embedding. qwen2 is
 imported from a sharded checkpoint (index + several files). Export goes through the streaming
-iterator to one or several destination ranks.
+iterator to one or several destination ranks, and to every rank (the colocated refit) through
+the collectives and through shared memory (``HostExchange``), twice, so the second export
+reuses the slots.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def roundtrip_worker(
     )
     from megaopsd.models import build_model_chunks, load_hf_config
     from megaopsd.runtime import Runtime
+    from megaopsd.runtime.host_exchange import HostExchange
 
     runtime = Runtime.start(
         ParallelConfig(
@@ -79,11 +82,40 @@ def roundtrip_worker(
                         chunks, spec, runtime.parallel, dst_ranks=dst_ranks, include_tied_lm_head=True
                     )
                 )
+            with HFCheckpointReader(model_dir) as reader:
+                original = {name: reader.get_slice(name)[:] for name in reader.names()}
+            # The colocated refit: every rank receives every tensor (order: plan, or rounds).
+            exchange = HostExchange.open(plan.max_shard_bytes)
+            for path, exports in (
+                (
+                    "collectives",
+                    [export_hf_weights(chunks, spec, runtime.parallel, dst_ranks=None, plan=plan)],
+                ),
+                (
+                    "shared",
+                    [
+                        export_hf_weights(
+                            chunks, spec, runtime.parallel, dst_ranks=None, plan=plan, exchange=exchange
+                        )
+                        for _ in range(2)
+                    ],
+                ),
+            ):
+                for index, export in enumerate(exports):
+                    # Copies: a tensor may be a view of a parameter; the next export must not alias it.
+                    pairs = [(name, tensor.clone()) for name, tensor in export]
+                    names = [name for name, _ in pairs]
+                    report[f"{family}@{path}{index}"] = {
+                        "names_equal": sorted(names) == sorted(original) and len(names) == len(set(names)),
+                        "fused_together": _fused_groups_together(names),
+                        "mismatched": [
+                            n for n, t in pairs if n not in original or not torch.equal(t, original[n])
+                        ],
+                    }
+            exchange.close()
             if dist.get_rank() not in dst_ranks:
                 assert got == [] and with_head == {}, "a non-destination rank received tensors"
                 continue
-            with HFCheckpointReader(model_dir) as reader:
-                original = {name: reader.get_slice(name)[:] for name in reader.names()}
             names = [name for name, _ in got]
             report[family] = {
                 "names_equal": sorted(names) == sorted(original) and len(names) == len(set(names)),
@@ -133,9 +165,12 @@ def model_dirs(tiny_models, tmp_path_factory) -> dict[str, Path]:
 
 
 def _check(results: list[dict], families, dst_ranks) -> None:
-    for rank in dst_ranks:
-        report = results[rank]
-        assert sorted(report) == sorted(families), f"rank {rank} got families {sorted(report)}"
+    every_rank = [
+        f"{family}@{path}" for family in families for path in ("collectives0", "shared0", "shared1")
+    ]
+    for rank, report in enumerate(results):
+        expected = [*families, *every_rank] if rank in dst_ranks else every_rank
+        assert sorted(report) == sorted(expected), f"rank {rank} got {sorted(report)}"
         for family, checks in report.items():
             assert checks.pop("mismatched") == [], f"rank {rank} {family}: tensors differ"
             assert all(checks.values()), f"rank {rank} {family}: {checks}"

