@@ -82,7 +82,7 @@ class ExportPlan:
 
     @property
     def max_shard_bytes(self) -> int:
-        """The largest Megatron shard one rank holds: a host exchange's slot (``shared_export``)."""
+        """The largest Megatron shard one rank holds: the slot a ``HostExchange`` for this plan needs."""
         return max((item.shard_bytes for item in self.items), default=0)
 
 
