@@ -13,11 +13,13 @@ padding dropped) and sent from that stage's TP rank 0 to each destination.
 Order: embedding, then layer by layer (q, k, v of a layer together, gate and up together),
 final norm, output layer. Weight-sync buckets rely on fused members arriving together.
 
-To every rank (colocated engines) there are two paths with the same tensors: the collectives
-(TP all-gather in the owning stage, broadcast from its TP rank 0 to the other ranks), and, for
-CPU ranks on one host, a ``HostExchange``: every rank reads the shards from shared memory and
-places them straight into the HF tensors (``Layout.shard_to_hf``). That path yields round by
-round (each round carries items of every stage, in plan order within the round).
+To every rank (colocated engines) each data-parallel replica exports its own shards (replicas
+hold bit-identical weights after a step), over one of two paths with the same tensors: the
+collectives (TP all-gather in the owning stage, broadcast from its TP rank 0 to the replica's
+other stages), or, for CPU ranks on one host, a ``HostExchange``: every rank reads the shards
+from shared memory and places them straight into the HF tensors (``Layout.shard_to_hf``). That
+path yields round by round (each round carries items of every stage, in plan order within the
+round).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class ExportItem:
     producers: tuple[int, ...]  # global ranks that gather it to the owner (the owner's TP group), by TP rank
     shard_shape: tuple[int, ...]  # each producer's Megatron shard
     shard_dtype: torch.dtype
+    replicas: tuple[
+        tuple[int, ...], ...
+    ] = ()  # the producers in each data-parallel replica (``producers`` first)
 
     @property
     def shard_bytes(self) -> int:
@@ -66,6 +71,19 @@ class ExportPlan:
     """Everything an export will yield, known before any tensor moves (same on every rank)."""
 
     items: tuple[ExportItem, ...]
+    replica_of: tuple[int, ...] = ()  # data-parallel replica of every global rank
+
+    def producers(self, item: ExportItem, rank: int) -> tuple[int, ...]:
+        """The ranks of ``rank``'s data-parallel replica that hold ``item``, by TP rank.
+
+        Replicas hold bit-identical weights after every step, so a colocated export reads each
+        replica's own shards and moves nothing between replicas.
+        """
+        return item.replicas[self.replica_of[rank]]
+
+    def replica_ranks(self, rank: int) -> list[int]:
+        """Every rank of ``rank``'s data-parallel replica."""
+        return [r for r, replica in enumerate(self.replica_of) if replica == self.replica_of[rank]]
 
     @property
     def names(self) -> list[str]:
@@ -150,15 +168,20 @@ def export_plan(
     by_key: dict[tuple[int, int, int], list] = {}
     for rank, tp_rank, dp_rank, entries in reports:
         for key, *entry in entries:
-            if dp_rank == 0:
-                by_key.setdefault(key, []).append((tp_rank, rank, *entry))
+            by_key.setdefault(key, []).append((dp_rank, tp_rank, rank, *entry))
     items = []
     for key in sorted(by_key):
-        holders = sorted(by_key[key], key=lambda holder: holder[:2])
-        _, owner, names, shapes, item_dtype, shard_shape, shard_dtype = holders[0]
-        producers = tuple(rank for _, rank, *_ in holders)
-        items.append(ExportItem(key, names, shapes, item_dtype, owner, producers, shard_shape, shard_dtype))
-    return ExportPlan(tuple(items))
+        holders = sorted(by_key[key], key=lambda holder: holder[:3])
+        _, _, owner, names, shapes, item_dtype, shard_shape, shard_dtype = holders[0]
+        replicas: dict[int, list[int]] = {}
+        for dp_rank, _, rank, *_ in holders:
+            replicas.setdefault(dp_rank, []).append(rank)
+        in_order = tuple(tuple(replicas[d]) for d in sorted(replicas))
+        items.append(
+            ExportItem(key, names, shapes, item_dtype, owner, in_order[0], shard_shape, shard_dtype, in_order)
+        )
+    replica_of = tuple(dp_rank for _, _, dp_rank, _ in reports)
+    return ExportPlan(tuple(items), replica_of)
 
 
 @dataclasses.dataclass
@@ -201,50 +224,61 @@ def _all_gather_full(ref: ParamRef, parallel: ParallelState, meter: ExportMeter 
 _RECEIVER_GROUPS: dict[tuple[int, tuple[int, ...]], dist.ProcessGroup | None] = {}
 
 
-def _receivers(item: ExportItem) -> dist.ProcessGroup | None:
-    """The owner plus every rank outside the owner's TP group (None: nobody else needs it).
+def _receivers(item: ExportItem, plan: ExportPlan, me: int) -> dist.ProcessGroup | None:
+    """In ``me``'s replica: the item's owner plus every rank outside the owner's TP group (None:
+    nobody else needs it).
 
     The TP peers of the owner got the full tensor from the all-gather already. Every rank calls
-    this for every item, so a new group is created by all ranks at the same point.
+    this for every item and creates every replica's group, so a new group is created by all
+    ranks at the same point.
     """
-    members = tuple(sorted({item.owner} | (set(range(dist.get_world_size())) - set(item.producers))))
-    key = (id(dist.group.WORLD), members)
-    if key not in _RECEIVER_GROUPS:
-        _RECEIVER_GROUPS[key] = dist.new_group(list(members)) if len(members) > 1 else None
-    return _RECEIVER_GROUPS[key]
+    mine = None
+    for producers in item.replicas:
+        replica = plan.replica_ranks(producers[0])
+        members = tuple(sorted({producers[0]} | (set(replica) - set(producers))))
+        key = (id(dist.group.WORLD), members)
+        if key not in _RECEIVER_GROUPS:
+            _RECEIVER_GROUPS[key] = dist.new_group(list(members)) if len(members) > 1 else None
+        if me in replica:
+            mine = _RECEIVER_GROUPS[key]
+    return mine
 
 
 def _to_every_rank(
     item: ExportItem,
+    plan: ExportPlan,
     ref: ParamRef | None,
     parallel: ParallelState,
     geo: Geometry,
     meter: ExportMeter | None,
     device: torch.device,
 ) -> list[torch.Tensor]:
-    """One item's HF tensors on every rank: all-gather inside the owning TP group, then a
-    broadcast from the owner to the ranks outside it (other stages, other replicas)."""
+    """One item's HF tensors on every rank: in each data-parallel replica, all-gather inside
+    the owning TP group, then a broadcast from its TP rank 0 to the replica's other stages."""
     me = dist.get_rank()
-    group = _receivers(item)
+    group = _receivers(item, plan, me)
+    producers = plan.producers(item, me)
+    owner = producers[0]
     tensors: list[torch.Tensor] = []
-    if me in item.producers:
+    if me in producers:
         full = _all_gather_full(ref, parallel, meter)
         tensors = [t.to(item.dtype).contiguous() for t in ref.rule.layout.to_hf(full, geo)]
         del full
-        if me == item.owner and group is not None:
+        if me == owner and group is not None:
             for tensor in tensors:
-                dist.broadcast(tensor, item.owner, group=group)
+                dist.broadcast(tensor, owner, group=group)
         return tensors
     for shape in item.shapes:
         buffer = torch.empty(shape, dtype=item.dtype, device=device)
-        dist.broadcast(buffer, item.owner, group=group)
+        dist.broadcast(buffer, owner, group=group)
         tensors.append(buffer)
     return tensors
 
 
-def _sources(item: ExportItem, layout: Layout) -> tuple[int, ...]:
-    """The ranks whose shards make ``item``: its TP group, or the owner of a whole tensor."""
-    return item.producers if layout.tp_dim is not None and len(item.producers) > 1 else (item.owner,)
+def _sources(producers: tuple[int, ...], layout: Layout) -> tuple[int, ...]:
+    """The ranks whose shards make an item in one replica: its TP group, or the TP rank 0 of a
+    whole tensor (replicated over TP, or TP1)."""
+    return producers if layout.tp_dim is not None and len(producers) > 1 else producers[:1]
 
 
 Round = list[tuple[ExportItem, Layout, int]]  # items with their layout and byte offset in the slots
@@ -254,15 +288,17 @@ def _shared_rounds(items: Sequence[ExportItem], rules: Sequence[Rule], slot_byte
     """Pack the items into exchange rounds: as many as the ranks' slots hold, every stage's in each.
 
     Each rank's slot holds the shards that rank publishes in a round; an item's shards sit at
-    one offset in each of its sources' slots. Items are taken in plan order from one queue per
-    set of sources (a pipeline stage's TP group, or one rank for whole tensors), in turn, so a
-    round carries every stage's items and each rank publishes and copies out about as much per
-    round: no rank idles while another copies. Every rank computes the same rounds.
+    one offset in the slots of its sources (in every replica). Items are taken in plan order from
+    one queue per set of sources (a pipeline stage's TP groups, or one rank per replica for whole
+    tensors), in turn, so a round carries every stage's items and each rank publishes and copies
+    out about as much per round: no rank idles while another copies. Every rank computes the
+    same rounds.
     """
     queues: dict[tuple[int, ...], collections.deque] = {}
     for item in items:
         layout = rules[item.key[2]].layout
-        queues.setdefault(_sources(item, layout), collections.deque()).append((item, layout))
+        sources = tuple(rank for producers in item.replicas for rank in _sources(producers, layout))
+        queues.setdefault(sources, collections.deque()).append((item, layout))
     while any(queues.values()):
         used: dict[int, int] = collections.defaultdict(int)
         batch: Round = []
@@ -294,27 +330,31 @@ def _every_rank_shared(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every item's HF tensors on every rank of one host, through shared memory.
 
-    Per round (``_shared_rounds``): each source publishes its shards, then every rank places
-    all shards of each item straight into that item's HF tensors: no gather buffers, no
-    concatenation, no broadcast. A rank holding a whole parameter yields it as the collective
+    Per round (``_shared_rounds``): in each data-parallel replica, the sources publish their
+    shards (unless the replica is one rank), then every rank places all shards of each item
+    straight into that item's HF tensors: no gather buffers, no concatenation, no broadcast,
+    nothing read across replicas. A rank holding a whole parameter yields it as the collective
     path does (no copy where possible). Every placement of a round happens before the next
     ``publish`` (the generator only gets there after them), as views require.
     """
     me = dist.get_rank()
+    alone = len(plan.replica_ranks(me)) == 1  # nobody reads this rank's shards
     for batch in _shared_rounds(plan.items, rules, exchange.slot_bytes):
+        sources = {item.key: _sources(plan.producers(item, me), layout) for item, layout, _ in batch}
         local = {
             item.key: merged_shard(refs[item.key].tensor)  # LoRA: W + (alpha/r) B A; else the weight
-            for item, layout, _ in batch
-            if me in _sources(item, layout)
+            for item, _, _ in batch
+            if me in sources[item.key]
         }
-        exchange.publish([(offset, local[item.key]) for item, _, offset in batch if item.key in local])
+        exchange.publish(
+            [] if alone else [(offset, local[item.key]) for item, _, offset in batch if item.key in local]
+        )
         for item, layout, offset in batch:
-            sources = _sources(item, layout)
-            if sources == (me,):
+            if sources[item.key] == (me,):
                 tensors = [t.to(item.dtype).contiguous() for t in layout.to_hf(local[item.key], geo)]
             else:
                 tensors = [torch.empty(shape, dtype=item.dtype) for shape in item.shapes]
-                for tp_rank, rank in enumerate(sources):
+                for tp_rank, rank in enumerate(sources[item.key]):
                     shard = local.get(item.key) if rank == me else None
                     if shard is None:
                         shard = exchange.view(rank, offset, item.shard_shape, item.shard_dtype)
@@ -373,7 +413,7 @@ def export_hf_weights(
     for item in plan.items:
         if dst_ranks is None:
             yield from zip(
-                item.hf_names, _to_every_rank(item, refs.get(item.key), parallel, geo, meter, device)
+                item.hf_names, _to_every_rank(item, plan, refs.get(item.key), parallel, geo, meter, device)
             )
             continue
         tensors: list[torch.Tensor] | None = None

@@ -5,7 +5,8 @@ qwen3 has tied embeddings, so PP2 covers the last stage's copy of the embedding.
 imported from a sharded checkpoint (index + several files). Export goes through the streaming
 iterator to one or several destination ranks, and to every rank (the colocated refit) through
 the collectives and through shared memory (``HostExchange``), twice, so the second export
-reuses the slots.
+reuses the slots. With data parallelism, replica 1's weights are then shifted by one: each
+replica must export its own.
 """
 
 from __future__ import annotations
@@ -27,6 +28,33 @@ def _fused_groups_together(names: list[str]) -> bool:
         if name.endswith("gate_proj.weight") and names[i + 1] != name.replace("gate_proj", "up_proj"):
             return False
     return True
+
+
+def every_rank_report(report, family, prefix, chunks, spec, runtime, plan, exchange, original, shift) -> None:
+    """Export to every rank through the collectives once and through ``exchange`` twice (the
+    second reuses the slots); record what differs from ``original + shift`` on this rank."""
+    import torch
+
+    from megaopsd.convert import export_hf_weights
+
+    shared = [
+        export_hf_weights(chunks, spec, runtime.parallel, dst_ranks=None, plan=plan, exchange=exchange)
+        for _ in range(2)
+    ]
+    exports = {"collectives": [export_hf_weights(chunks, spec, runtime.parallel, dst_ranks=None, plan=plan)]}
+    exports["shared"] = shared
+    for path, runs in exports.items():
+        for index, export in enumerate(runs):
+            # Copies: a tensor may be a view of a parameter; the next export must not alias it.
+            pairs = [(name, tensor.clone()) for name, tensor in export]
+            names = [name for name, _ in pairs]
+            report[f"{family}@{prefix}{path}{index}"] = {
+                "names_equal": sorted(names) == sorted(original) and len(names) == len(set(names)),
+                "fused_together": _fused_groups_together(names),
+                "mismatched": [
+                    n for n, t in pairs if n not in original or not torch.equal(t, original[n] + shift)
+                ],
+            }
 
 
 def roundtrip_worker(
@@ -86,32 +114,18 @@ def roundtrip_worker(
                 original = {name: reader.get_slice(name)[:] for name in reader.names()}
             # The colocated refit: every rank receives every tensor (order: plan, or rounds).
             exchange = HostExchange.open(plan.max_shard_bytes)
-            for path, exports in (
-                (
-                    "collectives",
-                    [export_hf_weights(chunks, spec, runtime.parallel, dst_ranks=None, plan=plan)],
-                ),
-                (
-                    "shared",
-                    [
-                        export_hf_weights(
-                            chunks, spec, runtime.parallel, dst_ranks=None, plan=plan, exchange=exchange
-                        )
-                        for _ in range(2)
-                    ],
-                ),
-            ):
-                for index, export in enumerate(exports):
-                    # Copies: a tensor may be a view of a parameter; the next export must not alias it.
-                    pairs = [(name, tensor.clone()) for name, tensor in export]
-                    names = [name for name, _ in pairs]
-                    report[f"{family}@{path}{index}"] = {
-                        "names_equal": sorted(names) == sorted(original) and len(names) == len(set(names)),
-                        "fused_together": _fused_groups_together(names),
-                        "mismatched": [
-                            n for n, t in pairs if n not in original or not torch.equal(t, original[n])
-                        ],
-                    }
+            every_rank_report(report, family, "", chunks, spec, runtime, plan, exchange, original, 0.0)
+            if runtime.parallel.dp_size > 1:
+                # Each replica exports its own shards: shift replica 1's weights by one, and each
+                # replica must yield its own (nothing read from, or sent to, another replica).
+                shift = float(runtime.parallel.dp_rank)
+                with torch.no_grad():
+                    for chunk in chunks:
+                        for param in chunk.parameters():
+                            param.add_(shift)
+                every_rank_report(
+                    report, family, "replica-", chunks, spec, runtime, plan, exchange, original, shift
+                )
             exchange.close()
             if dist.get_rank() not in dst_ranks:
                 assert got == [] and with_head == {}, "a non-destination rank received tensors"
@@ -164,9 +178,13 @@ def model_dirs(tiny_models, tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
-def _check(results: list[dict], families, dst_ranks) -> None:
+def _check(results: list[dict], families, dst_ranks, *, replicas: bool = False) -> None:
+    prefixes = ("", "replica-") if replicas else ("",)
     every_rank = [
-        f"{family}@{path}" for family in families for path in ("collectives0", "shared0", "shared1")
+        f"{family}@{prefix}{path}"
+        for family in families
+        for prefix in prefixes
+        for path in ("collectives0", "shared0", "shared1")
     ]
     for rank, report in enumerate(results):
         expected = [*families, *every_rank] if rank in dst_ranks else every_rank
@@ -177,16 +195,18 @@ def _check(results: list[dict], families, dst_ranks) -> None:
 
 
 @pytest.mark.parametrize(
-    ("tp", "pp", "vpp", "dst_ranks"),
+    ("tp", "pp", "vpp", "dp", "dst_ranks"),
     [
-        pytest.param(2, 1, None, (0,), id="tp2"),
-        pytest.param(1, 2, None, (0, 1), id="pp2-two-destinations"),
-        pytest.param(2, 2, 2, (3,), id="tp2xpp2-vpp2-last-rank", marks=pytest.mark.slow),
+        pytest.param(2, 1, None, 1, (0,), id="tp2"),
+        pytest.param(1, 2, None, 1, (0, 1), id="pp2-two-destinations"),
+        pytest.param(1, 1, None, 2, (1,), id="dp2"),
+        pytest.param(2, 2, 2, 1, (3,), id="tp2xpp2-vpp2-last-rank", marks=pytest.mark.slow),
+        pytest.param(1, 2, None, 2, (0,), id="pp2xdp2", marks=pytest.mark.slow),
     ],
 )
-def test_roundtrip_is_bit_exact(model_dirs, tp, pp, vpp, dst_ranks):
-    results = run_ranks(roundtrip_worker, world_size=tp * pp, args=(tp, pp, vpp, model_dirs, dst_ranks))
-    _check(results, model_dirs, dst_ranks)
+def test_roundtrip_is_bit_exact(model_dirs, tp, pp, vpp, dp, dst_ranks):
+    results = run_ranks(roundtrip_worker, world_size=tp * pp * dp, args=(tp, pp, vpp, model_dirs, dst_ranks))
+    _check(results, model_dirs, dst_ranks, replicas=dp > 1)
 
 
 @pytest.fixture(scope="module")
