@@ -143,8 +143,9 @@ def export_plan(
         chunks: this rank's GPTModel chunks.
         spec: the model's HF config.
         parallel: this rank's layout.
-        include_tied_lm_head: with tied embeddings, also export ``lm_head.weight`` (vLLM needs it
-            for weight updates; HF checkpoints of tied models do not store it).
+        include_tied_lm_head: with tied embeddings, also export ``lm_head.weight`` (HF
+            checkpoints of tied models do not store it; a weight sync does not need it either:
+            ``rollout/weight_sync.py`` sends the embedding under that name).
         dtype: cast every tensor to this dtype; None keeps each parameter's own dtype.
     """
     geo = geometry(spec, parallel.tp_size)

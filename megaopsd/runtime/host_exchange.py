@@ -24,6 +24,7 @@ and a second wait per round, the TP2 refit of bench/weight_sync.py took 1.54 s i
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import secrets
@@ -156,10 +157,7 @@ class HostExchange:
     def _region(
         self, slot: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: torch.dtype
     ) -> torch.Tensor:
-        count = 1
-        for dim in shape:
-            count *= dim
-        end = offset + count * torch.empty((), dtype=dtype).element_size()
+        end = offset + math.prod(shape) * dtype.itemsize
         if offset % ALIGN or end > self.slot_bytes:
             raise ValueError(
                 f"host exchange: a {shape} {dtype} tensor at offset {offset} does not fit the "
