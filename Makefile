@@ -8,8 +8,10 @@ STAMP  := $(VENV)/.installed
 MISMATCHED := torchvision torchaudio torchcodec
 PYTEST_ARGS ?=
 
-DEMO   := outputs/demo
-TINY   := outputs/models/tiny-qwen3
+DEMO   ?= outputs/demo
+TINY   ?= outputs/models/tiny-qwen3
+# Extra Hydra overrides for the demo run, e.g. `make demo DEMO_OVERRIDES="trainer.max_steps=4"`.
+DEMO_OVERRIDES ?=
 
 .PHONY: env test test-fast lint format clean-env demo experiment
 
@@ -30,7 +32,7 @@ demo: $(STAMP)
 	@test -f $(TINY)/config.json || $(PY) tools/make_tiny_model.py --family qwen3 --out $(TINY)
 	@test -f data/demo/train.jsonl || $(PY) tools/make_demo_data.py --out data/demo/train.jsonl
 	rm -rf $(DEMO)
-	$(VENV)/bin/torchrun --nproc-per-node 2 -m megaopsd.train recipe=tiny_cpu model.hf_path=$(TINY) output_dir=$(DEMO)
+	$(VENV)/bin/torchrun --nproc-per-node 2 -m megaopsd.train recipe=tiny_cpu model.hf_path=$(TINY) output_dir=$(DEMO) $(DEMO_OVERRIDES)
 	$(PY) tools/convert_checkpoint.py export-hf --ckpt $(DEMO)/checkpoints/$$(cat $(DEMO)/checkpoints/latest) --out $(DEMO)/hf
 	@echo
 	@echo "demo finished:"
@@ -47,8 +49,9 @@ experiment: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# The edit-test loop: unit and distributed tests, no end-to-end runs (docs/testing.md).
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not e2e" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

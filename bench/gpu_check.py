@@ -1,4 +1,4 @@
-"""CUDA checks and figures for a lent GPU (one device, NCCL, bf16); not part of the CPU suite.
+"""CUDA checks and figures for a lent GPU (one device, NCCL, bf16).
 
 1. The vocab-parallel divergences on CUDA: every kind against a float64 full-vocab autograd
    reference (float32 and bf16 inputs), then JSD(0.5) at Qwen3's vocabulary (151936) and 4096
@@ -7,11 +7,16 @@
    Qwen3 built from its HF config matches transformers' logits (float32), and 10 bf16 paired
    OPSD steps (fixed teacher) run with a falling loss.
 
-    python bench/gpu_check.py            # prints a table; ends with RESULT lines
+    python bench/gpu_check.py                        # on a GPU: prints a table; ends with RESULT lines
+    python bench/gpu_check.py --device cpu --smoke   # the same code at toy size on CPU (the suite runs it)
+
+On CPU the figures mean nothing (no CUDA timing, no CUDA memory statistics: peaks print as 0);
+the CPU path exists so that nothing in this script can break unnoticed between GPU sessions.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -101,6 +106,16 @@ def naive_jsd(s: torch.Tensor, t: torch.Tensor, beta: float = 0.5) -> torch.Tens
     return (beta * kl_t + (1 - beta) * kl_s).sum()
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_mib(device: torch.device, base: int) -> float:
+    """CUDA's peak allocated memory above ``base``; 0 on CPU (no allocator statistics there)."""
+    return (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else 0.0
+
+
 def bench_divergence(device: torch.device, tokens: int = 4096, vocab: int = 151936, repeats: int = 5):
     from megaopsd.loss import vocab_parallel_divergence
 
@@ -118,17 +133,17 @@ def bench_divergence(device: torch.device, tokens: int = 4096, vocab: int = 1519
         times = []
         for _ in range(repeats + 1):
             s = s0.clone().requires_grad_(True)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            _sync(device)
+            base = 0
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            start = time.perf_counter()
             loss = fn(s)
             loss.backward()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            _sync(device)
+            times.append((time.perf_counter() - start) * 1e3)
+            peak = _peak_mib(device, base)
             value = float(loss)
             del s, loss
         out[name] = (statistics.median(times[1:]), peak, value)
@@ -136,7 +151,8 @@ def bench_divergence(device: torch.device, tokens: int = 4096, vocab: int = 1519
     return out
 
 
-def megatron_on_cuda() -> dict[str, float]:
+def megatron_on_device(device: str, preset: str = "small", steps: int = 10) -> dict[str, float]:
+    """megatron-core through megaopsd's runtime on ``device``: logits vs transformers, bf16 steps."""
     from transformers import AutoModelForCausalLM
 
     from megaopsd.algorithm.batch import build_microbatches
@@ -158,12 +174,12 @@ def megatron_on_cuda() -> dict[str, float]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from paired_step import make_samples
 
-    rt_cfg = RuntimeConfig(device="cuda")
+    rt_cfg = RuntimeConfig(device=device)
     runtime = Runtime.start(ParallelConfig(), rt_cfg)
-    assert runtime.device.type == "cuda" and not runtime.cpu_emulation
+    assert runtime.device.type == device and runtime.cpu_emulation == (device == "cpu")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = make_tiny_model("qwen3", Path(tmp) / "small", preset="small")
+        hf_dir = make_tiny_model("qwen3", Path(tmp) / preset, preset=preset)
 
         def components(dtype: str, lr: float):
             cfg = Config(
@@ -180,54 +196,63 @@ def megatron_on_cuda() -> dict[str, float]:
         ids = torch.randint(0, spec.vocab_size, (2, 64))
         with torch.no_grad():
             ours = forward_logits(parts.chunks, ids, runtime.parallel)[..., : spec.vocab_size].float()
-            hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).cuda().eval()
-            ref = hf(ids.cuda()).logits.float()
+            hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(runtime.device).eval()
+            ref = hf(ids.to(runtime.device)).logits.float()
         results["logits_max_abs_diff_fp32"] = float((ours - ref).abs().max())
         del hf, parts
         parts = components("bfloat16", 1e-4)
         student, teacher, loss_fn = parts.student, parts.teacher, parts.loss_fn
-        # 16 rollouts of 9 prompt + 6 solution + 6 response tokens, several microbatches
-        mbs = build_microbatches(make_samples(spec.vocab_size, 16, 9, 6, 6), max_tokens=400, pad_id=0)
+        # 16 rollouts: student prompt 9, teacher prompt 15, response 6 tokens; several microbatches
+        mbs = build_microbatches(make_samples(spec.vocab_size, 16, 9, 15, 6, 6), max_tokens=400, pad_id=0)
         losses, times = [], []
-        for _ in range(10):
-            torch.cuda.synchronize()
+        for _ in range(steps):
+            _sync(runtime.device)
             start = time.perf_counter()
             result = train_step(
                 student=student, teacher=teacher, microbatches=mbs, loss_fn=loss_fn, parallel=runtime.parallel
             )
-            torch.cuda.synchronize()
+            _sync(runtime.device)
             times.append(time.perf_counter() - start)
             losses.append(result.loss)
         print("  bf16 paired losses:", " ".join(f"{x:.5f}" for x in losses))
         results.update(
             bf16_first_loss=losses[0],
             bf16_last_loss=losses[-1],
-            bf16_step_ms=statistics.median(times[2:]) * 1e3,
+            bf16_step_ms=statistics.median(times[2:] or times) * 1e3,
         )
     runtime.shutdown()
     return results
 
 
-def main() -> None:
-    device = torch.device("cuda")
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print("divergences vs float64 reference (CUDA):")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes: checks the code, not the figures")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    tokens, vocab, repeats = (64, 1024, 1) if args.smoke else (4096, 151936, 5)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device: {name}  torch {torch.__version__}")
+    print(f"divergences vs float64 reference ({device.type}):")
     worst = check_divergences(device)
-    print("JSD(0.5), 4096 tokens x vocab 151936, bf16 logits, forward + backward:")
-    figures = bench_divergence(device)
+    print(f"JSD(0.5), {tokens} tokens x vocab {vocab}, bf16 logits, forward + backward:")
+    figures = bench_divergence(device, tokens, vocab, repeats)
     (ours_ms, ours_mb, ours_loss), (naive_ms, naive_mb, naive_loss) = figures["ours"], figures["naive"]
-    print("megatron-core on CUDA (NCCL, no emulation):")
-    mc = megatron_on_cuda()
+    print(f"megatron-core on {device.type} through megaopsd's runtime:")
+    mc = megatron_on_device(
+        args.device, preset="tiny" if args.smoke else "small", steps=3 if args.smoke else 10
+    )
     for key, value in mc.items():
         print(f"  {key:<28} {value:.6g}")
+    mem_ratio = ours_mb / naive_mb if naive_mb else float("nan")
     print(
-        f"RESULT gpu_divergence fp32_worst_rel_err={worst:.2e} mem_ratio={ours_mb / naive_mb:.3f} "
+        f"RESULT gpu_divergence device={device.type} fp32_worst_rel_err={worst:.2e} mem_ratio={mem_ratio:.3f} "
         f"time_ratio={ours_ms / naive_ms:.3f} ours_ms={ours_ms:.1f} naive_ms={naive_ms:.1f} "
         f"ours_peak_mib={ours_mb:.0f} naive_peak_mib={naive_mb:.0f} loss_rel_diff="
         f"{abs(ours_loss - naive_loss) / abs(naive_loss):.2e}"
     )
     print(
-        f"RESULT gpu_megatron logits_max_abs_diff_fp32={mc['logits_max_abs_diff_fp32']:.2e} "
+        f"RESULT gpu_megatron device={device.type} logits_max_abs_diff_fp32={mc['logits_max_abs_diff_fp32']:.2e} "
         f"bf16_first_loss={mc['bf16_first_loss']:.5f} bf16_last_loss={mc['bf16_last_loss']:.5f} "
         f"bf16_step_ms={mc['bf16_step_ms']:.1f}"
     )

@@ -1,8 +1,9 @@
 """Shared fixtures (tiny Hugging Face models built once per session, nothing downloaded) and markers.
 
-Markers by directory: every test under ``tests/distributed/`` is ``distributed`` (spawns gloo
-processes) and every test under ``tests/e2e/`` is ``e2e``; ``slow`` stays on the tests
-themselves. Helpers that are not fixtures: ``tests/helpers.py`` (fixed rollouts, the paired
+Markers come from the directory, never by hand: every test under ``tests/unit/`` is ``unit``,
+under ``tests/distributed/`` ``distributed`` (gloo ranks in fresh processes) and under
+``tests/e2e/`` ``e2e`` (real runs: vLLM, Megatron, trainer launches, files). `make test-fast`
+is ``-m "not e2e"``; docs/testing.md has the tiers and their times. Helpers that are not fixtures: ``tests/helpers.py`` (fixed rollouts, the paired
 setup), ``tests/dist_harness.py`` (multi-rank workers), ``tests/subprocess_job.py`` (a function
 in a fresh process).
 """
@@ -20,7 +21,11 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 FAMILIES = ("qwen3", "qwen2", "llama")
-MARKERS_BY_DIRECTORY = {"distributed": pytest.mark.distributed, "e2e": pytest.mark.e2e}
+MARKERS_BY_DIRECTORY = {
+    "unit": pytest.mark.unit,
+    "distributed": pytest.mark.distributed,
+    "e2e": pytest.mark.e2e,
+}
 TESTS = Path(__file__).resolve().parent
 
 
@@ -69,7 +74,7 @@ def tiny_qwen3_3layers(tmp_path_factory) -> Path:
     return make_tiny_model("qwen3", tmp_path_factory.mktemp("tiny_3layers") / "qwen3", num_layers=3)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fixed_prompts(tmp_path_factory) -> Path:
     """Eight demo problems: with 8 prompts per step every step sees the same prompt set."""
     path = tmp_path_factory.mktemp("data") / "fixed.jsonl"

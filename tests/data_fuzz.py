@@ -5,7 +5,7 @@ of damage the loader must survive (non-UTF-8 bytes, a byte-order mark, NUL chara
 line ends, over-long lines, deep nesting, huge integers, wrong types, nulls, a corrupt parquet
 file) plus random byte mutations of good rows. A mutated row may still be valid, so every
 written line is classified by re-parsing it here (``expected_row``), never by how it was made.
-Used by tests/unit/test_data_fuzz.py and the trainer run in tests/e2e/test_trainer.py.
+Used by tests/unit/test_data_fuzz.py and the trainer run in tests/e2e/test_hostile_data.py.
 """
 
 from __future__ import annotations

@@ -200,8 +200,8 @@ def _check(results: list[dict], families, dst_ranks, *, replicas: bool = False) 
         pytest.param(2, 1, None, 1, (0,), id="tp2"),
         pytest.param(1, 2, None, 1, (0, 1), id="pp2-two-destinations"),
         pytest.param(1, 1, None, 2, (1,), id="dp2"),
-        pytest.param(2, 2, 2, 1, (3,), id="tp2xpp2-vpp2-last-rank", marks=pytest.mark.slow),
-        pytest.param(1, 2, None, 2, (0,), id="pp2xdp2", marks=pytest.mark.slow),
+        pytest.param(2, 2, 2, 1, (3,), id="tp2xpp2-vpp2-last-rank"),
+        pytest.param(1, 2, None, 2, (0,), id="pp2xdp2"),
     ],
 )
 def test_roundtrip_is_bit_exact(model_dirs, tp, pp, vpp, dp, dst_ranks):
@@ -228,7 +228,7 @@ def uneven_models(tmp_path_factory) -> dict[str, Path]:
         pytest.param(1, 2, None, (2, None), ("qwen3", "llama"), id="pp2-2+1"),
         pytest.param(1, 2, None, (None, 2), ("qwen3", "llama"), id="pp2-1+2"),
         # stage 0 holds layers [0, 1] and [3, 4], stage 1 holds [2] and [5]
-        pytest.param(1, 2, 2, (4, None), ("qwen3-6",), id="pp2-vpp2-4+2", marks=pytest.mark.slow),
+        pytest.param(1, 2, 2, (4, None), ("qwen3-6",), id="pp2-vpp2-4+2"),
     ],
 )
 def test_uneven_stages_roundtrip_is_bit_exact(uneven_models, tp, pp, vpp, stages, families):

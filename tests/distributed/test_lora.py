@@ -134,7 +134,7 @@ def single(tiny_qwen3):
 
 @pytest.mark.parametrize(
     ("tp", "pp", "world"),
-    [(2, 1, 2), (1, 2, 2), pytest.param(2, 2, 4, marks=pytest.mark.slow)],
+    [(2, 1, 2), (1, 2, 2), (2, 2, 4)],
     ids=["tp2", "pp2", "tp2pp2"],
 )
 def test_layouts_match_single_process(single, tiny_qwen3, tp, pp, world):
@@ -273,6 +273,13 @@ def test_ema_teacher_averages_the_adapters_only(tiny_qwen3):
     assert not torch.allclose(h["logits"]["teacher"], h["logits"]["student"], atol=1e-6)
 
 
+# Adam divides by sqrt(v) + eps: on B (zero at the start) an entry whose gradient is near eps
+# turns float32 reduction-order differences (DP2 sums two halves) into update differences of the
+# order of the learning rate. Measured 1.3e-5 on one tensor (2 vCPU Xeon, torch 2.13.0+cpu); the
+# losses stay within 1e-5.
+ADAPTER_BOUND = 5e-5
+
+
 def distopt_worker(hf_dir: str, steps: int):
     """``steps`` LoRA steps; with 2 ranks DP2 and the distributed optimizer (sharded Adam state)."""
     from megaopsd.convert.peft import gather_adapters
@@ -300,4 +307,4 @@ def test_distributed_optimizer_with_lora_matches_single_process(tiny_qwen3):
     for loss, ref in zip(dp2["losses"], single["losses"], strict=True):
         assert abs(loss - ref) <= 1e-5 * abs(ref), (dp2["losses"], single["losses"])
     for name, ref in single["adapters"].items():
-        assert _rel(dp2["adapters"][name], ref) <= 1e-5, name
+        assert _rel(dp2["adapters"][name], ref) <= ADAPTER_BOUND, name

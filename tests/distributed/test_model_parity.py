@@ -139,8 +139,8 @@ def _check(results: list[dict[str, tuple[float, float]]], cases) -> None:
         pytest.param(1, 1, None, id="tp1"),
         pytest.param(2, 1, None, id="tp2"),
         pytest.param(1, 2, None, id="pp2"),
-        pytest.param(1, 2, 2, id="pp2-vpp2", marks=pytest.mark.slow),
-        pytest.param(2, 2, None, id="tp2xpp2", marks=pytest.mark.slow),
+        pytest.param(1, 2, 2, id="pp2-vpp2"),
+        pytest.param(2, 2, None, id="tp2xpp2"),
     ],
 )
 def test_logits_match_transformers(parity_cases, tp, pp, vpp):

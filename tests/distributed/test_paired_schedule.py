@@ -22,8 +22,6 @@ from tests.helpers import (
     paired_setup,
 )
 
-pytestmark = pytest.mark.distributed
-
 
 def _local_grads(student) -> dict[str, torch.Tensor]:
     return {
@@ -220,7 +218,6 @@ def test_uneven_pipeline_stages_match_single_process(baseline_3layers, tiny_qwen
     assert any(".layers.2." in name for name in results[0]["grads"])  # all 3 layers, HF-named
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sp", [False, True], ids=["tp2-pp2", "tp2-sp-pp2"])
 def test_tp2_pp2_matches_single_process(baseline, tiny_qwen3, sp):
     results = run_ranks(

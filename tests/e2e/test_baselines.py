@@ -17,9 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e.test_trainer import REPO, run, scalars
-
-pytestmark = pytest.mark.e2e
+from tests.e2e.runs import REPO, run, scalars
 
 GRPO_TAGS = [
     "train/reward_mean",

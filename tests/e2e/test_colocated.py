@@ -4,11 +4,12 @@
   <= 1e-5 at step 1 and after two weight syncs (step 3), the refit's shards moving through
   shared memory (the LoRA run takes the gloo all-gather instead: both paths run end to end);
 - DP2 launched as two torchrun agents (``--nnodes 2 --nproc-per-node 1``, one c10d rendezvous
-  on 127.0.0.1): two engines, the same bound, TensorBoard logs, a checkpoint, and in-training
-  evaluation with the samples split over both engines;
+  on 127.0.0.1): two engines, the same bound, TensorBoard logs, a checkpoint, in-training
+  evaluation with the samples split over both engines, and the learning test's control (a
+  learning rate of ~0: the divergence does not fall);
 - 1 engine vs 2 engines: equal weights and seed give identical token ids and logprobs.
 
-PP2 (two engines) is tests/e2e/test_trainer.py's two-process recipe run.
+PP2 (two engines) is the session's ``pp2_run`` (tests/e2e/conftest.py).
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist_harness import free_port, run_ranks
-from tests.e2e.test_trainer import overrides, run, scalars
-
-pytestmark = pytest.mark.e2e
+from tests.e2e.runs import assert_logprob_parity, mean_over, overrides, run, scalars
 
 REPO = Path(__file__).resolve().parents[2]
 BOUND = 1e-5  # README "Correctness": per-token max |vLLM logprob - trainer logprob| after every sync
@@ -77,12 +76,20 @@ def test_lora_tp2_refit_merges_adapters_with_logprob_parity(tiny_qwen3, data, tm
 
 
 def test_two_agents_dp2_two_engines_logs_and_checkpoint(tiny_qwen3, data, tmp_path):
-    """Two torchrun agents, one rendezvous: the two-node launch, on one machine."""
+    """Two torchrun agents, one rendezvous: the two-node launch, on one machine.
+
+    Also the in-training evaluation (at the start and every 3 steps, the samples split over both
+    engines) and the control of the learning test in tests/e2e/test_trainer.py: a learning rate
+    of ~0 (it must be > 0) leaves the weights as they are, and the divergence on the same
+    prompts must not fall.
+    """
     out = tmp_path / "agents"
     extra = {
-        "trainer.max_steps": 3,
+        "trainer.max_steps": 6,
+        "trainer.lr": 1e-12,
         "parallel.pipeline_model_parallel_size": 1,
-        "eval.interval": 3,  # evaluation through both engines
+        "eval.interval": 3,
+        "eval.at_start": "true",
         "eval.benchmarks": f"['demo={data}']",
         "eval.k": 2,
         "eval.limit": 3,
@@ -115,13 +122,18 @@ def test_two_agents_dp2_two_engines_logs_and_checkpoint(tiny_qwen3, data, tmp_pa
     assert all(agent.returncode == 0 for agent in agents), logs[0][-3000:] + logs[1][-3000:]
     assert "weight sync: shards through shared memory" in logs[0] + logs[1]  # both "nodes" on this host
     values = scalars(out / "tensorboard")
-    assert_in_step(values, engines=2)
-    assert sorted(values["train/loss"]) == [1, 2, 3]
-    assert (
-        sorted(values["eval/demo/pass@2"]) == [3] and 1 <= values["eval/demo/response_length_mean"][3] <= 16
-    )
-    assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
-    assert (out / "checkpoints" / "iter_0000003" / "config.json").is_file()
+    assert_in_step(values, engines=2, steps=6)
+    assert_logprob_parity(values, range(1, 7))
+    assert sorted(values["train/loss"]) == list(range(1, 7))
+    for tag in ("eval/demo/avg@2", "eval/demo/pass@2", "eval/demo/response_length_mean"):
+        assert sorted(values[tag]) == [0, 3, 6], (tag, values.get(tag))
+    assert 0.0 <= values["eval/demo/avg@2"][3] <= values["eval/demo/pass@2"][3] <= 1.0
+    assert 1 <= values["eval/demo/response_length_mean"][3] <= 16
+    assert "perf/eval_time_s" in values
+    divergence = values["train/divergence"]
+    assert mean_over(divergence, range(4, 7)) >= 0.9 * mean_over(divergence, range(1, 4)), divergence
+    assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
+    assert (out / "checkpoints" / "iter_0000006" / "config.json").is_file()
 
 
 PROMPTS = [

@@ -1,32 +1,33 @@
-"""`make demo` from this checkout: the README's command, with what it promises checked."""
+"""`make demo` from this checkout: the README's command, with what it promises checked.
+
+The run is the session's ``pp2_run`` (tests/e2e/conftest.py): ``make demo`` with the fixed
+prompts and 10 steps, shared with tests/e2e/test_trainer.py and tests/e2e/test_slurm.py.
+"""
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.e2e.conftest import PP2_STEPS
+from tests.e2e.runs import TAGS, scalars
 
 
-def test_make_demo_trains_logs_checkpoints_and_exports():
+def test_make_demo_trains_logs_checkpoints_and_exports(pp2_run):
     from transformers import AutoModelForCausalLM
 
-    from tests.e2e.test_trainer import TAGS, scalars
-
-    out = subprocess.run(["make", "demo"], cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "step 8/8" in out.stdout and "demo finished:" in out.stdout
-    demo = REPO / "outputs" / "demo"
+    steps = list(range(1, PP2_STEPS + 1))
+    assert f"step {PP2_STEPS}/{PP2_STEPS}" in pp2_run.stdout and "demo finished:" in pp2_run.stdout
+    assert (pp2_run.model / "config.json").is_file()  # made by `make demo` itself
+    demo = pp2_run.out
     values = scalars(demo / "tensorboard")
     for tag in TAGS:
-        assert sorted(values[tag]) == list(range(1, 9)), tag
-    assert values["train/divergence"][8] < values["train/divergence"][1]
+        assert sorted(values[tag]) == steps, tag
+    assert values["train/divergence"][PP2_STEPS] < values["train/divergence"][1]
     # the thinking boundary (docs/prompts.md), logged every step
     for tag in ("train/first_token_divergence", "train/first_token_teacher_think_fraction"):
-        assert sorted(values[tag]) == list(range(1, 9)), tag
+        assert sorted(values[tag]) == steps, tag
     assert all(0.0 <= v <= 1.0 for v in values["train/first_token_teacher_think_fraction"].values())
     assert values["train/first_token_divergence"][1] > 0.0
-    assert (demo / "checkpoints" / "latest").read_text().strip() == "iter_0000008"
+    assert (demo / "checkpoints" / "latest").read_text().strip() == f"iter_{PP2_STEPS:07d}"
+    assert (demo / "hydra" / ".hydra" / "config.yaml").is_file()  # resolved config next to the logs
     model = AutoModelForCausalLM.from_pretrained(demo / "hf")
     assert model.config.architectures == ["Qwen3ForCausalLM"]
     assert (demo / "hf" / "tokenizer.json").is_file()

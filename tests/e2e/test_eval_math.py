@@ -10,7 +10,7 @@ The in-process engine for ``evaluate`` runs in a child process (``tests.subproce
 test_rollout_vllm.py: an in-process vLLM engine changes process-wide state.
 
     python -m pytest tests/e2e/test_eval_math.py                 # ~45 s
-    python -m pytest tests/e2e/test_eval_math.py -m slow         # + a checkpoint exported on the fly
+    python -m pytest tests/e2e/test_eval_math.py -k exports      # a checkpoint exported on the fly
 """
 
 from __future__ import annotations
@@ -273,7 +273,6 @@ def test_evaluate_with_a_live_engine(evaluate_results, cli_out):
     assert evaluate_results["step5_responses"] != [r["response"] for r in records]
 
 
-@pytest.mark.slow
 def test_cli_exports_a_checkpoint_on_the_fly(tiny_qwen3, bench_file, cli_out, tmp_path):
     ckpt = tmp_path / "ckpt"
     convert = [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "import-hf"]

@@ -13,13 +13,9 @@ from __future__ import annotations
 import json
 import subprocess
 
-import pytest
-
 from megaopsd.data.dataset import ProblemDataset, ProblemExample
 from tests.data_fuzz import MAX_ROW_BYTES, make_fuzz_corpus
-from tests.e2e.test_trainer import REPO, command, run, scalars
-
-pytestmark = pytest.mark.e2e
+from tests.e2e.runs import REPO, command, run, scalars
 
 
 def test_fuzzed_data_trains_counts_every_bad_row_and_strict_names_the_first(tiny_qwen3, tmp_path):

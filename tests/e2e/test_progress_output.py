@@ -24,8 +24,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
-
 REPO = Path(__file__).resolve().parents[2]
 CONVERT = [sys.executable, str(REPO / "tools" / "convert_checkpoint.py")]
 EVAL = [sys.executable, str(REPO / "tools" / "eval_math.py")]

@@ -251,7 +251,6 @@ def test_weight_sync_through_a_directory(results):
     assert one_module_per_bucket["bytes"] == bigger["bytes"] == results["sync_memory"]["bytes"]
 
 
-@pytest.mark.slow
 def test_multiprocess_engine_takes_weights_through_a_directory(results, job, tmp_path_factory):
     mp = _run_child(dict(job, kind="multiprocess"), tmp_path_factory.mktemp("multiprocess"))
     assert mp["transport"] == "directory"

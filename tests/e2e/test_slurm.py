@@ -1,7 +1,8 @@
 """slurm/train.sbatch against a real Slurm controller on localhost (slurm/local/cluster.sh).
 
 The cluster (munged, slurmctld, slurmd) starts once for this module and is stopped by PID at
-the end. CI installs the Debian packages first (`slurm/local/cluster.sh install` in .ci/run).
+the end. The preempted job's reference is the session's ``pp2_run`` (the same recipe launched by
+torchrun, tests/e2e/conftest.py). CI installs the Debian packages first (`slurm/local/cluster.sh install` in .ci/run).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.dist_harness import free_port
-from tests.e2e.test_trainer import assert_identical, scalars
+from tests.e2e.conftest import PP2_STEPS as STEPS
+from tests.e2e.runs import assert_identical, scalars
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "slurm" / "local" / "cluster.sh"
@@ -75,56 +77,28 @@ def wait_done(env, job: str, timeout: float = 600) -> str:
 
 
 def train_args(model: Path, data: Path) -> list[str]:
+    """``pp2_run``'s settings (tests/e2e/conftest.py), checkpointing every 2 steps."""
     return [
         "slurm/train.sbatch",
         "recipe=tiny_cpu",
         f"model.hf_path={model}",
         f"data.train_files=[{data}]",
-        "trainer.max_steps=10",
+        f"trainer.max_steps={STEPS}",
         "checkpoint.save_interval=2",
         "rollout.max_new_tokens=24",
     ]
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("slurm_data") / "fixed.jsonl"
-    path.write_text("\n".join((REPO / "data/demo/train.jsonl").read_text().splitlines()[:8]) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def straight_job(slurm, tiny_qwen3, data_file, tmp_path_factory):
-    env, state = slurm
-    root = tmp_path_factory.mktemp("runs")
-    job = submit(
-        env,
-        state,
-        [*CPU_JOB, "--job-name=straight", *train_args(tiny_qwen3, data_file)],
-        extra={"OUTPUT_ROOT": str(root)},
-    )
-    return job, wait_done(env, job), root / f"straight-{job}", state / f"job-{job}.out"
-
-
-def test_tiny_recipe_job_completes_with_logs_and_checkpoint(straight_job):
-    _job, final_state, run_dir, log = straight_job
-    assert final_state == "COMPLETED", log.read_text()[-3000:]
-    assert "on 1 node(s), 2 tasks" in log.read_text()
-    values = scalars(run_dir / "tensorboard")
-    assert sorted(values["train/loss"]) == list(range(1, 11))
-    # srun tasks, no torchrun: a colocated vLLM engine in each of the two trainer processes
-    assert values["rollout/engines"][1] == 2 and values["rollout/logprob_abs_diff_max"][10] <= 1e-5
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000010"
-
-
-def test_preempted_job_saves_requeues_resumes_and_matches(
-    slurm, straight_job, tiny_qwen3, data_file, tmp_path
-):
+def test_preempted_job_saves_requeues_resumes_and_matches(slurm, pp2_run, tmp_path):
+    """The tiny recipe as a 2-task job (srun tasks, no torchrun: a colocated vLLM engine in each
+    trainer process), preempted by USR1 after its first checkpoint: it saves, requeues itself,
+    resumes and ends bit-identical to the same run launched by torchrun (the session's
+    ``pp2_run``, `make demo`, with the same model, prompts and steps)."""
     env, state = slurm
     job = submit(
         env,
         state,
-        [*CPU_JOB, "--job-name=preempted", *train_args(tiny_qwen3, data_file)],
+        [*CPU_JOB, "--job-name=preempted", *train_args(pp2_run.model, pp2_run.data)],
         extra={"OUTPUT_ROOT": str(tmp_path)},
     )
     log = state / f"job-{job}.out"
@@ -137,13 +111,18 @@ def test_preempted_job_saves_requeues_resumes_and_matches(
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True, timeout=30)
     assert wait_done(env, job) == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
+    assert "on 1 node(s), 2 tasks" in text
     assert "requeueing job" in text and "(restart 1)" in text and "resumed from" in text
     assert job_field(env, job, "Restarts") == "1"
     run_dir = tmp_path / f"preempted-{job}"
     stopped = re.search(r"stopping after step (\d+)", text)
-    assert stopped and 2 <= int(stopped.group(1)) < 10, text[-3000:]
+    assert stopped and 2 <= int(stopped.group(1)) < STEPS, text[-3000:]
+    values = scalars(run_dir / "tensorboard")
+    assert sorted(values["train/loss"]) == list(range(1, STEPS + 1))
+    assert values["rollout/engines"][1] == 2 and values["rollout/logprob_abs_diff_max"][STEPS] <= 1e-5
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"iter_{STEPS:07d}"
     assert_identical(
-        straight_job[2] / "checkpoints" / "iter_0000010", run_dir / "checkpoints" / "iter_0000010"
+        pp2_run.out / "checkpoints" / f"iter_{STEPS:07d}", run_dir / "checkpoints" / f"iter_{STEPS:07d}"
     )
 
 

@@ -56,12 +56,15 @@ def nan_from_step_two_worker(model: str, out: str, data: str) -> dict:
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_saves_and_stops(tiny_qwen3, tmp_path, capfd):
-    from tests.e2e.test_trainer import scalars
+    from tests.e2e.runs import scalars
 
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join((REPO / "data/demo/train.jsonl").read_text().splitlines()[:8]) + "\n")
     result = run_ranks(
-        nan_from_step_two_worker, world_size=1, args=(str(tiny_qwen3), str(tmp_path), str(data))
+        nan_from_step_two_worker,
+        world_size=1,
+        args=(str(tiny_qwen3), str(tmp_path), str(data)),
+        spawn=True,  # capfd reads what the rank prints
     )[0]
     assert result["code"] == 4
     err = capfd.readouterr().err
@@ -72,6 +75,6 @@ def test_nonfinite_steps_are_skipped_then_the_run_saves_and_stops(tiny_qwen3, tm
     # steps, teacher): the three skipped updates changed nothing, not even by a finite amount.
     ckpt = tmp_path / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "iter_0000004"
-    from tests.e2e.test_trainer import assert_identical
+    from tests.e2e.runs import assert_identical
 
     assert_identical(ckpt / "iter_0000001", ckpt / "iter_0000004")

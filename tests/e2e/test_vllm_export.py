@@ -14,12 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.dist_harness import run_ranks
-
-pytestmark = pytest.mark.distributed  # e2e comes from the directory (tests/conftest.py)
 
 PROMPT = "Ada has 12 apples and gets 7 more. How many apples does Ada have now?"
 NEW_TOKENS = 16

@@ -2,7 +2,7 @@
 
 A seeded corpus of 1200+ rows (tests/data_fuzz.py) mixes every damage class with random byte
 mutations of good rows; the rows a correct loader keeps are decided by re-parsing each line.
-The trainer's run over the same corpus is in tests/e2e/test_trainer.py.
+The trainer's run over the same corpus is in tests/e2e/test_hostile_data.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,173 @@
+"""Helpers for the end-to-end tests: launch ``megaopsd.train``, read its TensorBoard events and
+checkpoints. Not a test module; the shared runs built with them are in tests/e2e/conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The README's metrics table: every training step logs each of these.
+TAGS = [
+    "train/loss",
+    "train/divergence",
+    "train/grad_norm",
+    "train/lr",
+    "train/student_entropy",
+    "train/teacher_entropy",
+    "rollout/response_length_mean",
+    "rollout/logprob_abs_diff",
+    "rollout/logprob_abs_diff_max",
+    "perf/step_time_s",
+    "perf/rollout_time_s",
+    "perf/train_time_s",
+    "perf/weight_sync_time_s",
+    "perf/train_tokens_per_s",
+    "perf/padding_fraction",
+    "perf/train_gflops",  # perf/mfu instead on a GPU
+]
+
+# Engine and trainer score the sampled tokens with the same weights: the worst token of a step
+# may differ by float32 rounding only, at step 1 and after every weight sync.
+LOGPROB_MAX_DIFF = 1e-5
+
+# The exact-resume runs: an EMA teacher that moves every step (its state must resume too), the
+# distributed optimizer (its sharded Adam moments and steps must resume too).
+RESUME = {
+    "teacher.mode": "ema",
+    "teacher.ema_decay": 0.9,
+    "parallel.use_distributed_optimizer": "true",
+}
+
+# The trainer's entry point with checkpoints' RNG restore replaced by a no-op: the positive
+# control that shows a resume test fails when the RNG states are not restored.
+WITHOUT_RNG_RESTORE = (
+    "import runpy, sys; import megaopsd.checkpoint as c; c.restore_rng_state = lambda state: None; "
+    "sys.argv[0] = 'megaopsd.train'; runpy.run_module('megaopsd.train', run_name='__main__')"
+)
+
+
+def overrides(model: Path, out: Path, data: Path, **extra) -> list[str]:
+    """The tiny recipe on ``data``, 6 steps of 8 prompts, short responses; ``extra`` on top."""
+    base = {
+        "recipe": "tiny_cpu",
+        "model.hf_path": str(model),
+        "output_dir": str(out),
+        "data.train_files": f"[{data}]",
+        "trainer.max_steps": 6,
+        "trainer.prompts_per_step": 8,
+        "checkpoint.save_interval": 3,
+        "rollout.max_new_tokens": 24,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def resume_overrides(model: Path, out: Path, data: Path, **extra) -> list[str]:
+    """``overrides`` with the exact-resume settings (``RESUME``)."""
+    return overrides(model, out, data, **{**RESUME, **extra})
+
+
+def command(args: list[str], nproc: int, *, rng_restore: bool = True) -> list[str]:
+    if nproc == 1:
+        entry = ["-m", "megaopsd.train"] if rng_restore else ["-c", WITHOUT_RNG_RESTORE]
+        return [sys.executable, *entry, *args, "parallel.pipeline_model_parallel_size=1"]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    return [torchrun, "--nproc-per-node", str(nproc), "-m", "megaopsd.train", *args]
+
+
+def run(
+    args: list[str], *, nproc: int = 1, timeout: float = 600, rng_restore: bool = True
+) -> subprocess.CompletedProcess:
+    """One trainer launch to the end; fails the test with its output's tail unless it exits 0."""
+    out = subprocess.run(
+        command(args, nproc, rng_restore=rng_restore),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return out
+
+
+def kill_when(args: list[str], ready, *, timeout: float = 300, poll_s: float = 0.002) -> None:
+    """Start a one-process run and SIGKILL it (its whole session) once ``ready()`` is true."""
+    proc = subprocess.Popen(
+        command(args, 1),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, "the run ended before the moment to kill it"
+            assert time.time() < deadline, f"not ready to kill within {timeout} s"
+            time.sleep(poll_s)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def assert_logprob_parity(values: dict[str, dict[int, float]], steps: range) -> None:
+    """Every step's worst-token |engine - trainer| logprob difference is within rounding."""
+    worst, mean = values["rollout/logprob_abs_diff_max"], values["rollout/logprob_abs_diff"]
+    assert sorted(worst) == list(steps), sorted(worst)
+    for step in steps:
+        assert 0.0 <= mean[step] <= worst[step] <= LOGPROB_MAX_DIFF, (step, mean[step], worst[step])
+
+
+def scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
+    """``{tag: {step: value}}`` from every event file of a run (later files win per step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[str, dict[int, float]] = {}
+    for events in sorted(tb_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            values.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a distributed checkpoint (model, optimizer, teacher), without a process group."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = path.parent / f"{path.name}.pt"
+    dcp_to_torch_save(str(path), str(target))
+    state = torch.load(target, weights_only=False)
+    target.unlink()
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def differing_tensors(a: Path, b: Path) -> list[str]:
+    """Names of the tensors that differ between two checkpoints (which hold the same names)."""
+    ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
+    assert sorted(ta) == sorted(tb)
+    assert any(k.startswith("optimizer") or "exp_avg" in k for k in ta), sorted(ta)[:10]
+    return [key for key in ta if not torch.equal(ta[key], tb[key])]
+
+
+def assert_identical(a: Path, b: Path) -> None:
+    assert differing_tensors(a, b) == []
+
+
+def mean_over(values: dict[int, float], steps: range) -> float:
+    return sum(values[s] for s in steps) / len(steps)
+
+
+def fixed_prompt_lines(count: int = 8) -> str:
+    """The first ``count`` demo problems: with 8 prompts per step every step sees the same set."""
+    lines = (REPO / "data" / "demo" / "train.jsonl").read_text().splitlines()[:count]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,128 @@
+"""Every script under bench/ and tools/ runs at toy size, so none of them can rot unnoticed.
+
+Each bench must end with its ``RESULT <name> ...`` line; each tool must exit 0 and leave what it
+promises (``RUN_ELSEWHERE`` names the tools whose command line another module already runs). ``bench/gpu_check.py`` runs its CUDA code path on CPU (``--device cpu --smoke``).
+The figures mean nothing at these sizes: bench/RESULTS.md holds the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.runs import REPO
+
+# name -> (arguments at toy size, the RESULT names it must print). {tmp} is a fresh directory.
+BENCHES = {
+    "convert": ("--preset tiny --repeats 1 --model-dir {tmp}/model", ["convert"]),
+    "divergence": ("--tokens 64 --vocab 1024 --repeats 1", ["divergence"]),
+    "eval_scaling": ("--preset tiny --problems 2 --k 2 --tokens 8", ["eval_scaling"]),
+    "gpu_check": ("--device cpu --smoke", ["gpu_divergence", "gpu_megatron"]),
+    "lora_memory": ("--preset tiny --rank 4 --alpha 8", ["lora_memory"]),
+    "paired_step": (
+        "--preset tiny --rollouts 4 --prompt 8 --teacher-prompt 16 --response-min 4 --response-max 12 "
+        "--microbatch-tokens 64 --repeats 1",
+        ["paired_step"],
+    ),
+    "recompute_memory": (
+        "--preset tiny --rollouts 1 --prompt 8 --teacher-prompt 16 --response 8",
+        ["recompute_memory"],
+    ),
+    "rollout_scaling": ("--preset tiny --prompts 2 --tokens 8 --repeats 1", ["rollout_scaling"]),
+    "weight_sync": ("--preset tiny --layouts tp1 --repeats 1", ["weight_sync"]),
+}
+
+
+def _python(args: list[str], cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+# Tools whose command line already runs end to end in another test module (not run twice).
+RUN_ELSEWHERE = {
+    "convert_checkpoint": "tests/distributed/test_convert_cli.py",
+    "eval_math": "tests/e2e/test_eval_math.py",
+}
+
+
+def test_every_script_has_a_smoke_case():
+    benches = {p.stem for p in (REPO / "bench").glob("*.py") if not p.stem.startswith("_")}
+    assert benches == set(BENCHES), benches ^ set(BENCHES)
+    tools = {p.stem for p in (REPO / "tools").glob("*.py") if p.stem != "__init__"}
+    tested = {name.removeprefix("test_") for name in globals() if name.startswith("test_")}
+    assert tools <= tested | set(RUN_ELSEWHERE), f"tools without a smoke test: {sorted(tools - tested)}"
+    for tool, module in RUN_ELSEWHERE.items():
+        assert f"tools/{tool}.py" in (REPO / module).read_text(), (tool, module)
+
+
+@pytest.mark.parametrize("name", sorted(BENCHES))
+def test_bench(name, tmp_path):
+    args, results = BENCHES[name]
+    done = _python([f"bench/{name}.py", *args.format(tmp=tmp_path).split()])
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert [line.split()[1] for line in lines][-len(results) :] == results, done.stdout[-2000:]
+
+
+def test_make_tiny_model(tmp_path):
+    _python(["tools/make_tiny_model.py", "--family", "llama", "--out", str(tmp_path / "m"), "--layers", "1"])
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 1
+
+
+def test_make_demo_data(tmp_path):
+    _python(["tools/make_demo_data.py", "--out", str(tmp_path / "d.jsonl"), "--count", "5"])
+    rows = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(r["problem"] and r["solution"] for r in rows)
+
+
+def test_make_arith_data(tmp_path):
+    _python(["tools/make_arith_data.py", "--out", str(tmp_path), "--train", "6", "--heldout", "3"])
+    assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 6
+    assert len((tmp_path / "heldout.jsonl").read_text().splitlines()) == 3
+
+
+def test_prepare_data(tmp_path):
+    source = tmp_path / "raw.jsonl"
+    source.write_text("".join(json.dumps({"problem": f"p{i}", "solution": f"s{i}"}) + "\n" for i in range(4)))
+    _python(["tools/prepare_data.py", str(source), "--out", str(tmp_path / "out.jsonl"), "--limit", "3"])
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 3
+
+
+def test_record_rollout_lengths(tiny_qwen3, fixed_prompts, tmp_path):
+    out = tmp_path / "lengths.json"
+    _python(
+        [
+            *("tools/record_rollout_lengths.py", "--steps", "1", "--out", str(out), "recipe=tiny_cpu"),
+            *(
+                f"model.hf_path={tiny_qwen3}",
+                f"data.train_files=[{fixed_prompts}]",
+                "rollout.max_new_tokens=8",
+            ),
+        ]
+    )
+    steps = json.loads(out.read_text())["steps"]
+    assert len(steps) == 1 and len(steps[0]) == 8, steps  # 8 prompts per step, n = 1
+    assert all(student < teacher and 1 <= response <= 8 for student, teacher, response in steps[0])
+
+
+def test_learning_experiment(tmp_path):
+    """The experiment's pipeline at toy size (char model, data, SFT warm start, export, an OPSD
+    run, curves, plot, table), not its science: ``make experiment`` is the real run. GRPO and SFT
+    post-training are the trainer paths of tests/e2e/test_baselines.py; the summary, table and
+    plot over every method are tests/unit/test_learning_experiment.py."""
+    out = tmp_path / "exp"
+    _python(["tools/learning_experiment.py", "--out", str(out), "--smoke", "--methods", "opsd"], timeout=1200)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"opsd"}
+    assert summary["warm_start_wall_s"] > 0  # made by this invocation, timed apart from the runs
+    opsd = summary["methods"]["opsd"]
+    assert opsd["steps"] == [0, 1, 2]
+    assert 0.0 <= opsd["final_mean"] <= 1.0
+    assert opsd["tokens_total"] > 0  # read back from the run's rollout/generated_tokens_total
+    assert (out / "accuracy.png").stat().st_size > 10_000
+    assert "| opsd |" in (out / "table.md").read_text()
