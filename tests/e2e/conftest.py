@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.runs import REPO, fixed_prompt_lines, resume_overrides, run
+from tests.e2e.runs import REPO, resume_overrides, run
 
 PP2_STEPS = 10
 STRAIGHT_STEPS = 6
@@ -35,10 +35,8 @@ class Pp2Run:
 
 
 @pytest.fixture(scope="session")
-def pp2_run(tmp_path_factory) -> Pp2Run:
-    root = tmp_path_factory.mktemp("pp2_run")
-    data = root / "fixed.jsonl"
-    data.write_text(fixed_prompt_lines())
+def pp2_run(fixed_prompts, tmp_path_factory) -> Pp2Run:
+    root, data = tmp_path_factory.mktemp("pp2_run"), fixed_prompts
     out, model = root / "demo", root / "tiny-qwen3"
     settings = {
         "data.train_files": f"[{data}]",

@@ -165,9 +165,3 @@ def assert_identical(a: Path, b: Path) -> None:
 
 def mean_over(values: dict[int, float], steps: range) -> float:
     return sum(values[s] for s in steps) / len(steps)
-
-
-def fixed_prompt_lines(count: int = 8) -> str:
-    """The first ``count`` demo problems: with 8 prompts per step every step sees the same set."""
-    lines = (REPO / "data" / "demo" / "train.jsonl").read_text().splitlines()[:count]
-    return "\n".join(lines) + "\n"

@@ -19,20 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.dist_harness import free_port, run_ranks
 from tests.e2e.runs import assert_logprob_parity, mean_over, overrides, run, scalars
 
 REPO = Path(__file__).resolve().parents[2]
 BOUND = 1e-5  # README "Correctness": per-token max |vLLM logprob - trainer logprob| after every sync
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("colocated") / "fixed.jsonl"
-    path.write_text("\n".join((REPO / "data/demo/train.jsonl").read_text().splitlines()[:8]) + "\n")
-    return path
 
 
 def assert_in_step(values: dict, engines: int, steps: int = 3) -> None:
@@ -43,19 +34,19 @@ def assert_in_step(values: dict, engines: int, steps: int = 3) -> None:
     assert values["perf/weight_sync_gb"][1] > 0 and values["perf/weight_sync_peak_mb"][1] > 0
 
 
-def test_tp2_trainer_with_one_engine_of_tp2(tiny_qwen3, data, tmp_path):
+def test_tp2_trainer_with_one_engine_of_tp2(tiny_qwen3, fixed_prompts, tmp_path):
     extra = {
         "trainer.max_steps": 3,
         "parallel.tensor_model_parallel_size": 2,
         "parallel.pipeline_model_parallel_size": 1,
         "++rollout.tensor_parallel_size": 2,
     }
-    out = run(overrides(tiny_qwen3, tmp_path / "tp2", data, **extra), nproc=2)
+    out = run(overrides(tiny_qwen3, tmp_path / "tp2", fixed_prompts, **extra), nproc=2)
     assert "weight sync: shards through shared memory" in out.stdout
     assert_in_step(scalars(tmp_path / "tp2" / "tensorboard"), engines=1)
 
 
-def test_lora_tp2_refit_merges_adapters_with_logprob_parity(tiny_qwen3, data, tmp_path):
+def test_lora_tp2_refit_merges_adapters_with_logprob_parity(tiny_qwen3, fixed_prompts, tmp_path):
     """LoRA at TP2: each sync merges W + (alpha/r) B A shard by shard; the TP2 engine's logprobs
     stay within the bound after two syncs (without the merge they would be the base's)."""
     extra = {
@@ -68,14 +59,14 @@ def test_lora_tp2_refit_merges_adapters_with_logprob_parity(tiny_qwen3, data, tm
         "++rollout.tensor_parallel_size": 2,
         "++rollout.shared_memory_export": "false",
     }
-    out = run(overrides(tiny_qwen3, tmp_path / "lora", data, **extra), nproc=2)
+    out = run(overrides(tiny_qwen3, tmp_path / "lora", fixed_prompts, **extra), nproc=2)
     assert "weight sync: collectives (rollout.shared_memory_export=false)" in out.stdout
     values = scalars(tmp_path / "lora" / "tensorboard")
     assert_in_step(values, engines=1)
     assert values["train/loss"][3] != values["train/loss"][1]
 
 
-def test_two_agents_dp2_two_engines_logs_and_checkpoint(tiny_qwen3, data, tmp_path):
+def test_two_agents_dp2_two_engines_logs_and_checkpoint(tiny_qwen3, fixed_prompts, tmp_path):
     """Two torchrun agents, one rendezvous: the two-node launch, on one machine.
 
     Also the in-training evaluation (at the start and every 3 steps, the samples split over both
@@ -90,12 +81,12 @@ def test_two_agents_dp2_two_engines_logs_and_checkpoint(tiny_qwen3, data, tmp_pa
         "parallel.pipeline_model_parallel_size": 1,
         "eval.interval": 3,
         "eval.at_start": "true",
-        "eval.benchmarks": f"['demo={data}']",
+        "eval.benchmarks": f"['demo={fixed_prompts}']",
         "eval.k": 2,
         "eval.limit": 3,
         "eval.max_new_tokens": 16,
     }
-    args = overrides(tiny_qwen3, out, data, **extra)
+    args = overrides(tiny_qwen3, out, fixed_prompts, **extra)
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     port = free_port()
     agents = [
