@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from megaopsd.algorithm.optim import TrainableStudent
 from megaopsd.algorithm.teacher import AdapterEmaTeacher, Teacher
+from megaopsd.convert.dist_ckpt import in_process_write_results
 from megaopsd.runtime.parallel import ParallelState
 from megaopsd.runtime.rng import capture_rng_state, load_rng_file, restore_rng_state, save_rng_file
 from megaopsd.runtime.signals import stop_signals_blocked
@@ -321,8 +322,9 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     dist.barrier()
-    # torch_dist saving starts a Manager process on first use: it must survive a preemption
-    # notice, or the checkpoint that the notice asks for fails (megaopsd.runtime.signals).
+    in_process_write_results()
+    # torch_dist saving forks writer processes: they must survive a preemption notice, or the
+    # checkpoint that the notice asks for fails (megaopsd.runtime.signals).
     with stop_signals_blocked():
         dist_checkpointing.save(
             _sharded_state(student, teacher, is_loading=False),

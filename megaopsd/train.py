@@ -30,6 +30,7 @@ from megaopsd.config import (
     validate,
 )
 from megaopsd.dry_run import describe_layout, dry_run_report, estimate_memory_gib  # noqa: F401 (public API)
+from megaopsd.runtime.distributed import exit_without_teardown
 
 DEFAULTS_NAME = "megaopsd_defaults"  # the first entry of conf/config.yaml's defaults list
 
@@ -86,4 +87,10 @@ def main(raw: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as stop:
+        if stop.code is not None and not isinstance(stop.code, int):
+            raise
+        exit_without_teardown(stop.code or 0)
+    exit_without_teardown(0)

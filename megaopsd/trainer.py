@@ -394,8 +394,6 @@ class Trainer:
             print(f"[megaopsd] {message}", flush=True)
 
     def close(self) -> None:
-        from megaopsd.convert import release_save_workers
-
         self.writer.close()
         if self.reward_grader is not None:
             self.reward_grader.close()
@@ -409,7 +407,6 @@ class Trainer:
         if self.fleet is not None:
             self.fleet.close()
             self.fleet = None
-        release_save_workers()
 
 
 def run(cfg: Config) -> int:

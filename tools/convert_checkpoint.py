@@ -140,7 +140,6 @@ def run(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     warnings.filterwarnings("ignore", category=FutureWarning)
     from megaopsd.config import ParallelConfig, RuntimeConfig
-    from megaopsd.convert.dist_ckpt import release_save_workers
     from megaopsd.convert.offline import export_hf_checkpoint, import_hf_checkpoint
     from megaopsd.runtime import Runtime
 
@@ -174,7 +173,6 @@ def run(args: argparse.Namespace) -> None:
         if runtime.is_main:
             print(f"{args.command}: wrote {args.out}")
     finally:
-        release_save_workers()
         runtime.shutdown()
 
 
@@ -189,5 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # required: torch_dist saving spawns a Manager that re-imports __main__
-    sys.exit(main())
+if __name__ == "__main__":
+    from megaopsd.runtime.distributed import exit_without_teardown
+
+    exit_without_teardown(main())

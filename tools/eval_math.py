@@ -371,4 +371,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megaopsd.runtime.distributed import exit_without_teardown
+
+    exit_without_teardown(main())

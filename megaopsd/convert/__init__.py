@@ -1,9 +1,9 @@
 """HF <-> Megatron conversion: one mapping table per family, streaming export and sliced import."""
 
 from megaopsd.convert.dist_ckpt import (
+    in_process_write_results,
     load_model_checkpoint,
     model_sharded_state_dict,
-    release_save_workers,
     save_model_checkpoint,
 )
 from megaopsd.convert.export import ExportItem, ExportPlan, export_hf_weights, export_plan
@@ -23,10 +23,10 @@ __all__ = [
     "export_hf_weights",
     "export_plan",
     "hf_tensor_names",
+    "in_process_write_results",
     "load_hf_weights",
     "load_model_checkpoint",
     "mapping_for",
     "model_sharded_state_dict",
-    "release_save_workers",
     "save_model_checkpoint",
 ]

@@ -3,8 +3,8 @@
 SIGTERM and SIGUSR1 ask the trainer to checkpoint at the next step boundary and exit
 (``StopRequest``, installed before anything slow starts, so a notice during start-up is not
 fatal). Slurm delivers a preemption notice to EVERY process of a job step, helpers included:
-the vLLM engine's processes and the Manager process megatron-core's torch_dist checkpointing
-spawns. A helper that dies of it takes the trainer's checkpoint or rollouts with it, so helpers
+the vLLM engine's processes and the writer processes megatron-core's torch_dist checkpointing
+forks. A helper that dies of it takes the trainer's checkpoint or rollouts with it, so helpers
 are started with the signals blocked: a spawned child inherits the spawning thread's signal
 mask across exec and never acts on them. (In the trainer itself a signal that arrives meanwhile
 goes to another thread's unblocked mask or waits for the unblock; either way Python runs the
