@@ -7,7 +7,9 @@
 #
 # No systemd, no cgroups (proctrack/linuxproc, task/none), accounting off, job completion
 # records in DIR/log/jobcomp.txt (read them with `sacct -c`). EnforcePartLimits=ALL makes a
-# job that can never fit fail at submission instead of pending forever.
+# job that can never fit fail at submission instead of pending forever. A requeued job may start
+# again cred_expire (10 s) after its requeue; sched_interval=1 starts it then, not at the main
+# scheduler's next pass (every 60 s by default: a preempted job's test would wait ~45 s more).
 set -euo pipefail
 
 cmd=${1:?usage: cluster.sh install|start DIR|stop DIR}
@@ -48,7 +50,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0
+SchedulerParameters=batch_sched_delay=0,sched_interval=1
 DependencyParameters=kill_invalid_depend
 EnforcePartLimits=ALL
 MpiDefault=none
