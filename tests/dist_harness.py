@@ -16,7 +16,9 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from functools import cache
@@ -97,6 +99,24 @@ def run_ranks(
     raise AssertionError("unreachable")
 
 
+def _next_result(queue, procs: list, results: dict, timeout_s: float) -> tuple[int, str, Any]:
+    """The next rank's report; fails at once when a rank died without one (not after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return queue.get(timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
+        except queue_module.Empty:
+            dead = [r for r, proc in enumerate(procs) if proc.exitcode not in (None, 0) and r not in results]
+            if dead:
+                try:  # its report may have been flushed just before it died
+                    return queue.get(timeout=1.0)
+                except queue_module.Empty:
+                    codes = [proc.exitcode for proc in procs]
+                    raise RuntimeError(f"rank {dead[0]} died without a result; exit codes {codes}") from None
+            if time.monotonic() >= deadline:
+                raise
+
+
 def _run_once(fn: Callable, *, world_size: int, args: tuple, timeout_s: float, spawn: bool) -> list[Any]:
     ctx = mp.get_context("spawn") if spawn else _context()
     queue = ctx.Queue()
@@ -110,7 +130,7 @@ def _run_once(fn: Callable, *, world_size: int, args: tuple, timeout_s: float, s
     errors: list[str] = []
     try:
         for _ in range(world_size):
-            rank, status, payload = queue.get(timeout=timeout_s)
+            rank, status, payload = _next_result(queue, procs, results, timeout_s)
             if status == "ok":
                 results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
