@@ -18,13 +18,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from megaopsd.algorithm.forward import LossFn
-from megaopsd.algorithm.loss import make_loss_fn
+from megaopsd.algorithm.methods import Algorithm, algorithm_class
 from megaopsd.algorithm.optim import TrainableStudent, wrap_student
-from megaopsd.algorithm.policy_loss import GrpoLoss, SftLoss, StudentLoss
-from megaopsd.algorithm.teacher import Teacher, make_teacher
-from megaopsd.config import Config, TeacherConfig
+from megaopsd.algorithm.policy_loss import StudentLoss
+from megaopsd.algorithm.teacher import Teacher
+from megaopsd.config import Config
+from megaopsd.config.hf_spec import HFModelSpec
 from megaopsd.loss.logprobs import token_logprobs
-from megaopsd.models.hf_config import HFModelSpec
 from megaopsd.runtime.parallel import Runtime
 
 
@@ -41,13 +41,16 @@ class Components:
     logprob_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # student logprobs of sampled ids
 
 
-def build_components(cfg: Config, runtime: Runtime, *, think_token_ids: Sequence[int] = ()) -> Components:
+def build_components(
+    cfg: Config, runtime: Runtime, *, think_token_ids: Sequence[int] = (), method: Algorithm | None = None
+) -> Components:
     """Build the student (weights from ``cfg.model.hf_path``), its teacher, optimizer and loss.
 
     Args:
         cfg: the validated config (model, parallel, teacher, trainer and loss sections are read).
         runtime: the started runtime; its parallel state decides this rank's chunks.
         think_token_ids: the tokenizer's think tags, for the thinking-boundary metrics.
+        method: the run's training method (``make_algorithm(cfg)`` when omitted): its teacher and loss.
 
     Returns:
         The components; the student and the teacher (if any) hold identical weights at return.
@@ -57,6 +60,7 @@ def build_components(cfg: Config, runtime: Runtime, *, think_token_ids: Sequence
     from megaopsd.models.lora import add_lora
 
     parallel = runtime.parallel
+    method = method if method is not None else algorithm_class(cfg.algorithm.name)(cfg)
     spec = load_hf_config(cfg.model.hf_path)
     build = functools.partial(build_model_chunks, spec, cfg.model, parallel)
     chunks = build()
@@ -65,7 +69,7 @@ def build_components(cfg: Config, runtime: Runtime, *, think_token_ids: Sequence
         # Adapters and the frozen base before DDP: its buffers and the optimizer see adapters only.
         add_lora(chunks, cfg.lora)
     # The teacher copies the loaded weights before DDP wraps the chunks (LoRA: no copy).
-    teacher = _make_teacher(cfg, chunks, build)
+    teacher = method.make_teacher(chunks, build)
     student = wrap_student(
         chunks, trainer=cfg.trainer, parallel=cfg.parallel, bf16=cfg.model.dtype == "bfloat16"
     )
@@ -76,31 +80,8 @@ def build_components(cfg: Config, runtime: Runtime, *, think_token_ids: Sequence
         build_chunks=build,
         teacher=teacher,
         student=student,
-        loss_fn=_make_loss(
-            cfg, vocab_size=spec.vocab_size, tp_group=tp_group, think_token_ids=think_token_ids
+        loss_fn=method.make_loss(
+            vocab_size=spec.vocab_size, tp_group=tp_group, think_token_ids=think_token_ids
         ),
         logprob_fn=functools.partial(token_logprobs, vocab_size=spec.vocab_size, tp_group=tp_group),
     )
-
-
-def _make_teacher(cfg: Config, chunks: list[torch.nn.Module], build) -> Teacher | None:
-    """OPSD's teacher; GRPO's frozen reference (only with a KL penalty); nothing for SFT.
-
-    GRPO and SFT never pay for a teacher stream: no copy is built and no teacher forward runs.
-    """
-    alg = cfg.algorithm
-    lora = cfg.lora.enabled
-    if alg.name == "opsd":
-        return make_teacher(cfg.teacher, chunks, build, lora=lora)
-    if alg.name == "grpo" and alg.kl_coef > 0:
-        return make_teacher(TeacherConfig(mode="fixed"), chunks, build, lora=lora)
-    return None
-
-
-def _make_loss(cfg: Config, *, vocab_size: int, tp_group, think_token_ids=None) -> LossFn | StudentLoss:
-    common = dict(vocab_size=vocab_size, tp_group=tp_group, chunk_tokens=cfg.loss.chunk_tokens)
-    if cfg.algorithm.name == "grpo":
-        return GrpoLoss(cfg.algorithm, **common)
-    if cfg.algorithm.name == "sft":
-        return SftLoss(**common)
-    return make_loss_fn(cfg.loss, vocab_size=vocab_size, tp_group=tp_group, think_token_ids=think_token_ids)

@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from megaopsd.config import Config, read_hf_config
+from megaopsd.config import Config, engine_layout, read_hf_config
 from megaopsd.stages import stage_layer_counts
 
 GIB = 1 << 30
@@ -126,10 +126,9 @@ def engine_memory_gib(cfg: Config, plan: DryRunPlan, *, gpu_gib: float = 80.0) -
     trains it sleeps (level 1 moves its weights to host memory and frees the KV cache; level 0
     keeps both), which ``estimate_memory_gib`` accounts per phase.
     """
-    from megaopsd.config import rollout_placement
 
     ro = cfg.rollout
-    if not (rollout_placement(ro, plan.world_size) == "colocated" or plan.world_size == 1):
+    if engine_layout(ro, plan.world_size).placement == "rank0":
         return {"engine weights": 0.0, "engine KV cache": 0.0}
     engine_bytes = 2 if (ro.dtype or cfg.model.dtype) == "bfloat16" else 4
     whole = sum(plan.stage_params()) * plan.tp  # every stage's parameters, unsharded

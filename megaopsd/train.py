@@ -24,13 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 from megaopsd.config import (
     Config,
     ConfigError,
+    data_parallel_size,
     default_tree,
     load_config,
-    target_world_size,
     validate,
 )
 from megaopsd.dry_run import describe_layout, dry_run_report, estimate_memory_gib  # noqa: F401 (public API)
-from megaopsd.runtime.distributed import exit_without_teardown
+from megaopsd.runtime.distributed import exit_without_teardown, target_world_size
 
 DEFAULTS_NAME = "megaopsd_defaults"  # the first entry of conf/config.yaml's defaults list
 
@@ -49,9 +49,15 @@ register_defaults()
 
 def build_config(raw: DictConfig) -> Config:
     """Resolve, type and validate the composed config; exit(2) with one line if it is invalid."""
+    # The methods import torch and megatron-core: not needed to print a config (--cfg job).
+    from megaopsd.algorithm.methods import algorithm_class
+
     try:
         cfg = load_config(OmegaConf.to_container(raw, resolve=True))
-        validate(cfg, world_size=target_world_size(cfg))
+        world_size = target_world_size(cfg)
+        validate(cfg, world_size=world_size)
+        dp_size = data_parallel_size(cfg.parallel, world_size)
+        algorithm_class(cfg.algorithm.name).check_config(cfg, dp_size=dp_size)
     except ConfigError as err:
         print(f"megaopsd: {err}", file=sys.stderr)
         sys.exit(2)

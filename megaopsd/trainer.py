@@ -17,49 +17,25 @@ exit at the next step boundary (Slurm preemption).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
 from megaopsd.algorithm.batch import build_microbatches
+from megaopsd.algorithm.methods import StepInputs, TrainingBatch, make_algorithm
 from megaopsd.algorithm.step import StepResult, train_step
 from megaopsd.checkpoint import CheckpointError
 from megaopsd.checkpoint_manager import CheckpointManager
 from megaopsd.components import build_components
-from megaopsd.config import Config
+from megaopsd.config import Config, engine_layout
 from megaopsd.eval.in_training import InTrainingEvaluator, eval_due
 from megaopsd.flops import utilisation_scalars
 from megaopsd.loss.boundary import think_token_ids
 from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line, step_scalars
 from megaopsd.models.builder import unwrap_chunk
-from megaopsd.runtime.distributed import collective_device
+from megaopsd.runtime.distributed import dp_sum
 from megaopsd.runtime.parallel import Runtime
 from megaopsd.runtime.signals import StopRequest
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainingBatch:
-    """One step's data on this replica: what was sampled (for logs) and what is trained on."""
-
-    sampled: list  # the step's rollouts (SFT: the reference responses)
-    train: list  # what the update trains on (GRPO: after dynamic sampling)
-    advantages: list[float] | None = None  # GRPO, one per ``train`` entry
-    in_loss: list[bool] | None = None  # GRPO, one per ``train`` entry
-    scalars: dict[str, float] = dataclasses.field(default_factory=dict)  # algorithm tags
-    empty: bool = False  # GRPO: no group anywhere had mixed rewards; the step has no update
-
-
-def _reward_grader(cfg: Config):
-    """GRPO's reward grader (killable math-verify workers), kept for the whole run."""
-    if cfg.algorithm.name != "grpo":
-        return None
-    from megaopsd.eval.grading import Grader, GradingSettings
-
-    return Grader(GradingSettings(timeout_s=cfg.eval.grading_timeout_s, num_workers=cfg.eval.grading_workers))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -92,7 +68,10 @@ class Trainer:
         )
         for problem in self.prompts.unreadable:  # the other sources loaded; say which one did not
             self._say(f"warning: data: {problem}")
-        parts = build_components(cfg, runtime, think_token_ids=think_token_ids(self.tokenizer))
+        self.method = make_algorithm(cfg)  # opsd | grpo | sft (megaopsd/algorithm/methods/)
+        parts = build_components(
+            cfg, runtime, think_token_ids=think_token_ids(self.tokenizer), method=self.method
+        )
         self.spec, self.teacher, self.student = parts.spec, parts.teacher, parts.student
         self.loss_fn, self.logprob_fn = parts.loss_fn, parts.logprob_fn
         self.checkpoints = CheckpointManager(cfg, runtime, student=self.student, teacher=self.teacher)
@@ -100,7 +79,7 @@ class Trainer:
         # Benchmarks load (and may fail) before the engines start, so a failure leaks no engine.
         # Every rank evaluates: its engine generates part of the samples (grading is repeated).
         self.evaluator = InTrainingEvaluator.start(cfg.eval, templates.student)
-        self.reward_grader = _reward_grader(cfg)
+        self.method.start()
         self.fleet = self._start_engines()
         self.refitter = None  # the weight sync's plan and shared memory, built at the first sync
         # Every rank rewrites the same teacher prompts (the fleet's generate is collective).
@@ -146,15 +125,14 @@ class Trainer:
                 result, train_tokens = self._paired_update(batch)
             due = eval_due(self.cfg.eval, self.step)
             with timer.phase("weight_sync"):
-                # SFT's engines only evaluate: refit them when an evaluation needs the new weights.
-                wanted = not result.skipped and (self.cfg.algorithm.name != "sft" or due)
+                wanted = not result.skipped and self.method.sync_after_step(eval_due=due)
                 sync = (
                     self._sync_weights() if (wanted and not batch.empty) or self.fleet.needs_weights else {}
                 )
             evaluation = self._evaluate(timer) if due else {}
         self._check_nonfinite(result)
         totals = self._rollout_totals(batch.sampled)
-        if self.cfg.algorithm.name != "sft":
+        if self.method.samples_rollouts:
             self.generated_tokens += totals[0]
         values = step_scalars(
             result,
@@ -187,51 +165,14 @@ class Trainer:
         return values
 
     def _training_batch(self, prompts: list) -> TrainingBatch:
-        """What this replica trains on this step, by algorithm."""
-        from megaopsd.algorithm.baselines import grpo_batch, reference_responses, rewards_of
-
-        alg = self.cfg.algorithm
-        if alg.name == "sft":
-            per_replica = len(prompts) // self.parallel.dp_size
-            first = self.parallel.dp_rank * per_replica
-            mine = prompts[first : first + per_replica]
-            refs = reference_responses(
-                mine,
-                first,
-                self.tokenizer,
-                max_tokens=self.cfg.rollout.max_new_tokens,
-                with_teacher_prompt=alg.sft_prompts == "both",
-            )
-            return TrainingBatch(sampled=refs, train=refs)
-        rollouts = self._rollouts(prompts)
-        if alg.name == "opsd":
-            return TrainingBatch(sampled=rollouts, train=rollouts)
-        par = self.parallel
-        rewards = rewards_of(rollouts, prompts, self.reward_grader, self.tokenizer)
-        grpo = grpo_batch(
-            rollouts,
-            rewards,
-            alg,
-            with_reference=self.teacher is not None,
-            min_rollouts=par.pp_size if par.vpp_size else 1,
+        """What this replica trains on this step: the method decides (rollouts, groups, references)."""
+        inputs = StepInputs(
+            tokenizer=self.tokenizer,
+            parallel=self.parallel,
+            rollouts=self._rollouts,
+            has_teacher=self.teacher is not None,
         )
-        counts = torch.tensor(grpo.counts, dtype=torch.float64, device=collective_device())
-        dist.all_reduce(counts, group=par.dp_group)
-        reward_sum, correct, num, groups, kept = (float(v) for v in counts)
-        scalars = {
-            "train/reward_mean": reward_sum / max(num, 1.0),
-            "train/accuracy": correct / max(num, 1.0),
-            "train/kept_group_fraction": kept / max(groups, 1.0),
-            "train/dropped_groups": groups - kept,
-        }
-        return TrainingBatch(
-            sampled=rollouts,
-            train=grpo.rollouts,
-            advantages=grpo.advantages,
-            in_loss=grpo.in_loss,
-            scalars=scalars,
-            empty=kept == 0,
-        )
+        return self.method.training_batch(prompts, inputs)
 
     def _rollouts(self, prompts: list) -> list:
         """The rollouts this rank's data-parallel replica trains on (the engines split the prompts)."""
@@ -245,17 +186,14 @@ class Trainer:
 
     def _rollout_totals(self, rollouts: list) -> tuple[float, float, float]:
         """Response tokens, rollouts and truncated rollouts, summed over the data-parallel replicas."""
-        counts = torch.tensor(
+        length_sum, count, truncated = dp_sum(
             [
-                float(sum(len(r.response_ids) for r in rollouts)),
-                float(len(rollouts)),
-                float(sum(r.finish_reason == "length" for r in rollouts)),
+                sum(len(r.response_ids) for r in rollouts),
+                len(rollouts),
+                sum(r.finish_reason == "length" for r in rollouts),
             ],
-            dtype=torch.float64,
-            device=collective_device(),
+            self.parallel.dp_group,
         )
-        dist.all_reduce(counts, group=self.parallel.dp_group)
-        length_sum, count, truncated = (float(v) for v in counts)
         return length_sum, count, truncated
 
     def _paired_update(self, batch: TrainingBatch) -> tuple[StepResult, dict[str, float]]:
@@ -287,16 +225,11 @@ class Trainer:
             parallel=par,
             logprob_fn=self.logprob_fn,
         )
-        tokens = torch.tensor(
-            [
-                float(sum(mb.real_tokens for mb in microbatches)),
-                float(sum(mb.padded_tokens for mb in microbatches)),
-            ],
-            dtype=torch.float64,
-            device=collective_device(),
+        real, padded = dp_sum(
+            [sum(mb.real_tokens for mb in microbatches), sum(mb.padded_tokens for mb in microbatches)],
+            par.dp_group,
         )
-        dist.all_reduce(tokens, group=par.dp_group)
-        return result, {"real": float(tokens[0]), "padded": float(tokens[1])}
+        return result, {"real": real, "padded": padded}
 
     def _check_nonfinite(self, result: StepResult) -> None:
         if not result.skipped:
@@ -316,17 +249,14 @@ class Trainer:
     # ------------------------------------------------------------------ engine and weights
 
     def _start_engines(self):
-        from megaopsd.config import rollout_placement
         from megaopsd.rollout.fleet import start_fleet
 
-        ro = self.cfg.rollout
-        placement = rollout_placement(ro, self.runtime.world_size)
-        engines = self.runtime.world_size // ro.tensor_parallel_size if placement == "colocated" else 1
-        self._say(f"starting {engines} rollout engine(s), placement {placement}")
+        layout = engine_layout(self.cfg.rollout, self.runtime.world_size)
+        self._say(f"starting {layout.num_engines} rollout engine(s), placement {layout.placement}")
         return start_fleet(self.cfg, self.runtime)
 
     def _make_reason_first(self):
-        from megaopsd.data.reason_first import ReasonFirst, reason_first_sampling
+        from megaopsd.rollout.reason_first import ReasonFirst, reason_first_sampling
 
         sampling = reason_first_sampling(self.cfg.teacher, self.cfg.rollout)
         return ReasonFirst(self.tokenizer, sampling, cache=self.cfg.teacher.reason_cache)
@@ -395,9 +325,7 @@ class Trainer:
 
     def close(self) -> None:
         self.writer.close()
-        if self.reward_grader is not None:
-            self.reward_grader.close()
-            self.reward_grader = None
+        self.method.close()
         if self.evaluator is not None:
             self.evaluator.close()
             self.evaluator = None

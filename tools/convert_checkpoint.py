@@ -94,7 +94,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
     Runs on every rank before anything is written, so ranks agree on refusing.
     """
-    from megaopsd.models.hf_config import UnsupportedModelError, check_tensor_parallel, load_hf_config
+    from megaopsd.config.hf_spec import UnsupportedModelError, check_tensor_parallel, load_hf_config
     from megaopsd.runtime.distributed import read_launch_env
     from megaopsd.stages import FIRST, LAST, check_stages
 

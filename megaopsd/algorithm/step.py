@@ -20,7 +20,7 @@ from megaopsd.algorithm.forward import LogprobFn, LossFn, PairedForward
 from megaopsd.algorithm.optim import TrainableStudent
 from megaopsd.algorithm.policy_loss import StudentLoss
 from megaopsd.algorithm.teacher import Teacher
-from megaopsd.runtime.distributed import collective_device
+from megaopsd.runtime.distributed import collective_device, dp_sum
 from megaopsd.runtime.parallel import ParallelState
 
 
@@ -112,10 +112,7 @@ def forward_backward(
         forward_only=forward_only,
     )
     sums = _reduce_metrics(list(outputs), parallel)
-    tokens = torch.tensor(
-        float(sum(mb.num_loss_tokens for mb in microbatches)), dtype=torch.float64, device=collective_device()
-    )
-    dist.all_reduce(tokens, group=parallel.dp_group)
+    (tokens,) = dp_sum([sum(mb.num_loss_tokens for mb in microbatches)], parallel.dp_group)
     return sums, int(tokens)
 
 

@@ -31,10 +31,10 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from megaopsd.config.hf_spec import HFModelSpec
 from megaopsd.convert.families import Rule, mapping_for
 from megaopsd.convert.layouts import Geometry, Layout
 from megaopsd.convert.params import ParamRef, local_params
-from megaopsd.models.hf_config import HFModelSpec
 from megaopsd.models.lora import merged_shard
 from megaopsd.runtime.host_exchange import HostExchange, aligned
 from megaopsd.runtime.parallel import ParallelState

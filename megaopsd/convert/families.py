@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from megaopsd.config.hf_spec import HFModelSpec
 from megaopsd.convert.layouts import GATE_UP, QKV, REPLICATED, ROW, VOCAB, Layout
-from megaopsd.models.hf_config import HFModelSpec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
+from megaopsd.config.hf_spec import HFModelSpec
 from megaopsd.convert.export import geometry
 from megaopsd.convert.families import mapping_for
 from megaopsd.convert.params import local_params
 from megaopsd.convert.safetensors_io import HFCheckpointReader
-from megaopsd.models.hf_config import HFModelSpec
 from megaopsd.progress import progress as show_progress
 from megaopsd.runtime.parallel import ParallelState
 

@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 
 from megaopsd.config import ModelConfig
+from megaopsd.config.hf_spec import HFModelSpec, load_hf_config
 from megaopsd.convert.dist_ckpt import load_model_checkpoint, save_model_checkpoint
 from megaopsd.convert.export import ExportPlan, export_hf_weights, export_plan
 from megaopsd.convert.importer import load_hf_weights
 from megaopsd.convert.safetensors_io import StreamingSafetensorsWriter, copy_side_files
 from megaopsd.models.builder import build_model_chunks, params_dtype
-from megaopsd.models.hf_config import HFModelSpec, load_hf_config
 from megaopsd.progress import progress as show_progress
 from megaopsd.runtime.parallel import ParallelState, Runtime
 

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
+from megaopsd.config.hf_spec import HFModelSpec
 from megaopsd.convert.families import TE_NAME_ALIASES, FamilyMapping, Rule
 from megaopsd.models.builder import unwrap_chunk
-from megaopsd.models.hf_config import HFModelSpec
 
 _SECTION_ORDER = {"first": 0, "layer": 1, "last": 2}
 

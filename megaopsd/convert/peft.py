@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megaopsd.config import LoraConfig
-from megaopsd.models.hf_config import HFModelSpec
+from megaopsd.config.hf_spec import HFModelSpec
 from megaopsd.models.lora import adapters_of, peft_names
 from megaopsd.runtime.parallel import ParallelState
 

@@ -1,5 +1,13 @@
 """Megatron-core GPTModel chunks built from Hugging Face configs (Qwen3, Qwen2/2.5, Llama 3.x)."""
 
+from megaopsd.config.hf_spec import (
+    SUPPORTED_ARCHITECTURES,
+    HFModelSpec,
+    Llama3RopeScaling,
+    UnsupportedModelError,
+    check_tensor_parallel,
+    load_hf_config,
+)
 from megaopsd.models.builder import (
     build_model_chunks,
     layer_spec,
@@ -10,14 +18,6 @@ from megaopsd.models.builder import (
     vocab_sizes,
 )
 from megaopsd.models.forward import forward_logits
-from megaopsd.models.hf_config import (
-    SUPPORTED_ARCHITECTURES,
-    HFModelSpec,
-    Llama3RopeScaling,
-    UnsupportedModelError,
-    check_tensor_parallel,
-    load_hf_config,
-)
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megaopsd.config import ModelConfig
-from megaopsd.models.hf_config import HFModelSpec, check_tensor_parallel
+from megaopsd.config.hf_spec import HFModelSpec, check_tensor_parallel
 from megaopsd.models.rope import apply_rope_override, megatron_handles_scaling
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import ParallelState

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from megaopsd.models.hf_config import Llama3RopeScaling
+from megaopsd.config.hf_spec import Llama3RopeScaling
 
 # The llama3 numbers megatron-core's RotaryEmbedding hardcodes (all but the factor).
 MEGATRON_LLAMA3_FIXED = {

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from megaopsd.config.engines import EngineLayout, engine_layout
 from megaopsd.rollout.engine import RolloutEngine, generate_rollouts
 from megaopsd.rollout.types import Completion, Rollout, SamplingSettings
 
@@ -41,41 +42,6 @@ if TYPE_CHECKING:
     from megaopsd.runtime.parallel import Runtime
 
 MIB = 1 << 20
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EngineLayout:
-    """Which rank belongs to which engine.
-
-    Attributes:
-        placement: ``single``, ``colocated`` or ``rank0``.
-        world_size: trainer processes.
-        engine_tp: ranks per engine (colocated only; 1 otherwise).
-    """
-
-    placement: str
-    world_size: int
-    engine_tp: int = 1
-
-    def __post_init__(self) -> None:
-        if self.placement not in ("single", "colocated", "rank0"):
-            raise ValueError(f"placement={self.placement!r}; use single, colocated or rank0")
-        if self.world_size % self.engine_tp:
-            raise ValueError(f"engine_tp={self.engine_tp} does not divide world_size={self.world_size}")
-
-    @property
-    def num_engines(self) -> int:
-        return self.world_size // self.engine_tp if self.placement == "colocated" else 1
-
-    def engine_of(self, rank: int) -> int | None:
-        """The engine rank ``rank`` hosts a worker of, or None."""
-        if self.placement == "colocated":
-            return rank // self.engine_tp
-        return 0 if rank == 0 else None
-
-    def leader(self, engine: int) -> int:
-        """The rank that reports an engine's results (its first rank)."""
-        return engine * self.engine_tp if self.placement == "colocated" else 0
 
 
 def split_evenly(count: int, parts: int) -> list[range]:
@@ -348,17 +314,12 @@ def start_fleet(cfg: Config, runtime: Runtime) -> EngineFleet:
     trainer's world); the trainer's groups keep working afterwards. Stop signals stay with the
     trainer: SIGUSR1 is blocked while helper processes may start.
     """
-    from megaopsd.config import rollout_placement
     from megaopsd.rollout.vllm_engine import VllmEngine
     from megaopsd.runtime.signals import stop_signals_blocked
 
     par = runtime.parallel
-    placement = rollout_placement(cfg.rollout, runtime.world_size)
-    layout = EngineLayout(
-        placement=placement,
-        world_size=runtime.world_size,
-        engine_tp=cfg.rollout.tensor_parallel_size if placement == "colocated" else 1,
-    )
+    layout = engine_layout(cfg.rollout, runtime.world_size)
+    placement = layout.placement
     replica_of_rank = [par.dp_rank]
     if runtime.world_size > 1:
         replica_of_rank = [0] * runtime.world_size

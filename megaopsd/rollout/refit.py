@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from megaopsd.config.hf_spec import HFModelSpec
 from megaopsd.convert import export_hf_weights, export_plan
 from megaopsd.convert.export import ExportMeter, ExportPlan
-from megaopsd.models.hf_config import HFModelSpec
 from megaopsd.rollout.fleet import EngineFleet
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.host_exchange import HostExchange, Unavailable

@@ -23,13 +23,13 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
-from megaopsd.config import DEVICES, check_choice
+from megaopsd.config import DEVICES, Config, check_choice
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,6 +96,19 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     )
 
 
+def world_size_from_env() -> int:
+    """The number of processes in this launch, read without starting a process group."""
+    return read_launch_env(os.environ).world_size
+
+
+def target_world_size(cfg: Config) -> int:
+    """The world size to validate against: ``trainer.dry_run_world_size`` for a dry run that
+    names one (planning a cluster job from a laptop), else this launch's world size."""
+    if cfg.trainer.dry_run and cfg.trainer.dry_run_world_size is not None:
+        return cfg.trainer.dry_run_world_size
+    return world_size_from_env()
+
+
 def select_device(requested: str, launch: LaunchEnv) -> torch.device:
     """``auto`` -> the local GPU if CUDA is available, else the CPU."""
     check_choice("runtime.device", requested, DEVICES)
@@ -141,6 +154,17 @@ def collective_device() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def dp_sum(values: Sequence[float], group: dist.ProcessGroup | None) -> list[float]:
+    """``values`` summed over ``group`` (the data-parallel replicas) in float64, on every rank.
+
+    The one way step counters (tokens, rollouts, rewards) become global: exact for counts up
+    to 2**53, whatever the model dtype.
+    """
+    totals = torch.tensor([float(v) for v in values], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(totals, group=group)
+    return [float(v) for v in totals]
 
 
 def exit_without_teardown(code: int) -> NoReturn:

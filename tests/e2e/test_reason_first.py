@@ -30,9 +30,9 @@ def engine_job(job: dict) -> dict:
 
     from megaopsd.algorithm.batch import build_microbatch
     from megaopsd.data.prompts import PromptBuilder
-    from megaopsd.data.reason_first import ReasonFirst
     from megaopsd.rollout import EngineSettings, SamplingSettings, VllmEngine
     from megaopsd.rollout.engine import generate_rollouts
+    from megaopsd.rollout.reason_first import ReasonFirst
 
     tokenizer = AutoTokenizer.from_pretrained(job["model"])
     builder = PromptBuilder(tokenizer, max_prompt_tokens=1024)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from megaopsd.config.hf_spec import Llama3RopeScaling
 from megaopsd.models import (
     SUPPORTED_ARCHITECTURES,
     UnsupportedModelError,
@@ -15,7 +16,6 @@ from megaopsd.models import (
     load_hf_config,
     padded_vocab_size,
 )
-from megaopsd.models.hf_config import Llama3RopeScaling
 from megaopsd.models.rope import default_inv_freq, llama3_inv_freq, megatron_handles_scaling
 
 

@@ -1,0 +1,96 @@
+"""What every training method provides, and what one step of it trains on.
+
+A method is one class (``Algorithm``) registered under its ``algorithm.name``
+(``megaopsd.algorithm.methods``). The trainer, ``build_components`` and the entry point's
+validation ask it instead of comparing names:
+
+    method = make_algorithm(cfg)                          # opsd | grpo | sft
+    teacher = method.make_teacher(chunks, build)          # its teacher or reference, or None
+    loss_fn = method.make_loss(vocab_size=..., tp_group=..., think_token_ids=...)
+    batch = method.training_batch(prompts, inputs)        # rollouts, or references, to train on
+    if method.sync_after_step(eval_due=...): refit the engines
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from megaopsd.config import Config, ConfigError
+from megaopsd.runtime.parallel import ParallelState
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainingBatch:
+    """One step's data on this replica: what was sampled (for logs) and what is trained on."""
+
+    sampled: list  # the step's rollouts (SFT: the reference responses)
+    train: list  # what the update trains on (GRPO: after dynamic sampling)
+    advantages: list[float] | None = None  # GRPO, one per ``train`` entry
+    in_loss: list[bool] | None = None  # GRPO, one per ``train`` entry
+    scalars: dict[str, float] = dataclasses.field(default_factory=dict)  # the method's own tags
+    empty: bool = False  # GRPO: no group anywhere had mixed rewards; the step has no update
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepInputs:
+    """The trainer's collaborators a method may use to build a step's batch."""
+
+    tokenizer: Any
+    parallel: ParallelState
+    rollouts: Callable[[list], list]  # prompts -> this replica's rollouts (collective: the fleet)
+    has_teacher: bool  # a teacher or reference model scores a second stream
+
+
+class Algorithm:
+    """One training method on the paired schedule. Subclasses set ``name`` and override what differs.
+
+    Class attributes:
+        name: the ``algorithm.name`` it is registered under.
+        samples_rollouts: whether training steps sample from the engines (False: SFT, whose
+            engines only evaluate; their generated tokens are not training cost).
+        whole_prompts: whether a data-parallel replica must hold whole prompts (GRPO's groups,
+            SFT's references), so ``trainer.prompts_per_step`` must divide by the DP size.
+    """
+
+    name: ClassVar[str]
+    samples_rollouts: ClassVar[bool] = True
+    whole_prompts: ClassVar[bool] = False
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    @classmethod
+    def check_config(cls, cfg: Config, *, dp_size: int) -> None:
+        """The method's own config rules, after ``megaopsd.config.validate`` (raise ``ConfigError``)."""
+        tr = cfg.trainer
+        if cls.whole_prompts and tr.prompts_per_step % dp_size:
+            raise ConfigError(
+                f"config: trainer.prompts_per_step={tr.prompts_per_step!r} does not split evenly over "
+                f"{dp_size} data-parallel replicas ({cls.name} keeps prompts whole); use a multiple of {dp_size}"
+            )
+
+    def make_teacher(self, chunks: list[torch.nn.Module], build: Callable[[], list[torch.nn.Module]]):
+        """The second stream's model (a ``Teacher``), or None for a student-only method."""
+        return None
+
+    def make_loss(self, *, vocab_size: int, tp_group, think_token_ids: Sequence[int] = ()):
+        """The per-token loss on vocab-parallel logits, bound to the TP group."""
+        raise NotImplementedError
+
+    def training_batch(self, prompts: list, inputs: StepInputs) -> TrainingBatch:
+        """What this replica trains on this step."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Start what the method needs for the whole run (worker processes), before the engines."""
+
+    def sync_after_step(self, *, eval_due: bool) -> bool:
+        """Whether the engines need the updated weights after this step."""
+        return True
+
+    def close(self) -> None:
+        """Release what the method holds for the run (worker processes)."""

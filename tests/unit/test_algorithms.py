@@ -1,0 +1,67 @@
+"""The training methods as plug-ins: the registry, each method's own config rules, and what the
+trainer asks of them (no process group; the trainer paths run in tests/e2e/test_baselines.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from megaopsd.algorithm.methods import ALGORITHMS, Algorithm, algorithm_class
+from megaopsd.config import AlgorithmConfig, Config, ConfigError, ModelConfig, RolloutConfig, TrainerConfig
+from megaopsd.config.schema import AlgorithmName
+
+
+def _cfg(name: str, **sections) -> Config:
+    return Config(model=ModelConfig(hf_path="unused"), algorithm=AlgorithmConfig(name=name), **sections)
+
+
+def test_every_config_choice_is_registered():
+    assert set(ALGORITHMS) == set(AlgorithmName.__args__) == {"opsd", "grpo", "sft"}
+    for name, method in ALGORITHMS.items():
+        assert issubclass(method, Algorithm) and method.name == name and algorithm_class(name) is method
+
+
+def test_what_the_trainer_asks_of_each_method():
+    opsd, grpo, sft = (algorithm_class(n) for n in ("opsd", "grpo", "sft"))
+    assert opsd.samples_rollouts and grpo.samples_rollouts and not sft.samples_rollouts
+    assert not opsd.whole_prompts and grpo.whole_prompts and sft.whole_prompts
+    assert opsd(_cfg("opsd")).sync_after_step(eval_due=False)
+    assert grpo(_cfg("grpo")).sync_after_step(eval_due=False)
+    assert not sft(_cfg("sft")).sync_after_step(eval_due=False)  # its engines only evaluate
+    assert sft(_cfg("sft")).sync_after_step(eval_due=True)
+    assert grpo(_cfg("grpo")).make_teacher([], list) is None  # kl_coef 0: no reference copy
+    assert sft(_cfg("sft")).make_teacher([], list) is None
+
+
+def test_grpo_needs_groups_and_whole_prompts_per_replica():
+    with pytest.raises(ConfigError, match=r"rollout\.n=1 gives GRPO groups of one; use rollout\.n >= 2"):
+        algorithm_class("grpo").check_config(_cfg("grpo"), dp_size=1)
+    cfg = _cfg("grpo", rollout=RolloutConfig(n=4), trainer=TrainerConfig(prompts_per_step=3))
+    with pytest.raises(
+        ConfigError, match=r"does not split evenly over 2 data-parallel replicas \(grpo keeps"
+    ):
+        algorithm_class("grpo").check_config(cfg, dp_size=2)
+    algorithm_class("grpo").check_config(cfg, dp_size=1)
+    algorithm_class("opsd").check_config(dataclasses.replace(cfg, algorithm=AlgorithmConfig()), dp_size=2)
+
+
+def test_sft_trains_on_the_whole_reference():
+    cfg = _cfg("sft", trainer=TrainerConfig(skip_first_tokens=2))
+    with pytest.raises(ConfigError, match=r"skip_first_tokens=2 does not apply to sft"):
+        algorithm_class("sft").check_config(cfg, dp_size=1)
+
+
+def test_the_entry_point_applies_the_methods_rules(tiny_qwen3):
+    bad = subprocess.run(
+        [sys.executable, "-m", "megaopsd.train", f"model.hf_path={tiny_qwen3}", "algorithm.name=grpo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert bad.stderr.strip().splitlines() == [
+        "megaopsd: config: rollout.n=1 gives GRPO groups of one; use rollout.n >= 2 (e.g. 8)"
+    ]
