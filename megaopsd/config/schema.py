@@ -75,23 +75,25 @@ class ModelConfig:
     # layers, recomputed in backward). full: recompute_num_layers layers per group (uniform) or
     # the first recompute_num_layers layers of each stage (block).
     recompute_granularity: RecomputeGranularity | None = None
+    # uniform: groups of recompute_num_layers layers | block: the first N of each stage
     recompute_method: RecomputeMethod = "uniform"
-    recompute_num_layers: int = 1
+    recompute_num_layers: int = 1  # layers per recompute group (uniform) or recomputed per stage (block)
     # Further megatron TransformerConfig fields, applied last (e.g. {cross_entropy_loss_fusion: true}).
     transformer_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
+    tensor_model_parallel_size: int = 1  # TP: ranks that split every layer (divides the head counts)
+    pipeline_model_parallel_size: int = 1  # PP: pipeline stages (the layers split across ranks)
+    # VPP: model chunks per stage (interleaved schedule); None: off
     virtual_pipeline_model_parallel_size: int | None = None
     # Uneven pipeline stages (megatron-core's own options): layers on the first / last stage;
     # the stages in between share the rest evenly. None: every stage gets the same number.
     num_layers_in_first_pipeline_stage: int | None = None
-    num_layers_in_last_pipeline_stage: int | None = None
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
+    num_layers_in_last_pipeline_stage: int | None = None  # layers on the last stage; None: an even share
+    sequence_parallel: bool = False  # split norms/dropout activations over TP ranks (needs TP > 1)
+    use_distributed_optimizer: bool = False  # shard Adam state and fp32 master weights over DP (ZeRO-1)
     overlap_grad_reduce: bool = False  # DP gradient reduce-scatter/all-reduce overlapped with backward
     overlap_param_gather: bool = False  # distributed optimizer: parameter all-gather in bucket order
 
@@ -101,8 +103,8 @@ class RuntimeConfig:
     device: Device = "auto"  # auto | cpu | cuda
     cpu_emulation: bool = True  # CUDA-call emulation for megatron-core on CPU (never used on GPU)
     cpu_threads: int = 1  # torch intra-op threads per rank on CPU; 0 keeps torch's default
-    seed: int = 1234
-    distributed_timeout_minutes: int = 30
+    seed: int = 1234  # seeds model init, dropout and data order (RNG states are checkpointed)
+    distributed_timeout_minutes: int = 30  # collective timeout of the process groups
     # Dense peak TFLOP/s of one GPU for perf/mfu; None: known H100/H200 figures for model.dtype.
     device_peak_tflops: float | None = None
 
@@ -139,7 +141,7 @@ class AlgorithmConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TeacherConfig:
     mode: TeacherMode = "fixed"  # current | fixed | ema
-    ema_decay: float = 0.99
+    ema_decay: float = 0.99  # ema: teacher <- decay * teacher + (1 - decay) * student after every step
     # Reason-first (the official --reason_first): the rollout engine first writes the teacher's
     # rationalisation of the reference solution; the teacher then scores the response after it.
     reason_first: bool = False
@@ -159,7 +161,7 @@ class LoraConfig:
     alpha: float = 16.0  # the update is (alpha / rank) * B @ A
     dropout: float = 0.0  # dropout on the adapter input (default RNG stream, same on TP ranks)
     target_modules: tuple[str, ...] = LORA_TARGETS  # HF module names (q_proj .. down_proj)
-    init: LoraInit = (
+    init: LoraInit = (  # A: kaiming (uniform +-1/sqrt(fan_in), PEFT default) | gaussian (std 1/r); B = 0
         "kaiming"  # A: kaiming (uniform +-1/sqrt(fan_in), PEFT's default) | gaussian (std 1/r); B = 0
     )
     seed: int = 0  # A's init stream (per layer and module, independent of the layout)
@@ -175,18 +177,18 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
-    temperature: float = 1.1
-    top_p: float = 0.95
+    temperature: float = 1.1  # sampling temperature (logprobs for the loss are at temperature 1)
+    top_p: float = 0.95  # nucleus sampling; 1.0 disables it
     top_k: int = 20  # -1 disables top-k sampling
     n: int = 1  # responses per prompt
-    max_new_tokens: int = 1024
-    max_model_len: int = 4096
-    kv_cache_gib: float = 1.0
-    seed: int = 0
+    max_new_tokens: int = 1024  # longest response; a longer one is cut (finish_reason length)
+    max_model_len: int = 4096  # the engine's context: prompt + response tokens
+    kv_cache_gib: float = 1.0  # CPU engines: KV cache size (CUDA uses gpu_memory_utilization)
+    seed: int = 0  # sampling seed (per step and request, so rollouts are reproducible)
     in_process: bool | None = None  # None: in-process engine for one trainer process, else its own process
     dtype: DType | None = None  # engine dtype; None follows model.dtype
     weight_transport: WeightTransport = "auto"  # auto | memory | directory
-    weight_bucket_mb: int = 512
+    weight_bucket_mb: int = 512  # weight sync: tensors per transfer bucket
     weight_sync_dir: str | None = None  # directory transport; None uses /dev/shm
     # CPU, colocated, one host: the refit moves shards through /dev/shm instead of gloo (loopback TCP)
     shared_memory_export: bool = True
@@ -202,16 +204,17 @@ class RolloutConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    train_files: tuple[str, ...] = ()
-    problem_key: str = "problem"
-    solution_key: str = "solution"
-    shuffle_seed: int = 0
-    strict: bool = False
+    train_files: tuple[str, ...] = ()  # jsonl / parquet files or hub ids; all are read, in order
+    problem_key: str = "problem"  # the column holding the problem
+    solution_key: str = "solution"  # the column holding the reference solution
+    shuffle_seed: int = 0  # order of the prompt stream (resumes at the same position)
+    strict: bool = False  # reject the run at the first bad row (file and line) instead of counting it
     max_row_bytes: int = 1 << 20  # a longer jsonl line (or parquet row's text) is skipped as row_too_long
+    # student prompts longer than this are skipped (data/skipped_student_prompt_too_long)
     max_prompt_tokens: int = 2048
     max_teacher_prompt_tokens: int | None = None  # None: same as max_prompt_tokens
-    student_enable_thinking: bool = True
-    teacher_enable_thinking: bool = True
+    student_enable_thinking: bool = True  # the chat template's enable_thinking for the student prompt
+    teacher_enable_thinking: bool = True  # the chat template's enable_thinking for the teacher prompt
     # opsd: the current official OPSD wording; opsd_first_release: its first release's (docs/prompts.md)
     prompt_style: PromptStyle = "opsd"
     # appended to the rendered teacher prompt: none | open ("<think>\n") | closed (an empty think block)
@@ -220,14 +223,14 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainerConfig:
-    max_steps: int = 100
-    prompts_per_step: int = 32
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    warmup_steps: int = 0
+    max_steps: int = 100  # optimizer steps of the run
+    prompts_per_step: int = 32  # prompts per step over all replicas (x rollout.n rollouts)
+    lr: float = 1e-6  # peak learning rate (Adam)
+    min_lr: float = 0.0  # cosine: the floor the schedule decays to
+    warmup_steps: int = 0  # linear warm-up from 0 to lr
     lr_schedule: LrSchedule = "constant"  # constant | cosine
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW)
+    clip_grad: float = 1.0  # global gradient-norm clip; 0 disables it
     microbatch_tokens: int = 8192  # padded (student + teacher) tokens per microbatch
     skip_first_tokens: int = 0  # leave the first k response tokens of every rollout out of the loss
     max_nonfinite_steps: int = 3  # this many non-finite steps in a row: save and stop
@@ -238,16 +241,16 @@ class TrainerConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
-    dir: str = "outputs/checkpoints"
-    save_interval: int = 50
-    keep_last: int = 2
+    dir: str = "outputs/checkpoints"  # iter_NNNNNNN/ directories and the latest pointer
+    save_interval: int = 50  # save every N steps (and at the last step)
+    keep_last: int = 2  # complete checkpoints kept; older ones are removed
     resume: bool = True  # continue from <dir>/latest when it exists
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoggingConfig:
-    tensorboard_dir: str = "outputs/tensorboard"
-    log_interval: int = 1
+    tensorboard_dir: str = "outputs/tensorboard"  # event files (README, Metrics)
+    log_interval: int = 1  # log scalars and the status line every N steps
     text_sample_interval: int = 5  # write a rollout text sample every N steps (0: never)
 
 
@@ -257,15 +260,15 @@ class EvalConfig:
     at_start: bool = False  # also evaluate the initial weights (logged at step 0)
     benchmarks: tuple[str, ...] = ()  # NAME (hub) or NAME=path.jsonl: aime24, aime25, hmmt25, math500
     k: int = 4  # samples per problem
-    max_new_tokens: int = 1024
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    seed: int = 0
-    enable_thinking: bool = True
+    max_new_tokens: int = 1024  # longest evaluated response
+    temperature: float = 1.0  # evaluation sampling temperature
+    top_p: float = 1.0  # evaluation nucleus sampling
+    top_k: int = -1  # evaluation top-k; -1 disables it
+    seed: int = 0  # evaluation sampling seed
+    enable_thinking: bool = True  # the chat template's enable_thinking for evaluation prompts
     limit: int | None = None  # first N problems of each benchmark
-    grading_timeout_s: float = 10.0
-    grading_workers: int = 1
+    grading_timeout_s: float = 10.0  # math-verify time limit per answer (its worker is killed after it)
+    grading_workers: int = 1  # grading worker processes
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

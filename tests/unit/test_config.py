@@ -285,3 +285,16 @@ def test_unsupported_architecture_fails_in_validation_before_any_process_group(
     assert len(err.splitlines()) == 1, err
     assert "unsupported architecture 'MistralForCausalLM'" in err and "docs/adding-a-model-family.md" in err
     assert not dist.is_initialized()
+
+
+def test_every_field_is_documented_where_it_is_declared():
+    from megaopsd.config.fields import describe, field_docs
+
+    docs = field_docs()
+    assert len(docs) > 100 and [d.name for d in docs if not d.doc] == []
+    listing = describe("loss")
+    assert "loss.beta = 0.5\n    JSD mixture weight" in listing and "rollout." not in listing
+    out = subprocess.run(
+        [sys.executable, "-m", "megaopsd.config", "teacher"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "teacher.ema_decay = 0.99\n    ema: teacher <- decay" in out.stdout
