@@ -41,8 +41,12 @@ import torch
 import torch.distributed as dist
 
 from megaopsd.algorithm.optim import TrainableStudent
-from megaopsd.algorithm.teacher import AdapterEmaTeacher, Teacher
-from megaopsd.convert.dist_ckpt import in_process_write_results
+from megaopsd.algorithm.teacher import AdapterEmaTeacher, EmaTeacher, Teacher
+from megaopsd.convert import model_sharded_state_dict
+from megaopsd.convert.dist_ckpt import in_process_write_results, load_model_state, model_state_key
+from megaopsd.convert.safe_load import load_dist_checkpoint
+from megaopsd.models.builder import unwrap_chunk
+from megaopsd.models.lora import adapters_of
 from megaopsd.runtime.parallel import ParallelState
 from megaopsd.runtime.rng import capture_rng_state, load_rng_file, restore_rng_state, save_rng_file
 from megaopsd.runtime.signals import stop_signals_blocked
@@ -172,8 +176,6 @@ def find_latest(root: str | Path) -> Path | None:
 
 
 def _sharded_state(student: TrainableStudent, teacher: Teacher | None, *, is_loading: bool) -> dict[str, Any]:
-    from megaopsd.convert import model_sharded_state_dict
-
     # The same model layout as tools/convert_checkpoint.py, so export-hf reads trainer checkpoints.
     state: dict[str, Any] = model_sharded_state_dict(student.chunks)
     if _has_adapters(student):
@@ -196,16 +198,11 @@ def _sharded_state(student: TrainableStudent, teacher: Teacher | None, *, is_loa
 
 
 def _has_adapters(student: TrainableStudent) -> bool:
-    from megaopsd.models.lora import adapters_of
-
     return bool(adapters_of(student.chunks[:1]))
 
 
 def _load_model(student: TrainableStudent, loaded: dict[str, Any]) -> None:
     """Model entries into the chunks; with LoRA the adapters only (every one of them)."""
-    from megaopsd.convert.dist_ckpt import load_model_state, model_state_key
-    from megaopsd.models.builder import unwrap_chunk
-
     if not _has_adapters(student):
         load_model_state(student.chunks, loaded)
         return
@@ -404,8 +401,6 @@ def _has_teacher_shadow(path: Path) -> bool:
     """Whether the checkpoint holds an EMA teacher's float32 shadow (older ones do not)."""
     from megatron.core import dist_checkpointing
 
-    from megaopsd.algorithm.teacher import EmaTeacher
-
     return any(
         k.startswith(EmaTeacher.SHADOW_PREFIX) for k in dist_checkpointing.load_tensors_metadata(str(path))
     )
@@ -423,8 +418,6 @@ def load_checkpoint(
 
     ``rng_restored`` in the result says whether the RNG came back; ``rng_note`` says why not.
     """
-    from megaopsd.convert.safe_load import load_dist_checkpoint
-
     path = Path(path)
     _check_fingerprint(path, base_fingerprint)
     wanted = _sharded_state(student, teacher, is_loading=True)

@@ -25,6 +25,7 @@ from megaopsd.algorithm.optim import TrainableStudent
 from megaopsd.algorithm.teacher import Teacher
 from megaopsd.checkpoint import resume_latest, save_checkpoint
 from megaopsd.config import Config
+from megaopsd.convert import copy_side_files
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import Runtime
 from megaopsd.runtime.signals import StopRequest
@@ -85,7 +86,6 @@ class CheckpointManager:
 
     def save(self, step: int, trainer_state: dict[str, Any]) -> None:
         """Write checkpoint ``step`` (model, optimizer, teacher, RNG, ``trainer_state``)."""
-        from megaopsd.convert import copy_side_files
 
         path = save_checkpoint(
             self.cfg.dir,

@@ -24,7 +24,10 @@ from megaopsd.algorithm.policy_loss import StudentLoss
 from megaopsd.algorithm.teacher import Teacher
 from megaopsd.config import Config
 from megaopsd.config.hf_spec import HFModelSpec
+from megaopsd.convert import load_hf_weights
 from megaopsd.loss.logprobs import token_logprobs
+from megaopsd.models import build_model_chunks, load_hf_config
+from megaopsd.models.lora import add_lora
 from megaopsd.runtime.parallel import Runtime
 
 
@@ -55,10 +58,6 @@ def build_components(
     Returns:
         The components; the student and the teacher (if any) hold identical weights at return.
     """
-    from megaopsd.convert import load_hf_weights
-    from megaopsd.models import build_model_chunks, load_hf_config
-    from megaopsd.models.lora import add_lora
-
     parallel = runtime.parallel
     method = method if method is not None else algorithm_class(cfg.algorithm.name)(cfg)
     spec = load_hf_config(cfg.model.hf_path)

@@ -28,11 +28,18 @@ from megaopsd.checkpoint import CheckpointError
 from megaopsd.checkpoint_manager import CheckpointManager
 from megaopsd.components import build_components
 from megaopsd.config import Config, engine_layout
+from megaopsd.data.dataset import DataError
+from megaopsd.data.prompts import PromptTemplates
+from megaopsd.data.stream import build_prompt_stream
 from megaopsd.eval.in_training import InTrainingEvaluator, eval_due
 from megaopsd.flops import utilisation_scalars
 from megaopsd.loss.boundary import think_token_ids
 from megaopsd.metrics import MetricsWriter, PhaseTimer, status_line, step_scalars
 from megaopsd.models.builder import unwrap_chunk
+from megaopsd.rollout.fleet import start_fleet
+from megaopsd.rollout.reason_first import ReasonFirst, reason_first_sampling
+from megaopsd.rollout.refit import Refitter
+from megaopsd.rollout.types import SamplingSettings
 from megaopsd.runtime.distributed import dp_sum
 from megaopsd.runtime.parallel import Runtime
 from megaopsd.runtime.signals import StopRequest
@@ -47,9 +54,6 @@ class Trainer:
 
     def __init__(self, cfg: Config, runtime: Runtime, stop: StopRequest):
         from transformers import AutoTokenizer
-
-        from megaopsd.data.prompts import PromptTemplates
-        from megaopsd.data.stream import build_prompt_stream
 
         self.cfg, self.runtime, self.parallel = cfg, runtime, runtime.parallel
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
@@ -176,8 +180,6 @@ class Trainer:
 
     def _rollouts(self, prompts: list) -> list:
         """The rollouts this rank's data-parallel replica trains on (the engines split the prompts)."""
-        from megaopsd.rollout.types import SamplingSettings
-
         prompts = list(prompts)
         if self.reason_first is not None:  # teacher prompts become prompt + rationale + transition
             prompts = self.reason_first.apply(self.fleet, prompts, step=self.step)
@@ -249,21 +251,16 @@ class Trainer:
     # ------------------------------------------------------------------ engine and weights
 
     def _start_engines(self):
-        from megaopsd.rollout.fleet import start_fleet
-
         layout = engine_layout(self.cfg.rollout, self.runtime.world_size)
         self._say(f"starting {layout.num_engines} rollout engine(s), placement {layout.placement}")
         return start_fleet(self.cfg, self.runtime)
 
     def _make_reason_first(self):
-        from megaopsd.rollout.reason_first import ReasonFirst, reason_first_sampling
-
         sampling = reason_first_sampling(self.cfg.teacher, self.cfg.rollout)
         return ReasonFirst(self.tokenizer, sampling, cache=self.cfg.teacher.reason_cache)
 
     def _sync_weights(self) -> dict[str, float]:
         """Refit every engine from the student's own shards, in memory (``rollout/refit.py``)."""
-        from megaopsd.rollout.refit import Refitter
 
         modules = [unwrap_chunk(c) for c in self.student.chunks]
         if self.refitter is None:
@@ -339,7 +336,6 @@ class Trainer:
 
 def run(cfg: Config) -> int:
     """Start the runtime, train, shut down; the process exit code."""
-    from megaopsd.data.dataset import DataError
 
     stop = StopRequest().install()  # before anything slow: a notice during start-up is not fatal
     runtime = Runtime.start(cfg.parallel, cfg.runtime)
