@@ -17,6 +17,8 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from megaopsd.runtime.distributed import dp_sum
+
 # Dense (no sparsity) peaks in TFLOP/s from the vendors' data sheets: bf16 tensor cores, and
 # TF32 for float32 models (torch runs float32 matmuls on TF32 when allowed).
 _PEAKS_TFLOPS = {
@@ -61,15 +63,19 @@ def forward_flops(shape: ModelShape, seq_len: int, logit_rows: int) -> int:
     )
 
 
-def paired_step_flops(shape: ModelShape, rollouts: Iterable[tuple[int, int, int]]) -> int:
+def paired_step_flops(
+    shape: ModelShape, rollouts: Iterable[tuple[int, int, int]], *, teacher_stream: bool = True
+) -> int:
     """Student forward + backward (3x) and teacher forward (1x) over ``(s_prompt, t_prompt, response)``.
 
-    Each stream feeds ``prompt + response - 1`` tokens and scores ``response`` rows.
+    Each stream feeds ``prompt + response - 1`` tokens and scores ``response`` rows. Without a
+    teacher stream (GRPO without its KL reference, SFT) only the student's work is counted.
     """
     total = 0
     for s_prompt, t_prompt, response in rollouts:
         total += 3 * forward_flops(shape, s_prompt + response - 1, response)
-        total += forward_flops(shape, t_prompt + response - 1, response)
+        if teacher_stream:
+            total += forward_flops(shape, t_prompt + response - 1, response)
     return total
 
 
@@ -93,24 +99,19 @@ def utilisation_scalars(
     peak_tflops_configured: float | None,
     world_size: int,
     dp_group: Any = None,
+    teacher_stream: bool = True,
 ) -> dict[str, float]:
-    """``perf/train_gflops`` (model FLOPs of both streams per second, all ranks together) and,
-    on a GPU whose peak is known or configured, ``perf/mfu`` (per GPU).
+    """``perf/train_gflops`` (model FLOPs of the streams that ran, per second, all ranks together)
+    and, on a GPU whose peak is known or configured, ``perf/mfu`` (per GPU).
 
     ``rollouts`` are the ones this data-parallel replica trained on; with ``dp_group`` the
-    FLOPs are summed over the replicas.
+    FLOPs are summed over the replicas. ``teacher_stream``: whether a teacher or reference
+    forward ran (False for GRPO without KL and for SFT).
     """
     lengths = [(len(r.student_prompt_ids), len(r.teacher_prompt_ids), len(r.response_ids)) for r in rollouts]
-    flops = float(paired_step_flops(ModelShape.of(spec), lengths))
+    flops = float(paired_step_flops(ModelShape.of(spec), lengths, teacher_stream=teacher_stream))
     if dp_group is not None:
-        import torch
-        import torch.distributed as dist
-
-        from megaopsd.runtime.distributed import collective_device
-
-        total = torch.tensor(flops, dtype=torch.float64, device=collective_device())
-        dist.all_reduce(total, group=dp_group)
-        flops = float(total)
+        (flops,) = dp_sum([flops], dp_group)
     flops_per_s = flops / max(train_seconds, 1e-9)
     values = {"perf/train_gflops": flops_per_s / 1e9}
     if device.type == "cuda":

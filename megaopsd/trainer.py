@@ -159,6 +159,7 @@ class Trainer:
                 peak_tflops_configured=self.cfg.runtime.device_peak_tflops,
                 world_size=self.runtime.world_size,
                 dp_group=self.parallel.dp_group,
+                teacher_stream=self.teacher is not None,
             )
         )
         values.update(sync)

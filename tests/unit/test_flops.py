@@ -64,3 +64,8 @@ def test_utilisation_scalars_on_cpu_are_gflops_only():
         world_size=1,
     )
     assert values == {"perf/train_gflops": (3 * 1120 + forward_flops(SHAPE, 5, 2)) / 2.0 / 1e9}
+
+
+def test_a_student_only_step_counts_no_teacher_forward():
+    """GRPO without its KL reference and SFT run no teacher stream: perf/mfu must not count one."""
+    assert paired_step_flops(SHAPE, [(2, 4, 2)], teacher_stream=False) == 3 * 1120
