@@ -266,3 +266,27 @@ def test_official_run_recipes_carry_the_released_values(recipe, tmp_path, monkey
     assert cfg.teacher.mode == "fixed" and cfg.data.prompt_style == "opsd"
     assert (cfg.data.student_enable_thinking, cfg.data.teacher_enable_thinking) == (False, teacher_thinking)
     assert cfg.data.train_files == ("data/openthoughts_math_30k_opsd.parquet",)
+
+
+@pytest.mark.parametrize("recipe", sorted(OFFICIAL))
+def test_official_lora_recipes_are_the_released_runs(recipe, tmp_path, monkeypatch):
+    """``<official>_lora`` is the released run itself: the official recipe plus LoRA r 64 / alpha
+    128 on every linear layer at lr 5e-6 on the local spec (LoRA refuses the TE spec); nothing
+    else changes, and the dry run counts no teacher copy and adapter-sized gradients."""
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "0")
+    hf = qwen3_config_dir(tmp_path, OFFICIAL[recipe][0])
+    full, lora = _compose(recipe, hf), _compose(f"{recipe}_lora", hf)
+    assert (lora.lora.rank, lora.lora.alpha, lora.trainer.lr) == (64, 128.0, 5e-6)
+    assert len(lora.lora.target_modules) == 7 and lora.model.transformer_impl == "local"
+    same = dict(lora=full.lora, trainer=full.trainer, model=full.model)
+    assert dataclasses.replace(lora, logging=full.logging, checkpoint=full.checkpoint, **same) == full
+    assert dataclasses.replace(lora.trainer, lr=full.trainer.lr) == full.trainer
+    full_mem, lora_mem = estimate_memory_gib(full, 8), estimate_memory_gib(lora, 8)
+    assert lora_mem["teacher copy"] == 0.0 and lora_mem["grads (fp32)"] < 0.1 * full_mem["grads (fp32)"]
+
+
+def test_gpu_recipes_size_the_engine_by_gpu_memory_utilization():
+    """``rollout.kv_cache_gib`` sizes CPU engines only; a GPU recipe that sets it would mislead."""
+    for path in sorted((REPO / "conf" / "recipe").glob("*qwen3*.yaml")):
+        assert "kv_cache_gib" not in path.read_text(), path.name
