@@ -269,14 +269,14 @@ def test_official_run_recipes_carry_the_released_values(recipe, tmp_path, monkey
 
 
 @pytest.mark.parametrize("recipe", sorted(OFFICIAL))
-def test_official_lora_recipes_are_the_released_runs(recipe, tmp_path, monkeypatch):
-    """``<official>_lora`` is the released run itself: the official recipe plus LoRA r 64 / alpha
+def test_official_recipes_are_the_released_runs(recipe, tmp_path, monkeypatch):
+    """``<recipe>_official`` is the released run itself: the official recipe plus LoRA r 64 / alpha
     128 on every linear layer at lr 5e-6 on the local spec (LoRA refuses the TE spec); nothing
     else changes, and the dry run counts no teacher copy and adapter-sized gradients."""
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("RANK", "0")
     hf = qwen3_config_dir(tmp_path, OFFICIAL[recipe][0])
-    full, lora = _compose(recipe, hf), _compose(f"{recipe}_lora", hf)
+    full, lora = _compose(recipe, hf), _compose(f"{recipe}_official", hf)
     assert (lora.lora.rank, lora.lora.alpha, lora.trainer.lr) == (64, 128.0, 5e-6)
     assert len(lora.lora.target_modules) == 7 and lora.model.transformer_impl == "local"
     same = dict(lora=full.lora, trainer=full.trainer, model=full.model)
