@@ -15,11 +15,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 def nan_from_step_two_worker(model: str, out: str, data: str) -> dict:
 
-    from megaopsd import components
     from megaopsd import trainer as trainer_module
+    from megaopsd.algorithm.methods import opsd
     from megaopsd.config import load_config
 
-    real_make_loss_fn = components.make_loss_fn
+    real_make_loss_fn = opsd.make_loss_fn
     calls = {"n": 0}
 
     def make_loss_fn(*args, **kwargs):
@@ -32,7 +32,7 @@ def nan_from_step_two_worker(model: str, out: str, data: str) -> dict:
 
         return poisoned
 
-    components.make_loss_fn = make_loss_fn
+    opsd.make_loss_fn = make_loss_fn  # what the OPSD method builds its loss with
     cfg = load_config(
         {
             "model": {"hf_path": model},
