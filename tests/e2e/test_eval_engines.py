@@ -22,14 +22,17 @@ ARGS = ["--k", "2", "--max-new-tokens", "12", "--dtype", "float32", "--kv-cache-
 ARGS += ["--grading-workers", "1", "--cpu-threads", "1", "--no-progress"]
 
 
-def _eval(model: Path, bench: Path, out: Path, engines: int) -> subprocess.CompletedProcess:
+def _eval(
+    model: Path, bench: Path, out: Path, engines: int, engine_tp: int = 1, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     script = [str(REPO / "tools" / "eval_math.py"), "--model", str(model), "--benchmark", f"demo={bench}"]
-    script += ["--out", str(out), "--engines", str(engines), *ARGS]
-    if engines == 1:
+    script += ["--out", str(out), "--engines", str(engines), "--engine-tp", str(engine_tp), *ARGS, *extra]
+    processes = engines * engine_tp
+    if processes == 1:
         command = [sys.executable, *script]
     else:
         torchrun = str(Path(sys.executable).with_name("torchrun"))
-        command = [torchrun, "--standalone", f"--nproc-per-node={engines}", *script]
+        command = [torchrun, "--standalone", f"--nproc-per-node={processes}", *script]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -51,6 +54,24 @@ def test_two_engines_write_the_records_of_one(tiny_qwen3, tmp_path):
     assert any(records[2 * i]["response"] != records[2 * i + 1]["response"] for i in range(len(PROBLEMS)))
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert (summary["settings"]["engines"], summary["settings"]["engine_tp"]) == (2, 1)
+
+
+def test_one_engine_of_tp2_answers_as_one_process(tiny_qwen3, tmp_path):
+    """``--engine-tp 2``: one engine over two processes (vLLM tensor parallel over gloo and shared
+    memory) gives the single-process engine's greedy answers, and the summary records the layout."""
+    bench = tmp_path / "demo.jsonl"
+    bench.write_text("".join(json.dumps(row) + "\n" for row in PROBLEMS))
+    greedy = ("--k", "1", "--temperature", "0")
+    _eval(tiny_qwen3, bench, tmp_path / "one", engines=1, extra=greedy)
+    _eval(tiny_qwen3, bench, tmp_path / "tp2", engines=1, engine_tp=2, extra=greedy)
+    one, tp2 = (
+        [json.loads(line) for line in (tmp_path / d / "samples_demo.jsonl").read_text().splitlines()]
+        for d in ("one", "tp2")
+    )
+    assert len(one) == len(PROBLEMS)
+    assert [(r["problem_id"], r["response"]) for r in tp2] == [(r["problem_id"], r["response"]) for r in one]
+    summary = json.loads((tmp_path / "tp2" / "summary.json").read_text())
+    assert (summary["settings"]["engines"], summary["settings"]["engine_tp"]) == (1, 2)
 
 
 def test_process_count_must_match_the_engines(tiny_qwen3, tmp_path):

@@ -56,6 +56,15 @@ def _in_process_job(job: dict) -> dict:
     out["sampled_last_alone"] = _as_json(engine.generate(prompts[-1:], sampled, step=3, first_prompt_index=2))
     out["sampled_next_step"] = _as_json(engine.generate(prompts, sampled, step=4))
     out["multi"] = _as_json(engine.generate(prompts[:1], dataclasses.replace(sampled, n=3), step=3))
+    # top-k and top-p reach vLLM's sampler: 8 samples of 8 tokens with each restriction
+    for key, top_k, top_p in (
+        ("top_k3", 3, 1.0),
+        ("top_k1", 1, 1.0),
+        ("top_p_tiny", -1, 1e-6),
+        ("free", -1, 1.0),
+    ):
+        narrowed = dataclasses.replace(sampled, top_k=top_k, top_p=top_p, n=8, max_new_tokens=8)
+        out[key] = _as_json(engine.generate(prompts[:1], narrowed, step=5))
     raw = engine.llm.generate(
         [TokensPrompt(prompt_token_ids=p) for p in prompts], SamplingParams(max_tokens=1)
     )
@@ -256,3 +265,29 @@ def test_multiprocess_engine_takes_weights_through_a_directory(results, job, tmp
     assert mp["transport"] == "directory"
     _assert_same_greedy(mp["greedy_a"], results["greedy_a"])
     _assert_same_greedy(mp["greedy_b"], results["greedy_b_fresh"])
+
+
+def test_top_k_and_top_p_narrow_what_vllm_samples(results, job):
+    """At temperature 1.1, top-k 1 and a tiny top-p leave only the most likely token (the greedy
+    continuation); top-k 3 keeps every sampled token among transformers' 3 most likely at its
+    position; without either, the samples leave that set."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    greedy = results["greedy_a"][0][0]["response_ids"][:8]
+    for key in ("top_k1", "top_p_tiny"):
+        assert [s["response_ids"] for s in results[key][0]] == [greedy] * 8, key
+    model = AutoModelForCausalLM.from_pretrained(job["model_a"], dtype=torch.float32).eval()
+    prompt = job["prompts"][0]
+
+    def ranks(response: list[int]) -> list[int]:
+        """Each sampled token's rank under transformers' next-token logits (0: the most likely)."""
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + response])).logits[0]
+        rows = logits[len(prompt) - 1 : len(prompt) + len(response) - 1]
+        return [int((row > row[token]).sum()) for row, token in zip(rows, response, strict=True)]
+
+    top3 = [rank for sample in results["top_k3"][0] for rank in ranks(sample["response_ids"])]
+    free = [rank for sample in results["free"][0] for rank in ranks(sample["response_ids"])]
+    assert len(top3) >= 8 and len(free) >= 8  # 8 samples of up to 8 tokens each
+    assert max(top3) <= 2 and max(free) > 2, (top3, free)
