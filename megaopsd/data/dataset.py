@@ -146,7 +146,9 @@ def _read_parquet(path: Path, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
 
 
 def _read_hub(source: str, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
-    """A Hugging Face dataset id, ``owner/name`` or ``owner/name:split`` (default split ``train``)."""
+    """A Hugging Face dataset, ``NAME`` or ``NAME:split`` (default split ``train``): a hub id
+    ``owner/name``, or a local directory in the hub's layout (a downloaded dataset repository:
+    ``data/train-*.parquet`` and the like), read by ``datasets.load_dataset``."""
     import datasets
 
     name, _, split = source.partition(":")
@@ -166,6 +168,8 @@ def _read_source(
     source: str, keys: Sequence[str], max_row_bytes: int = DataConfig.max_row_bytes
 ) -> Iterator[tuple[str, Any]]:
     path = Path(source)
+    if Path(source.partition(":")[0]).is_dir():  # a dataset repository on disk (hub layout)
+        return _read_hub(source, keys)
     if path.is_file():
         if path.suffix in JSONL_SUFFIXES:
             return _read_jsonl(path, max_row_bytes)
@@ -257,7 +261,8 @@ def load_examples(
     """Read every source, keep the usable rows and count the others per reason.
 
     Args:
-        sources: local files (``.jsonl``, ``.json`` lines, ``.parquet``) or Hugging Face ids.
+        sources: local files (``.jsonl``, ``.json`` lines, ``.parquet``), Hugging Face ids, or dataset
+            repositories on disk (a directory in the hub layout), each optionally ``:split``.
         problem_key: the column holding the problem.
         solution_key: the column holding the reference solution.
         strict: raise on the first bad row (or unreadable file) instead of skipping it.

@@ -160,3 +160,22 @@ def test_demo_data_is_deterministic_and_loads(tmp_path):
     assert len(loaded.examples) == 40 and loaded.skipped == {}
     for row in make_examples(40):
         assert row["solution"].endswith(f"\\boxed{{{row['answer']}}}.")
+
+
+def test_a_dataset_repository_on_disk_loads_through_datasets(tmp_path):
+    """The hub reader (``datasets.load_dataset``) on a local directory in the hub's layout, as a
+    downloaded dataset repository has it: the default split, a named one, a missing column."""
+    repo = tmp_path / "owner" / "math_opsd"
+    (repo / "data").mkdir(parents=True)
+    train = pa.table({"question": ["p1", "p2"], "answer": ["s1", "s2"], "source": ["a", "b"]})
+    pq.write_table(train, repo / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(
+        pa.table({"question": ["q"], "answer": ["t"]}), repo / "data" / "test-00000-of-00001.parquet"
+    )
+    keys = dict(problem_key="question", solution_key="answer")
+    loaded = load_examples([str(repo)], **keys)
+    assert [(e.problem, e.solution) for e in loaded.examples] == [("p1", "s1"), ("p2", "s2")]
+    assert loaded.examples[0].example_id == f"{repo}[1]"
+    assert [e.problem for e in load_examples([f"{repo}:test"], **keys).examples] == ["q"]
+    with pytest.raises(DataError, match=r"math_opsd.*problem"):
+        load_examples([str(repo)])  # its columns are question/answer, not problem/solution
