@@ -126,3 +126,20 @@ def chunk_layers(
             layout[(pp_rank, vp_stage)] = range(start, start + per_chunk[pp_rank])
             start += per_chunk[pp_rank]
     return layout
+
+
+def interleaved_min_microbatches(pp: int, vpp: int) -> int:
+    """The fewest microbatches a step may have under megatron's interleaved schedule (VPP).
+
+    The count must be a multiple of ``pp`` (the schedule runs microbatches in groups of PP).
+    And it must leave the first stage a steady phase: its warm-up is ``2 (pp - 1) + (vpp - 1) pp``
+    of the ``count x vpp`` chunk passes, and when that covers all of them (every pass in warm-up:
+    PP2 x VPP2 with 2 microbatches, PP4 x VPP2 with 4) the stages' point-to-point sends and
+    receives no longer pair up over gloo and the step hangs. So: the smallest multiple of ``pp``
+    whose ``count x vpp`` exceeds that warm-up.
+    """
+    warmup = 2 * (pp - 1) + (vpp - 1) * pp
+    count = pp
+    while count * vpp <= warmup:
+        count += pp
+    return count

@@ -123,19 +123,20 @@ def grpo_rollouts() -> list[GrpoRollout]:
 
 def my_microbatches(runtime, budget: int, algorithm: str = "opsd"):
     """This data-parallel replica's share of the fixed rollouts cut at ``budget`` tokens."""
-    from megaopsd.algorithm.batch import build_microbatches
+    from megaopsd.algorithm.batch import build_microbatches, microbatch_count_rule
 
     par = runtime.parallel
     rollouts = grpo_rollouts() if algorithm == "grpo" else fixed_rollouts()
     mine = rollouts[par.dp_rank :: par.dp_size]
     pad = par.tp_size if par.sequence_parallel else 1
-    multiple = par.pp_size if par.vpp_size else 1  # the interleaved schedule's count rule
+    multiple, minimum = microbatch_count_rule(par.pp_size, par.vpp_size)  # the interleaved schedule's
     return build_microbatches(
         mine,
         max_tokens=budget,
         pad_id=0,
         pad_multiple=pad,
         count_multiple=multiple,
+        min_count=minimum,
         student_only=algorithm == "sft",
         advantages=[r.advantage for r in mine] if algorithm == "grpo" else None,
     )

@@ -30,6 +30,8 @@ from typing import Protocol
 
 import torch
 
+from megaopsd.stages import interleaved_min_microbatches
+
 
 class PairedRollout(Protocol):
     """What a paired microbatch needs from a rollout (``megaopsd.rollout.Rollout`` has it)."""
@@ -267,17 +269,21 @@ def plan_microbatches(
     return groups
 
 
-def regroup_to_multiple(groups: list[list[int]], multiple: int) -> list[list[int]]:
-    """Split (or, if there are too few rollouts, merge) groups until their count is a multiple.
+def regroup_to_multiple(groups: list[list[int]], multiple: int, minimum: int = 0) -> list[list[int]]:
+    """Split (or, if there are too few rollouts, merge) groups until their count is a multiple
+    of ``multiple`` and at least ``minimum`` (a multiple of ``multiple``).
 
-    The interleaved pipeline schedule runs microbatches in groups of PP and refuses any other
-    count. Splitting halves the largest group; merging joins the smallest adjacent pair (which
-    may exceed the token budget, the lesser evil). Rollout order is kept.
+    The interleaved pipeline schedule runs microbatches in groups of PP, refuses any other
+    count, and needs ``stages.interleaved_min_microbatches`` of them. Splitting halves the
+    largest group; merging joins the smallest adjacent pair (which may exceed the token budget,
+    the lesser evil). Rollout order is kept.
     """
     total = sum(len(g) for g in groups)
     if total < multiple:
         raise ValueError(f"{total} rollouts cannot fill a multiple of {multiple} microbatches")
-    up = -(-len(groups) // multiple) * multiple
+    if total < minimum:
+        raise ValueError(f"{total} rollouts cannot fill the interleaved schedule's {minimum} microbatches")
+    up = max(-(-len(groups) // multiple) * multiple, minimum)
     target = up if up <= total else up - multiple
     groups = [list(g) for g in groups]
     while len(groups) < target:
@@ -290,6 +296,13 @@ def regroup_to_multiple(groups: list[list[int]], multiple: int) -> list[list[int
     return groups
 
 
+def microbatch_count_rule(pp: int, vpp: int | None) -> tuple[int, int]:
+    """``(count_multiple, min_count)`` for a step at this pipeline layout (no rule without VPP)."""
+    if not vpp:
+        return 1, 0
+    return pp, interleaved_min_microbatches(pp, vpp)
+
+
 def build_microbatches(
     rollouts: Sequence[PairedRollout],
     *,
@@ -298,6 +311,7 @@ def build_microbatches(
     pad_multiple: int = 1,
     skip_first_tokens: int = 0,
     count_multiple: int = 1,
+    min_count: int = 0,
     length_aware: bool = True,
     student_only: bool = False,
     advantages: Sequence[float] | None = None,
@@ -305,9 +319,10 @@ def build_microbatches(
 ) -> list[PairedMicrobatch]:
     """All microbatches of a step: ``plan_microbatches`` then ``build_microbatch`` per group.
 
-    ``count_multiple``: the number of microbatches must be a multiple of this (PP with an
-    interleaved pipeline). ``length_aware``: see ``plan_microbatches``. ``student_only``,
-    ``advantages``, ``in_loss``: see ``build_microbatch``.
+    ``count_multiple``, ``min_count``: the number of microbatches must be a multiple of the one
+    and at least the other (PP with an interleaved pipeline: ``microbatch_count_rule``).
+    ``length_aware``: see ``plan_microbatches``. ``student_only``, ``advantages``, ``in_loss``:
+    see ``build_microbatch``.
     """
     if not rollouts:
         raise ValueError(
@@ -320,8 +335,8 @@ def build_microbatches(
         length_aware=length_aware,
         student_only=student_only,
     )
-    if count_multiple > 1:
-        groups = regroup_to_multiple(groups, count_multiple)
+    if count_multiple > 1 or min_count > len(groups):
+        groups = regroup_to_multiple(groups, count_multiple, min_count)
     return [
         build_microbatch(
             rollouts,

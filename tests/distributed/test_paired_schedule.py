@@ -184,14 +184,20 @@ def test_layouts_match_single_process(baseline, tiny_qwen3, tp, pp, sp, world):
     _assert_paths_agree(results)
 
 
-def test_pp2_vpp2_matches_single_process(baseline, tiny_qwen3):
-    # Several microbatches only: with VPP2 at PP2 a step of exactly 2 microbatches hung in gloo
-    # p2p (both paths; seen 2026-12-01, not yet understood).
+@pytest.mark.parametrize("budget", ["one", "four"])
+def test_pp2_vpp2_matches_single_process(baseline, tiny_qwen3, budget):
+    """PP2 x VPP2, also at a budget that fits the step in one microbatch: with exactly 2 (PP)
+    microbatches every pass of the first stage is warm-up and the stages' gloo sends no longer
+    pair up (the step hung); the count rule gives the schedule 4 (``microbatch_count_rule``)."""
+    index, tokens = {"one": (0, BUDGET_ONE), "four": (1, BUDGET_FOUR)}[budget]
     results = run_ranks(
-        layout_worker, world_size=2, args=(str(tiny_qwen3), 1, 2, False, (BUDGET_FOUR,), (None, None), 2)
+        layout_worker,
+        world_size=2,
+        args=(str(tiny_qwen3), 1, 2, False, (tokens,), (None, None), 2),
+        timeout_s=180,
     )
-    run, ref = results[0]["runs"][0], baseline["runs"][1]
-    assert run["tokens"] == ref["tokens"] and run["num_mb"] % 2 == 0
+    run, ref = results[0]["runs"][0], baseline["runs"][index]
+    assert run["tokens"] == ref["tokens"] and run["num_mb"] % 2 == 0 and run["num_mb"] >= 4
     assert abs(run["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (run, ref)
     for name, grad in baseline["grads"].items():
         assert _rel(results[0]["grads"][name], grad) <= 1e-5, name

@@ -64,6 +64,11 @@ INVALID = [
     (["parallel.pipeline_model_parallel_size=3"], 3, ["num_hidden_layers=4"]),
     (["parallel.virtual_pipeline_model_parallel_size=2"], 1, ["virtual_pipeline_model_parallel_size=2"]),
     (
+        ["parallel=pp2", "parallel.virtual_pipeline_model_parallel_size=2", "trainer.prompts_per_step=3"],
+        2,
+        ["prompts_per_step=3", "3 rollouts per replica", "PP2 x VPP2 needs 4 microbatches", "warm-up"],
+    ),
+    (
         ["parallel.sequence_parallel=true"],
         1,
         ["parallel.sequence_parallel", "tensor_model_parallel_size > 1"],

@@ -10,6 +10,7 @@ import torch
 from megaopsd.algorithm.batch import (
     build_microbatch,
     build_microbatches,
+    microbatch_count_rule,
     padding_fraction,
     plan_microbatches,
     split_over_data_parallel,
@@ -114,6 +115,15 @@ def test_regroup_reaches_a_multiple_of_the_pipeline_size():
         regroup_to_multiple([[0, 1, 2]], 4)
     mbs = build_microbatches(ROLLOUTS * 2, max_tokens=10**6, pad_id=0, count_multiple=4)
     assert len(mbs) == 4 and sum(mb.batch_size for mb in mbs) == 6
+    # PP2 x VPP2: one group would do, the interleaved schedule needs 4 (a steady phase per stage)
+    multiple, minimum = microbatch_count_rule(2, 2)
+    mbs = build_microbatches(
+        ROLLOUTS * 2, max_tokens=10**6, pad_id=0, count_multiple=multiple, min_count=minimum
+    )
+    assert (multiple, minimum, len(mbs)) == (2, 4, 4) and sum(mb.batch_size for mb in mbs) == 6
+    assert microbatch_count_rule(2, None) == (1, 0)
+    with pytest.raises(ValueError, match="cannot fill the interleaved schedule's 4 microbatches"):
+        regroup_to_multiple([[0, 1, 2]], 2, 4)
     with pytest.raises(ValueError, match="no rollouts for this data-parallel replica"):
         build_microbatches([], max_tokens=100, pad_id=0)
 

@@ -169,3 +169,28 @@ def test_good_uneven_split_validates():
     )
     assert check_stages(36, 8, None, 1, None) is None
     assert stage_layer_counts(36, 8, 1, None) == [1, 5, 5, 5, 5, 5, 5, 5]
+
+
+@pytest.mark.parametrize("pp", [2, 3, 4, 8])
+@pytest.mark.parametrize("vpp", [2, 3, 4])
+def test_interleaved_minimum_leaves_every_stage_a_steady_phase_by_megatrons_own_count(pp, vpp):
+    """megatron's get_pp_rank_microbatches says when a stage runs every pass in warm-up (the
+    case that hung over gloo at PP2 x VPP2 with 2 microbatches); our minimum is the first count
+    (a multiple of pp) where no stage does."""
+    import types
+
+    from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches
+
+    from megaopsd.stages import interleaved_min_microbatches
+
+    def all_warmup(count: int) -> bool:
+        for rank in range(pp):
+            group = types.SimpleNamespace(size=lambda: pp, rank=lambda r=rank: r)
+            p2p = types.SimpleNamespace(pp_group=group, virtual_pipeline_model_parallel_size=vpp)
+            if get_pp_rank_microbatches(count, vpp, pp, p2p_communicator=p2p)[1]:
+                return True
+        return False
+
+    minimum = interleaved_min_microbatches(pp, vpp)
+    assert minimum % pp == 0 and not all_warmup(minimum)
+    assert all(all_warmup(count) for count in range(pp, minimum, pp))
