@@ -21,7 +21,7 @@ import math
 import sys
 from typing import Any
 
-from megaopsd.algorithm.batch import build_microbatches
+from megaopsd.algorithm.batch import build_microbatches, microbatch_count_rule
 from megaopsd.algorithm.methods import StepInputs, TrainingBatch, make_algorithm
 from megaopsd.algorithm.step import StepResult, train_step
 from megaopsd.checkpoint import CheckpointError
@@ -175,6 +175,7 @@ class Trainer:
             tokenizer=self.tokenizer,
             parallel=self.parallel,
             rollouts=self._rollouts,
+            next_prompts=self.prompts.next_prompts,
             has_teacher=self.teacher is not None,
         )
         return self.method.training_batch(prompts, inputs)
@@ -209,13 +210,15 @@ class Trainer:
             return StepResult(
                 loss=math.nan, grad_norm=math.nan, lr=lr, num_tokens=0, skipped=False, metrics={}
             ), {"real": 0.0, "padded": 0.0}
+        count_multiple, min_count = microbatch_count_rule(par.pp_size, par.vpp_size)
         microbatches = build_microbatches(
             batch.train,
             max_tokens=tr.microbatch_tokens,
             pad_id=self.pad_id,
             pad_multiple=par.tp_size if par.sequence_parallel else 1,
             skip_first_tokens=tr.skip_first_tokens,
-            count_multiple=par.pp_size if par.vpp_size else 1,
+            count_multiple=count_multiple,
+            min_count=min_count,
             student_only=self.teacher is None,
             advantages=batch.advantages,
             in_loss=batch.in_loss,

@@ -81,7 +81,7 @@ def grpo_batch(
     groups = [r.prompt_index for r in rollouts]
     advantages = group_advantages(rewards, groups, normalize_std=cfg.normalize_std)
     all_groups = set(groups)
-    kept = groups_to_keep(rewards, groups) if cfg.dynamic_sampling else all_groups
+    kept = groups_to_keep(rewards, groups) if cfg.dynamic_sampling is not False else all_groups
     order = [i for i, g in enumerate(groups) if g in kept]
     in_loss = [True] * len(order)
     if len(order) < min_rollouts:

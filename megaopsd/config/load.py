@@ -35,7 +35,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError:
                 pass
-        raise ConfigError(f"config: {where}={value!r} has the wrong type; expected {annotation}")
+        expected = " or ".join(_describe(option) for option in options)
+        raise ConfigError(f"config: {where}={value!r} has the wrong type; expected {expected}")
     if origin is dict:
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
             raise ConfigError(f"config: {where}={value!r} must be a mapping with string keys")
@@ -58,6 +59,15 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             f"config: {where}={value!r} must be of type {annotation.__name__}, not {type(value).__name__}"
         )
     return value
+
+
+def _describe(annotation: Any) -> str:
+    """``true or false``, ``one of a, b``, or the type's name: for an error message."""
+    if annotation is bool:
+        return "true or false"
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(annotation)))
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:

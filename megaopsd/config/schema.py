@@ -27,6 +27,7 @@ RecomputeMethod = Literal["uniform", "block"]
 ClipMode = Literal["token", "entry"]  # token: a token's divergence; entry: each vocab entry's term
 PromptStyle = Literal["opsd", "opsd_first_release", "compact", "minimal"]
 ThinkPrefix = Literal["none", "open", "closed"]
+Refill = Literal["refill"]
 ReasonCache = Literal["regenerate", "per_example"]
 
 LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
@@ -52,7 +53,7 @@ def fail(field: str, value: Any, problem: str, fix: str) -> typing.NoReturn:
 def check_literal(field: str, value: Any, annotation: Any) -> None:
     """``value`` must be one of the field's Literal choices (or None where the field allows it)."""
     options = typing.get_args(annotation) if typing.get_origin(annotation) is not typing.Literal else ()
-    if value is None and type(None) in options:
+    if (value is None and type(None) in options) or (isinstance(value, bool) and bool in options):
         return
     literal = next((o for o in options if typing.get_origin(o) is typing.Literal), annotation)
     choices = typing.get_args(literal)
@@ -131,7 +132,10 @@ class AlgorithmConfig:
     clip_low: float = 0.2  # grpo: the ratio's lower bound is 1 - clip_low
     clip_high: float = 0.28  # grpo: the ratio's upper bound is 1 + clip_high (clip-higher)
     kl_coef: float = 0.0  # grpo: k3 KL to the initial weights (a frozen copy); 0 builds no copy
-    dynamic_sampling: bool = True  # grpo: drop groups whose rewards are all equal
+    # grpo: true drops groups whose rewards are all equal (the step trains on fewer); refill also
+    # generates from the next prompts until prompts_per_step mixed groups are found
+    dynamic_sampling: bool | Refill = True
+    refill_max_rounds: int = 4  # grpo, dynamic_sampling=refill: generation rounds per step at most
     tis_cap: float | None = None  # grpo: truncated IS weight cap for the engine/trainer gap; None off
     # sft: the prompts the reference solution follows: the student's, or both the student's and
     # the teacher's (a warm start that also teaches a self-teacher to read its privileged context)
@@ -204,7 +208,7 @@ class RolloutConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    train_files: tuple[str, ...] = ()  # jsonl / parquet files or hub ids; all are read, in order
+    train_files: tuple[str, ...] = ()  # jsonl/parquet files, hub ids, hub-layout dirs; NAME:split
     problem_key: str = "problem"  # the column holding the problem
     solution_key: str = "solution"  # the column holding the reference solution
     shuffle_seed: int = 0  # order of the prompt stream (resumes at the same position)

@@ -31,7 +31,7 @@ from megaopsd.config.schema import (
     check_literal,
 )
 from megaopsd.config.schema import fail as _fail
-from megaopsd.stages import FIRST, LAST, check_stages
+from megaopsd.stages import FIRST, LAST, check_stages, interleaved_min_microbatches
 
 
 def _validate_choices(cfg: Config) -> None:
@@ -218,6 +218,8 @@ def _validate_baselines(cfg: Config) -> None:
             _fail(f"algorithm.{name}", value, "is out of range", "use e.g. clip_low=0.2, clip_high=0.28")
     if alg.kl_coef < 0:
         _fail("algorithm.kl_coef", alg.kl_coef, "must be >= 0", "use 0 to turn the KL penalty off")
+    if alg.refill_max_rounds < 1:
+        _fail("algorithm.refill_max_rounds", alg.refill_max_rounds, "must be >= 1", "use e.g. 4")
     if alg.tis_cap is not None and alg.tis_cap <= 0:
         _fail("algorithm.tis_cap", alg.tis_cap, "must be > 0", "use e.g. 2.0, or null to turn it off")
 
@@ -240,12 +242,14 @@ def _validate_batch_and_engine(cfg: Config, world_size: int) -> None:
             f"use a multiple of {dp}",
         )
     vpp = par.virtual_pipeline_model_parallel_size
-    if vpp and rollouts // dp < par.pipeline_model_parallel_size:
+    pp = par.pipeline_model_parallel_size
+    if vpp and rollouts // dp < interleaved_min_microbatches(pp, vpp):
         _fail(
             "trainer.prompts_per_step",
             tr.prompts_per_step,
-            f"gives {rollouts // dp} rollouts per replica; the interleaved schedule needs at least "
-            f"pipeline_model_parallel_size={par.pipeline_model_parallel_size} microbatches",
+            f"gives {rollouts // dp} rollouts per replica; the interleaved schedule at PP{pp} x VPP{vpp} "
+            f"needs {interleaved_min_microbatches(pp, vpp)} microbatches (fewer put every pass of the "
+            "first stage in warm-up, and the stages' sends no longer pair up)",
             "raise trainer.prompts_per_step",
         )
     placement = rollout_placement(ro, world_size)

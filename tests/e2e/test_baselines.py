@@ -138,7 +138,10 @@ def test_sft_lowers_heldout_cross_entropy(tiny_qwen3, sft_run):
     assert after < 0.5 * before, (before, after)
 
 
-def test_grpo_logs_its_tags_and_drops_uniform_groups(sft_run, tmp_path):
+def test_grpo_logs_its_tags_drops_uniform_groups_and_refills(sft_run, tmp_path):
+    """GRPO with a KL reference and ``dynamic_sampling=refill``: uniform groups are dropped and
+    counted, and a step generates from the next prompts until it holds prompts_per_step mixed
+    groups (or reaches refill_max_rounds)."""
     _root, hf = sft_run
     data = _write(tmp_path / "grpo.jsonl", _rows(64, seed=3))
     out = tmp_path / "grpo"
@@ -150,6 +153,8 @@ def test_grpo_logs_its_tags_and_drops_uniform_groups(sft_run, tmp_path):
             **{
                 "algorithm.name": "grpo",
                 "algorithm.kl_coef": 0.01,
+                "algorithm.dynamic_sampling": "refill",
+                "algorithm.refill_max_rounds": 3,
                 "rollout.n": 4,
                 "rollout.temperature": 1.0,
                 "rollout.top_p": 1.0,
@@ -170,3 +175,6 @@ def test_grpo_logs_its_tags_and_drops_uniform_groups(sft_run, tmp_path):
     assert any(0 < k < 1 for k in kept), kept
     assert all(0.0 <= values["train/reward_mean"][s] <= 1.0 for s in (1, 2, 3))
     assert values["train/reward_mean"] == values["train/accuracy"]  # 0/1 rewards
+    rounds, kept_groups = values["train/generation_rounds"], values["train/kept_groups"]
+    assert all(1 <= rounds[s] <= 3 and (kept_groups[s] == 8 or rounds[s] == 3) for s in (1, 2, 3)), values
+    assert any(rounds[s] > 1 for s in (1, 2, 3)), rounds  # the refill ran

@@ -168,3 +168,40 @@ def test_prefill_blocks_keep_each_call_within_the_budget():
     assert prefill_blocks([10, 10, 10, 10], 2, 40) == [range(0, 2), range(2, 4)]
     assert prefill_blocks([50, 10], 1, 40) == [range(0, 1), range(1, 2)]  # too big: alone
     assert prefill_blocks([], 4, 40) == [range(0)]
+
+
+def test_refill_shares_the_wanted_groups_round_the_replicas():
+    from megaopsd.algorithm.methods.grpo import share_groups
+
+    assert share_groups([5, 1, 3], 6) == [3, 1, 2]  # dealt one at a time; a short replica keeps its own
+    assert share_groups([2, 2], 8) == [2, 2]  # short of the target: everything found
+    assert share_groups([4, 4], 4) == [2, 2]
+    assert sum(share_groups([7, 0, 2, 9], 10)) == 10
+
+
+def test_refill_keeps_the_first_mixed_groups_and_every_uniform_one():
+    import dataclasses as dc
+
+    from megaopsd.algorithm.methods.grpo import _first_mixed_groups
+
+    @dc.dataclass(frozen=True)
+    class R:
+        prompt_index: int
+
+    rollouts = [R(g) for g in (0, 0, 1, 1, 2, 2, 3, 3)]
+    rewards = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0]  # groups 0, 2, 3 mixed; 1 uniform
+    kept, kept_rewards = _first_mixed_groups(rollouts, rewards, quota=2)
+    assert [r.prompt_index for r in kept] == [0, 0, 1, 1, 2, 2] and kept_rewards == rewards[:6]
+
+
+def test_dynamic_sampling_is_true_false_or_refill():
+    from megaopsd.config import ConfigError, load_config
+
+    base = {"model": {"hf_path": "x"}}
+    for value in (True, False, "refill"):
+        assert (
+            load_config({**base, "algorithm": {"dynamic_sampling": value}}).algorithm.dynamic_sampling
+            == value
+        )
+    with pytest.raises(ConfigError, match="expected true or false or one of refill"):
+        load_config({**base, "algorithm": {"dynamic_sampling": "sometimes"}})

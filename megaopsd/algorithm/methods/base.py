@@ -42,6 +42,7 @@ class StepInputs:
     tokenizer: Any
     parallel: ParallelState
     rollouts: Callable[[list], list]  # prompts -> this replica's rollouts (collective: the fleet)
+    next_prompts: Callable[[int], list]  # the next n prompts of the data stream (every rank alike)
     has_teacher: bool  # a teacher or reference model scores a second stream
 
 
