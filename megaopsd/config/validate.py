@@ -132,6 +132,17 @@ def _validate_parallel(cfg: Config, world_size: int, spec: HFModelSpec) -> None:
             "needs tensor_model_parallel_size > 1",
             "set parallel.sequence_parallel=false",
         )
+    if cfg.model.dtype == "bfloat16" and not par.use_distributed_optimizer:
+        # megatron-core 0.16.1's Float16OptimizerWithFloat16Params maps only its bfloat16
+        # parameters to checkpoint tensors; the model's float32 ones make the save fail
+        # ("Param id N does not match"). The distributed optimizer saves both.
+        _fail(
+            "parallel.use_distributed_optimizer",
+            False,
+            "cannot checkpoint a bfloat16 model (megatron's non-distributed mixed-precision optimizer "
+            "leaves the model's float32 parameters out of its checkpoint)",
+            "set parallel.use_distributed_optimizer=true (it works at any data-parallel size, 1 included)",
+        )
 
 
 def _validate_algorithm(cfg: Config) -> None:

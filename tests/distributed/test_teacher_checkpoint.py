@@ -27,7 +27,8 @@ def _config(hf_dir: str, dtype: str):
     )
 
     # bfloat16 with megatron's non-distributed optimizer cannot save (its float32 norm weights
-    # are missing from the optimizer's parameter map); the distributed optimizer can.
+    # are missing from the optimizer's parameter map; validation refuses it); the distributed
+    # optimizer can.
     return Config(
         model=ModelConfig(hf_path=hf_dir, dtype=dtype),
         parallel=ParallelConfig(tensor_model_parallel_size=2, use_distributed_optimizer=dtype == "bfloat16"),

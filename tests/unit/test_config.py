@@ -73,6 +73,11 @@ INVALID = [
         1,
         ["parallel.sequence_parallel", "tensor_model_parallel_size > 1"],
     ),
+    (
+        ["model.dtype=bfloat16"],
+        1,
+        ["parallel.use_distributed_optimizer=False", "checkpoint a bfloat16 model"],
+    ),
     (["loss.beta=1.5"], 1, ["loss.beta=1.5", "outside [0, 1]"]),
     (["loss.kind=kl"], 1, ["loss.kind='kl'", "jsd, forward_kl"]),
     (["loss.kind=topk", "loss.top_k=0"], 1, ["loss.top_k=0", ">= 1"]),
