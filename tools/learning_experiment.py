@@ -196,6 +196,46 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
+def tokens_to_reach(tokens: list[float], accuracy: list[float], level: float) -> float | None:
+    """Generated tokens at which a curve first reaches ``level``, linear between evaluations.
+
+    None when it never does. A curve that starts at or above the level needs no tokens.
+    """
+    if accuracy[0] >= level:
+        return tokens[0]
+    for i in range(1, len(accuracy)):
+        if accuracy[i] >= level:
+            a0, a1 = accuracy[i - 1], accuracy[i]
+            return tokens[i - 1] + (tokens[i] - tokens[i - 1]) * (level - a0) / (a1 - a0)
+    return None
+
+
+def matched_levels(start: float, finals: list[float], count: int = 4) -> list[float]:
+    """``count`` accuracy levels evenly between the start and the best method's final mean."""
+    top = max(finals)
+    return [start + (top - start) * (i + 1) / count for i in range(count)] if top > start else []
+
+
+def matched_accuracy(summary: dict) -> dict:
+    """Tokens each method needed to reach each level (interpolated on its mean curve), and the
+    ratio to GRPO's tokens at the same level: accuracy per generated token at matched accuracy."""
+    methods = summary["methods"]
+    levels = matched_levels(summary["start"], [m["final_mean"] for m in methods.values()])
+    out: dict = {"levels": levels, "methods": {}}
+    for name, m in methods.items():
+        reached = [tokens_to_reach(m["mean_tokens"], m["mean_curve"], level) for level in levels]
+        out["methods"][name] = {"tokens": reached}
+    grpo = out["methods"].get("grpo")
+    for entry in out["methods"].values():
+        entry["ratio_to_grpo"] = [
+            None if grpo is None or mine is None or not theirs else mine / theirs
+            for mine, theirs in zip(
+                entry["tokens"], grpo["tokens"] if grpo else [None] * len(levels), strict=True
+            )
+        ]
+    return out
+
+
 def summarize(results: dict[str, list[list[dict[str, float]]]], args: argparse.Namespace) -> dict:
     """Start accuracy, each method's final accuracy (mean, std over seeds), tokens to reach GRPO."""
     starts = [run[0]["accuracy"] for runs in results.values() for run in runs]
@@ -231,7 +271,9 @@ def summarize(results: dict[str, list[list[dict[str, float]]]], args: argparse.N
             "reach_grpo_final": reach,
             "steps": steps,
             "mean_curve": mean_curve,
+            "mean_tokens": tokens,
         }
+    summary["matched"] = matched_accuracy(summary)
     return summary
 
 
@@ -252,6 +294,22 @@ def table(summary: dict, args: argparse.Namespace) -> str:
             f"{100 * m['gain']:+.1f} ({m['gain_in_se']:.1f}) | {m['tokens_total']:.0f} | {m['wall_s_total']:.0f} | "
             f"{reach_text} |"
         )
+    matched = summary.get("matched", {})
+    if matched.get("levels"):
+        rows += [
+            "",
+            "Generated tokens to reach each accuracy (mean curve over seeds, linear between "
+            "evaluations; in brackets: the ratio to GRPO's tokens at the same accuracy)",
+            "",
+            "| method | " + " | ".join(f"{100 * level:.1f} %" for level in matched["levels"]) + " |",
+            "|---|" + "---|" * len(matched["levels"]),
+        ]
+        for method, m in matched["methods"].items():
+            cells = [
+                "never" if tokens is None else f"{tokens:.0f}" + ("" if ratio is None else f" ({ratio:.2f}x)")
+                for tokens, ratio in zip(m["tokens"], m["ratio_to_grpo"], strict=True)
+            ]
+            rows.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
 
@@ -291,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         + " (default: opsd,opsd_jsd,grpo,sft; with --smoke opsd,grpo,sft)",
     )
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--seed-base", type=int, default=0, help="the first seed: runs seeds N .. N + seeds - 1 (default 0)"
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -317,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods.split(",")
     # seed-major: an interrupted experiment still has whole seeds (finished runs are cached)
     results: dict[str, list] = {m: [] for m in methods}
-    for seed in range(args.seeds):
+    for seed in range(args.seed_base, args.seed_base + args.seeds):
         for m in methods:
             results[m].append(post_train(args, hf, m, seed))
     summary = summarize(results, args)

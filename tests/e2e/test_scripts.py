@@ -116,7 +116,18 @@ def test_learning_experiment(tmp_path):
     post-training are the trainer paths of tests/e2e/test_baselines.py; the summary, table and
     plot over every method are tests/unit/test_learning_experiment.py."""
     out = tmp_path / "exp"
-    _python(["tools/learning_experiment.py", "--out", str(out), "--smoke", "--methods", "opsd"], timeout=1200)
+    command = [
+        "tools/learning_experiment.py",
+        "--out",
+        str(out),
+        "--smoke",
+        "--methods",
+        "opsd",
+        "--seed-base",
+        "7",
+    ]
+    _python(command, timeout=1200)
+    assert [p.name for p in (out / "runs").iterdir()] == ["opsd_seed7"]  # --seed-base: seeds 7 ..
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"opsd"}
     assert summary["warm_start_wall_s"] > 0  # made by this invocation, timed apart from the runs
@@ -126,3 +137,4 @@ def test_learning_experiment(tmp_path):
     assert opsd["tokens_total"] > 0  # read back from the run's rollout/generated_tokens_total
     assert (out / "accuracy.png").stat().st_size > 10_000
     assert "| opsd |" in (out / "table.md").read_text()
+    assert summary["matched"]["methods"]["opsd"]["tokens"] is not None  # the matched-accuracy table's data

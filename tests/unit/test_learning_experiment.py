@@ -48,3 +48,30 @@ def test_summary_finals_gains_and_tokens_to_reach_grpo(results):
 def test_plot_writes_a_png(results, tmp_path):
     plot(results, tmp_path / "accuracy.png", k=4)
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tokens_to_reach_interpolates_between_evaluations():
+    from tools.learning_experiment import tokens_to_reach
+
+    tokens, accuracy = [0.0, 1000.0, 2000.0], [0.5, 0.6, 0.7]
+    assert tokens_to_reach(tokens, accuracy, 0.65) == pytest.approx(1500.0)
+    assert tokens_to_reach(tokens, accuracy, 0.5) == 0.0  # already there at the start
+    assert tokens_to_reach(tokens, accuracy, 0.71) is None
+
+
+def test_matched_accuracy_table_compares_tokens_at_equal_accuracy(results):
+    args = argparse.Namespace(heldout=200, k=4, seeds=2)
+    summary = summarize(results, args)
+    matched = summary["matched"]
+    # levels: 4 steps from the start (0.5) to the best final mean (OPSD, 0.71)
+    assert matched["levels"] == pytest.approx([0.5525, 0.605, 0.6575, 0.71])
+    opsd, grpo = matched["methods"]["opsd"], matched["methods"]["grpo"]
+    # OPSD's mean curve 0.5, 0.61, 0.71 over 0, 1000, 2000 tokens; GRPO's 0.5, 0.56, 0.66 over 0, 8000, 16000
+    assert opsd["tokens"][1] == pytest.approx(1000 * 0.105 / 0.11)
+    assert grpo["tokens"][1] == pytest.approx(8000 + 8000 * 0.045 / 0.10)
+    assert grpo["tokens"][3] is None and grpo["ratio_to_grpo"][1] == pytest.approx(1.0)
+    assert opsd["ratio_to_grpo"][1] == pytest.approx(opsd["tokens"][1] / grpo["tokens"][1])
+    assert opsd["ratio_to_grpo"][3] is None  # GRPO never reaches 0.71: no ratio
+    text = table(summary, args)
+    assert "| method | 55.2 % | 60.5 % | 65.8 % | 71.0 % |" in text
+    assert "| grpo | " in text and "(1.00x)" in text and "never" in text
