@@ -26,6 +26,7 @@ from megaopsd.algorithm.teacher import Teacher
 from megaopsd.checkpoint import resume_latest, save_checkpoint
 from megaopsd.config import Config
 from megaopsd.convert import copy_side_files
+from megaopsd.models.lora import base_fingerprint
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import Runtime
 from megaopsd.runtime.signals import StopRequest
@@ -44,8 +45,6 @@ class CheckpointManager:
         self.base_fingerprint = None
         self.lora_state: dict[str, Any] = {}
         if cfg.lora.enabled:
-            from megaopsd.models.lora import base_fingerprint
-
             self.base_fingerprint = base_fingerprint(cfg.model.hf_path)
             # What export-hf needs to rebuild the model: the adapters' settings and the base.
             self.lora_state = {

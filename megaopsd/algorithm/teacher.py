@@ -22,6 +22,8 @@ import torch
 
 from megaopsd.config import TeacherConfig
 from megaopsd.models.builder import unwrap_chunk
+from megaopsd.models.lora import adapter_mode, adapters_of
+from megaopsd.runtime.rng import capture_rng_state, restore_rng_state
 
 
 class Teacher:
@@ -149,7 +151,6 @@ def _frozen_copies(student: list[torch.nn.Module], build_chunks: Callable[[], li
     CPU/CUDA and megatron tracker states are restored afterwards: adding a teacher must not
     change the student's run.
     """
-    from megaopsd.runtime.rng import capture_rng_state, restore_rng_state
 
     state = capture_rng_state()
     try:
@@ -171,14 +172,10 @@ class AdapterView:
     """
 
     def __init__(self, module: torch.nn.Module, mode: str):
-        from megaopsd.models.lora import adapters_of
-
         self._module, self._mode = module, mode
         self._adapters = adapters_of([module])
 
     def __call__(self, *args, **kwargs):
-        from megaopsd.models.lora import adapter_mode
-
         with adapter_mode(self._adapters, self._mode):
             return self._module(*args, **kwargs)
 
@@ -213,8 +210,6 @@ class AdapterEmaTeacher(Teacher):
     mode = "ema"
 
     def __init__(self, student_chunks: Sequence[torch.nn.Module], *, decay: float):
-        from megaopsd.models.lora import adapters_of
-
         super().__init__(student_chunks)
         self.decay = decay
         self._views = [AdapterView(module, "shadow") for module in self._student]
@@ -239,8 +234,6 @@ class AdapterEmaTeacher(Teacher):
             make_sharded_tensor_for_checkpoint,
             make_tp_sharded_tensor_for_checkpoint,
         )
-
-        from megaopsd.models.lora import adapters_of
 
         out = {}
         for adapters in adapters_of(self._student):

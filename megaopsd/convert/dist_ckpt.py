@@ -25,6 +25,9 @@ from typing import Any
 
 import torch
 
+from megaopsd.convert.safe_load import load_dist_checkpoint
+from megaopsd.models.builder import unwrap_chunk
+
 CHECKPOINT_BACKEND = "torch_dist"
 
 
@@ -39,7 +42,6 @@ def model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict[str, Any
     Chunks may be wrapped (DDP, Float16Module); keys are those of the bare GPTModel, so a
     checkpoint loads whether or not the loading model is wrapped.
     """
-    from megaopsd.models.builder import unwrap_chunk
 
     return {
         model_state_key(i, len(chunks)): unwrap_chunk(chunk).sharded_state_dict()
@@ -85,7 +87,6 @@ def load_model_checkpoint(chunks: Sequence[torch.nn.Module], ckpt_dir: str | Pat
     Raises:
         FileNotFoundError: ``ckpt_dir`` is not a distributed checkpoint.
     """
-    from megaopsd.convert.safe_load import load_dist_checkpoint
 
     path = Path(ckpt_dir)
     if not (path / "metadata.json").is_file():
@@ -100,7 +101,6 @@ def load_model_state(chunks: Sequence[torch.nn.Module], loaded: Mapping[str, Any
     ``loaded`` is what ``dist_checkpointing.load`` returned; other keys (optimizer, teacher)
     are left to the caller.
     """
-    from megaopsd.models.builder import unwrap_chunk
 
     for i, chunk in enumerate(chunks):
         unwrap_chunk(chunk).load_state_dict(loaded[model_state_key(i, len(chunks))], strict=True)

@@ -19,13 +19,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megaopsd.config import ModelConfig
+from megaopsd.config import LoraConfig, ModelConfig
 from megaopsd.config.hf_spec import HFModelSpec, load_hf_config
-from megaopsd.convert.dist_ckpt import load_model_checkpoint, save_model_checkpoint
+from megaopsd.convert.dist_ckpt import (
+    load_model_checkpoint,
+    model_sharded_state_dict,
+    model_state_key,
+    save_model_checkpoint,
+)
 from megaopsd.convert.export import ExportPlan, export_hf_weights, export_plan
 from megaopsd.convert.importer import load_hf_weights
+from megaopsd.convert.peft import gather_adapters, write_peft_adapter
 from megaopsd.convert.safetensors_io import StreamingSafetensorsWriter, copy_side_files
 from megaopsd.models.builder import build_model_chunks, params_dtype
+from megaopsd.models.lora import add_lora, base_fingerprint
 from megaopsd.progress import progress as show_progress
 from megaopsd.runtime.parallel import ParallelState, Runtime
 
@@ -194,7 +201,6 @@ def export_hf_checkpoint(
     if peft_out is not None:
         if lora is None:
             raise ValueError(f"--peft-out: {ckpt} holds no LoRA adapters (a full-parameter checkpoint)")
-        from megaopsd.convert.peft import gather_adapters, write_peft_adapter
 
         tensors = gather_adapters(chunks, runtime.parallel)
         if runtime.is_main:
@@ -215,8 +221,6 @@ def lora_settings(ckpt_dir: str | Path) -> dict[str, Any] | None:
 
 
 def _lora_config(lora: dict[str, Any]):
-    from megaopsd.config import LoraConfig
-
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in lora.items() if not k.startswith("base_")}
     return LoraConfig(**fields)
 
@@ -224,9 +228,6 @@ def _lora_config(lora: dict[str, Any]):
 def _load_lora_checkpoint(chunks, spec, ckpt: Path, runtime: Runtime, lora: dict, base: str, progress: bool):
     """Base weights from ``base`` (checked against the checkpoint's fingerprint), adapters from ``ckpt``."""
     from megatron.core import dist_checkpointing
-
-    from megaopsd.convert.dist_ckpt import model_sharded_state_dict, model_state_key
-    from megaopsd.models.lora import add_lora, base_fingerprint
 
     if base_fingerprint(base) != lora["base_fingerprint"]:
         raise ValueError(f"{base} is not the base model the adapters in {ckpt} were trained on (fingerprint)")

@@ -19,6 +19,8 @@ from megaopsd.config import EvalConfig
 from megaopsd.data.prompts import STUDENT_TEMPLATE
 from megaopsd.eval.benchmarks import Benchmark, load_benchmark, parse_benchmark_arg
 from megaopsd.eval.grading import Grader, GradingSettings
+from megaopsd.eval.runner import evaluate as evaluate_engine
+from megaopsd.rollout.types import SamplingSettings
 
 if TYPE_CHECKING:
     from megaopsd.rollout.engine import RolloutEngine
@@ -51,10 +53,7 @@ class InTrainingEvaluator:
 
     def evaluate(self, engine: RolloutEngine, tokenizer: Any) -> dict[str, float]:
         """``eval/<benchmark>/...`` of the engine's current weights."""
-        from megaopsd.eval.runner import evaluate
-        from megaopsd.rollout.types import SamplingSettings
-
-        return evaluate(
+        return evaluate_engine(
             engine,
             tokenizer,
             self.benchmarks,

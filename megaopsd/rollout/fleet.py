@@ -32,7 +32,8 @@ import torch.distributed as dist
 
 from megaopsd.config.engines import EngineLayout, engine_layout
 from megaopsd.rollout.engine import RolloutEngine, generate_rollouts
-from megaopsd.rollout.types import Completion, Rollout, SamplingSettings
+from megaopsd.rollout.types import Completion, EngineSettings, Rollout, SamplingSettings
+from megaopsd.runtime.signals import stop_signals_blocked
 
 if TYPE_CHECKING:
     from megaopsd.config import Config
@@ -274,7 +275,6 @@ class EngineFleet:
 
 def engine_settings(cfg: Config, placement: str, *, cuda: bool) -> EngineSettings:
     """How this rank's engine (or engine worker) is built, from the config and placement."""
-    from megaopsd.rollout.types import EngineSettings
 
     ro = cfg.rollout
     colocated = placement == "colocated"
@@ -315,7 +315,6 @@ def start_fleet(cfg: Config, runtime: Runtime) -> EngineFleet:
     trainer: SIGUSR1 is blocked while helper processes may start.
     """
     from megaopsd.rollout.vllm_engine import VllmEngine
-    from megaopsd.runtime.signals import stop_signals_blocked
 
     par = runtime.parallel
     layout = engine_layout(cfg.rollout, runtime.world_size)

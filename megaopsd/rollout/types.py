@@ -65,6 +65,9 @@ def request_seed(base_seed: int, step: int, prompt_index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << SEED_BITS) - 1)
 
 
+_ROLLOUT = RolloutConfig()  # the engine defaults are the rollout section's, declared once there
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EngineSettings:
     """How to start a rollout engine and how weights reach it.
@@ -98,14 +101,14 @@ class EngineSettings:
     model_path: str
     tokenizer_path: str | None = None
     dtype: str = "float32"
-    max_model_len: int = 4096
-    kv_cache_bytes: int = GIB
+    max_model_len: int = _ROLLOUT.max_model_len
+    kv_cache_bytes: int = int(_ROLLOUT.kv_cache_gib * GIB)
     enforce_eager: bool = True
     in_process: bool = True
-    seed: int = 0
-    weight_transport: str = "auto"
-    weight_bucket_bytes: int = 512 * MIB
-    weight_sync_dir: str | None = None
+    seed: int = _ROLLOUT.seed
+    weight_transport: str = _ROLLOUT.weight_transport
+    weight_bucket_bytes: int = _ROLLOUT.weight_bucket_mb * MIB
+    weight_sync_dir: str | None = _ROLLOUT.weight_sync_dir
     tensor_parallel_size: int = 1
     external_launcher: bool = False
     enable_sleep_mode: bool = False
