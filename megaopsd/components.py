@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from megaopsd.algorithm.forward import LossFn
-from megaopsd.algorithm.methods import Algorithm, algorithm_class
+from megaopsd.algorithm.methods import Algorithm, make_algorithm
 from megaopsd.algorithm.optim import TrainableStudent, wrap_student
 from megaopsd.algorithm.policy_loss import StudentLoss
 from megaopsd.algorithm.teacher import Teacher
@@ -59,7 +59,7 @@ def build_components(
         The components; the student and the teacher (if any) hold identical weights at return.
     """
     parallel = runtime.parallel
-    method = method if method is not None else algorithm_class(cfg.algorithm.name)(cfg)
+    method = method if method is not None else make_algorithm(cfg)
     spec = load_hf_config(cfg.model.hf_path)
     build = functools.partial(build_model_chunks, spec, cfg.model, parallel)
     chunks = build()

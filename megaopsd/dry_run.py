@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from megaopsd.config import Config, engine_layout, read_hf_config
+from megaopsd.config import Config, data_parallel_size, engine_layout, read_hf_config
 from megaopsd.stages import stage_layer_counts
 
 GIB = 1 << 30
@@ -47,7 +47,12 @@ class DryRunPlan:
             par.num_layers_in_last_pipeline_stage,
         )
         return cls(
-            hf=hf, world_size=world_size, tp=tp, pp=pp, dp=world_size // (tp * pp), stage_layers=tuple(counts)
+            hf=hf,
+            world_size=world_size,
+            tp=tp,
+            pp=pp,
+            dp=data_parallel_size(par, world_size),
+            stage_layers=tuple(counts),
         )
 
     def stage_params(self) -> list[float]:

@@ -63,20 +63,15 @@ class Grpo(Algorithm):
             # More rounds from the next prompts until the step holds prompts_per_step mixed groups
             # (all replicas), then exactly that many: every replica decides from the same totals.
             while True:
-                counts = _mixed_groups_per_replica(rollouts, rewards, par)
+                counts = _mixed_groups_per_replica(sampled, rewards, par)
                 if sum(counts) >= len(prompts) or rounds == alg.refill_max_rounds:
                     break
                 more, more_rewards = self._graded(
                     inputs.next_prompts(len(prompts)), inputs, group_offset=rounds * len(prompts)
                 )
-                sampled, rollouts, rewards, rounds = (
-                    sampled + more,
-                    rollouts + more,
-                    rewards + more_rewards,
-                    rounds + 1,
-                )
+                sampled, rewards, rounds = sampled + more, rewards + more_rewards, rounds + 1
             quota = share_groups(counts, len(prompts))[par.dp_rank]
-            rollouts, rewards = _first_mixed_groups(rollouts, rewards, quota)
+            rollouts, rewards = _first_mixed_groups(sampled, rewards, quota)
         grpo = grpo_batch(
             rollouts,
             rewards,
