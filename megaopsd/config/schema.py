@@ -241,6 +241,8 @@ class TrainerConfig:
     dry_run: bool = False  # validate, print the layout and a memory estimate, load nothing
     # The GPU count the dry run plans for (e.g. nodes x GPUs per node); None: this launch's world size.
     dry_run_world_size: int | None = None
+    # The GPU memory the dry run's verdict is for, in GiB; None: the visible GPU's, else no verdict.
+    dry_run_gpu_gib: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

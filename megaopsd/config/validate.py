@@ -450,6 +450,13 @@ def _validate_training(cfg: Config) -> None:
             "must be >= 1",
             "set it to the target cluster's GPU count (nodes x GPUs per node) or null",
         )
+    if tr.dry_run_gpu_gib is not None and tr.dry_run_gpu_gib <= 0:
+        _fail(
+            "trainer.dry_run_gpu_gib",
+            tr.dry_run_gpu_gib,
+            "must be > 0",
+            "set it to one GPU's memory in GiB (e.g. 80 for an H100, 141 for an H200) or null",
+        )
     if tr.max_nonfinite_steps < 1:
         _fail("trainer.max_nonfinite_steps", tr.max_nonfinite_steps, "must be >= 1", "use e.g. 3")
     if cfg.checkpoint.keep_last < 1:

@@ -28,9 +28,9 @@ BENCHES = {
         "--microbatch-tokens 64 --repeats 1",
         ["paired_step"],
     ),
-    "recompute_memory": (
-        "--preset tiny --rollouts 1 --prompt 8 --teacher-prompt 16 --response 8",
-        ["recompute_memory"],
+    "activation_memory": (
+        "--preset tiny --sizes 1,2,4 --prompt 64 --teacher-prompt 192 --response 256",
+        ["activation_memory"],
     ),
     "rollout_scaling": ("--preset tiny --prompts 2 --tokens 8 --repeats 1", ["rollout_scaling"]),
     "weight_sync": ("--preset tiny --layouts tp1 --repeats 1", ["weight_sync"]),
@@ -42,6 +42,10 @@ def _python(args: list[str], cwd: Path = REPO, timeout: float = 600) -> subproce
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
+
+# Benches whose toy run is also a check: RESULT key -> the largest value it may print. The
+# activation bench's shape is large enough (~100 MB per step) that allocator noise is small.
+UPPER_BOUNDS = {"activation_memory": {"max_error": 0.2}}
 
 # Tools whose command line already runs end to end in another test module (not run twice).
 RUN_ELSEWHERE = {
@@ -66,6 +70,9 @@ def test_bench(name, tmp_path):
     done = _python([f"bench/{name}.py", *args.format(tmp=tmp_path).split()])
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert [line.split()[1] for line in lines][-len(results) :] == results, done.stdout[-2000:]
+    values = dict(item.split("=", 1) for item in lines[-1].split()[2:])
+    for key, bound in UPPER_BOUNDS.get(name, {}).items():
+        assert float(values[key]) <= bound, done.stdout[-2000:]
 
 
 def test_make_tiny_model(tmp_path):

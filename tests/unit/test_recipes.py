@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from megaopsd.config import ConfigError, load_config, validate
-from megaopsd.dry_run import DryRunPlan, describe_layout, estimate_memory_gib
+from megaopsd.dry_run import DryRunPlan, describe_layout, dry_run_report, estimate_memory_gib
 from megaopsd.train import build_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,8 +86,21 @@ def test_qwen3_recipes_fit_an_8_gpu_node(recipe, tmp_path, monkeypatch):
     assert cfg.model.dtype == "bfloat16"
     assert cfg.trainer.dry_run_world_size == 8  # the dry run plans the same node
     assert LAYOUTS[recipe] in describe_layout(cfg, 8)
-    memory = estimate_memory_gib(cfg, 8)
-    assert 1.0 < memory["total"] < 70.0, memory  # fits an 80 GB H100 with room for activations
+    assert cfg.trainer.dry_run_gpu_gib == 80
+
+
+GPU_RECIPES = sorted(p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml") if not p.stem.endswith("_cpu"))
+
+
+@pytest.mark.parametrize("recipe", GPU_RECIPES)
+def test_every_gpu_recipe_fits_its_node(recipe, tmp_path):
+    """The dry run's verdict for the node each recipe names (8 GPUs of 80 GB): both phases fit,
+    activations of the largest microbatch the recipe allows included."""
+    size = next(name for name in QWEN3 if name.removeprefix("qwen3_") in recipe)
+    cfg = _config(recipe, qwen3_config_dir(tmp_path, size), dry_run=True)
+    assert (cfg.trainer.dry_run_world_size, cfg.trainer.dry_run_gpu_gib) == (8, 80)
+    report = dry_run_report(cfg, 8)
+    assert "generation: fits" in report and "training: fits" in report, report
 
 
 def _compose(recipe: str, hf: Path):

@@ -74,6 +74,11 @@ class Algorithm:
                 f"{dp_size} data-parallel replicas ({cls.name} keeps prompts whole); use a multiple of {dp_size}"
             )
 
+    @classmethod
+    def uses_teacher(cls, cfg: Config) -> bool:
+        """Whether ``make_teacher`` builds a second stream for ``cfg`` (the dry run plans with it)."""
+        return False
+
     def make_teacher(self, chunks: list[torch.nn.Module], build: Callable[[], list[torch.nn.Module]]):
         """The second stream's model (a ``Teacher``), or None for a student-only method."""
         return None

@@ -41,8 +41,12 @@ class Grpo(Algorithm):
             )
         super().check_config(cfg, dp_size=dp_size)
 
+    @classmethod
+    def uses_teacher(cls, cfg: Config) -> bool:
+        return cfg.algorithm.kl_coef > 0
+
     def make_teacher(self, chunks, build):
-        if self.cfg.algorithm.kl_coef <= 0:
+        if not self.uses_teacher(self.cfg):
             return None  # no KL penalty: no reference copy is built and no second stream runs
         return make_teacher(TeacherConfig(mode="fixed"), chunks, build, lora=self.cfg.lora.enabled)
 

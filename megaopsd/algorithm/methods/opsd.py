@@ -8,10 +8,15 @@ from collections.abc import Sequence
 from megaopsd.algorithm.loss import make_loss_fn
 from megaopsd.algorithm.methods.base import Algorithm, StepInputs, TrainingBatch
 from megaopsd.algorithm.teacher import make_teacher
+from megaopsd.config import Config
 
 
 class Opsd(Algorithm):
     name = "opsd"
+
+    @classmethod
+    def uses_teacher(cls, cfg: Config) -> bool:
+        return True
 
     def make_teacher(self, chunks, build):
         return make_teacher(self.cfg.teacher, chunks, build, lora=self.cfg.lora.enabled)
