@@ -14,6 +14,7 @@ Beside each measurement: the dry run's step working set for the same run (``acti
 variants at one size are printed too: recompute must not change them.
 
     python bench/activation_memory.py                          # none at 1, 2, 4 rollouts; selective, full at 4
+    python bench/activation_memory.py --attention unfused      # megatron's own attention (s x s scores)
     python bench/activation_memory.py --preset tiny --sizes 1,2
 
 Ends with ``RESULT activation_memory max_error=... none_mb=... full_over_none=... same_loss=...``.
@@ -59,7 +60,11 @@ def run_case(args: argparse.Namespace) -> dict:
     rollout_tokens = args.prompt + args.teacher_prompt + 2 * args.response
     cfg = load_config(
         dict(
-            model=dict(hf_path=str(hf_dir), recompute_granularity=RECOMPUTE[args.recompute]),
+            model=dict(
+                hf_path=str(hf_dir),
+                recompute_granularity=RECOMPUTE[args.recompute],
+                attention_backend=args.attention,
+            ),
             loss=dict(kind="jsd", beta=0.5),
             teacher=dict(mode="fixed"),
             rollout=dict(max_new_tokens=args.response),
@@ -106,6 +111,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--teacher-prompt", type=int, default=384)
     parser.add_argument("--response", type=int, default=256)
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "unfused"], help="model.attention_backend")
     parser.add_argument("--recompute", choices=sorted(RECOMPUTE), help=argparse.SUPPRESS)
     parser.add_argument("--case-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -120,6 +126,7 @@ def main() -> None:
         f"--prompt={args.prompt}",
         f"--teacher-prompt={args.teacher_prompt}",
         f"--response={args.response}",
+        f"--attention={args.attention}",
     ]
     results = {}
     for recompute, n in cases:
@@ -127,7 +134,7 @@ def main() -> None:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
         results[recompute, n] = json.loads(next(line for line in out.splitlines() if line.startswith("CASE "))[5:])
     print(
-        f"TP1 {args.preset}, float32, fixed teacher, JSD; rollouts of student {args.prompt}+{args.response}, "
+        f"TP1 {args.preset}, float32, {args.attention} attention, fixed teacher, JSD; rollouts of student {args.prompt}+{args.response}, "
         f"teacher {args.teacher_prompt}+{args.response} tokens; one paired forward/backward of one microbatch"
     )
     print(f"{'recompute':<11}{'rollouts':>9}{'peak rise MB':>14}{'dry run MB':>12}{'error':>8}{'loss':>16}")
@@ -143,7 +150,7 @@ def main() -> None:
         f"RESULT activation_memory max_error={max(errors):.3f} none_mb={none['peak_rise_mb']:.1f} "
         f"full_mb={full['peak_rise_mb']:.1f} full_over_none={full['peak_rise_mb'] / none['peak_rise_mb']:.3f} "
         f"selective_over_none={results['selective', largest]['peak_rise_mb'] / none['peak_rise_mb']:.3f} "
-        f"same_loss={same} preset={args.preset}"
+        f"same_loss={same} preset={args.preset} attention={args.attention}"
     )
 
 

@@ -129,8 +129,8 @@ class MicrobatchShape:
         data, response = cfg.data, cfg.rollout.max_new_tokens
         student = data.max_prompt_tokens + response
         teacher_prompt = data.max_teacher_prompt_tokens or data.max_prompt_tokens
-        if cfg.algorithm.name == "grpo":
-            teacher_prompt = data.max_prompt_tokens  # the reference scores the student's own sequence
+        if algorithm_class(cfg.algorithm.name).teacher_reads_student_prompt:
+            teacher_prompt = data.max_prompt_tokens  # GRPO's reference scores the student's own sequence
         teacher = teacher_prompt + response if teacher_stream else 0
         sequences = max(cfg.trainer.microbatch_tokens / (student + teacher), 1.0)
         return cls(sequences=sequences, student_len=student, teacher_len=teacher, response_len=response)
@@ -155,8 +155,10 @@ def activation_bytes(cfg: Config) -> int:
 
 def attention_kind(cfg: Config) -> str:
     """``unfused`` (megatron's local attention: the score matrix is materialised) or ``flash``
-    (a fused kernel that keeps only its inputs, output and per-row log-sum-exp: TE)."""
-    return "flash" if cfg.model.transformer_impl == "transformer_engine" else "unfused"
+    (a fused kernel that keeps only its inputs, output and per-row log-sum-exp: SDPA, TE)."""
+    if cfg.model.transformer_impl == "local" and cfg.model.attention_backend == "unfused":
+        return "unfused"
+    return "flash"
 
 
 def layer_activation_bytes(
@@ -180,7 +182,9 @@ def layer_activation_bytes(
         attention      unfused: (q + 2 q) x act + heads x s x (4 + act, or 4 in float32)
                          the query after rope, the keys and values repeated to every head,
                          the softmax output in float32 and its copy in the activation dtype
-                       flash: (2 q + 2 kv) x act + heads x 4   inputs, output, log-sum-exp
+                       flash: (q + kv) x act + heads x 4
+                         the query and key after rope, the per-row log-sum-exp (the value is
+                         a view of the QKV output, the output is the projection's input)
         norms          ``_norm_bytes``
 
     ``recompute``: None, ``selective`` (the attention core recomputed: the checkpoint keeps the
@@ -195,11 +199,12 @@ def layer_activation_bytes(
     h = hf["hidden_size"] / tp if sequence_parallel else hf["hidden_size"]
     linear_inputs = (2 * h + q + f) * act_bytes
     swiglu = 4 * f * act_bytes
+    # the value is a view of the QKV output: it keeps the whole output alive unless the norms do
+    qkv_output = 0 if _keeps_qkv_output(act_bytes, fused_norm) else (q + 2 * kv) * act_bytes
     if recompute == "selective":
-        keeps_qkv = _keeps_qkv_output(act_bytes, fused_norm)
-        attention_bytes = (q + kv) * act_bytes + (0 if keeps_qkv else (q + 2 * kv) * act_bytes)
+        attention_bytes = (q + kv) * act_bytes + qkv_output
     elif attention == "flash":
-        attention_bytes = (2 * q + 2 * kv) * act_bytes + heads * 4
+        attention_bytes = (q + kv) * act_bytes + qkv_output + heads * 4
     else:
         repeated = 2 * q if heads > kv // plan.head_dim else 2 * kv
         softmax = heads * seq_len * (4 + act_bytes if act_bytes < 4 else 4)
@@ -294,7 +299,7 @@ def loss_working_set_gib(cfg: Config, plan: DryRunPlan, shape: MicrobatchShape) 
     if cfg.loss.clip_mode == "entry" and cfg.loss.clip is not None:
         forward, backward = forward + ENTRY_CLIP_BUFFERS, backward + ENTRY_CLIP_BUFFERS
     if cfg.algorithm.name != "opsd":
-        forward, backward = 5, 2  # the policy / cross-entropy losses: log-softmax chunks
+        forward, backward = 5, 2  # the policy / cross-entropy losses (GRPO, RLSD, SFT): log-softmax chunks
     chunk = min(cfg.loss.chunk_tokens, shape.rows) * vocab * 4
     peak = max(forward * chunk, shape.rows * vocab * act + backward * chunk)
     return (logits + peak) / GIB
@@ -343,8 +348,10 @@ def trainer_memory_gib(cfg: Config, plan: DryRunPlan) -> dict[str, float]:
     adam = 8 + (4 if cfg.model.dtype == "bfloat16" else 0)  # exp_avg + exp_avg_sq (+ fp32 master)
     optimizer_shards = plan.dp if cfg.parallel.use_distributed_optimizer else 1
     trained, extra = params, 0.0
-    teacher = params * weight_bytes if plan.teacher_stream and cfg.teacher.mode != "current" else 0.0
-    ema = cfg.algorithm.name == "opsd" and cfg.teacher.mode == "ema"
+    # the teacher section sets the teacher (OPSD, RLSD); GRPO's KL reference is always a frozen copy
+    mode = "fixed" if algorithm_class(cfg.algorithm.name).teacher_reads_student_prompt else cfg.teacher.mode
+    teacher = params * weight_bytes if plan.teacher_stream and mode != "current" else 0.0
+    ema = plan.teacher_stream and mode == "ema"
     shadow = params * 4 if ema and weight_bytes != 4 else 0.0
     if cfg.lora.enabled:
         trained = extra = lora_params(plan.hf, cfg.lora) * max(plan.stage_layers)

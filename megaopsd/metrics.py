@@ -177,4 +177,7 @@ def _baseline_scalars(m: Mapping[str, float]) -> dict[str, float]:
                 "train/kl": m["kl_sum"],
             }
         )
+    if "rlsd_weight_sum" in m:  # RLSD: the teacher's token weights and its log-prob gap to the student
+        values["train/rlsd_weight_mean"] = m["rlsd_weight_sum"]
+        values["train/rlsd_logprob_gap"] = m["rlsd_delta_sum"]
     return values

@@ -52,12 +52,14 @@ def paired_setup(
     with_config: bool = False,
     algorithm: str = "opsd",
     parallel: dict | None = None,
+    model: dict | None = None,
 ):
     """Start the runtime and build the components for the tiny model: JSD(0.5) at temperature 1.1.
 
     ``algorithm="grpo"`` uses clip 0.2/0.28 and a k3 KL (0.05) to the frozen reference;
     ``"sft"`` the cross-entropy. ``stages``: layers on the first / last pipeline stage (uneven
-    stages), None for an even split. ``parallel``: further ``ParallelConfig`` fields.
+    stages), None for an even split. ``parallel``, ``model``: further ``ParallelConfig`` and
+    ``ModelConfig`` fields.
 
     Returns ``(runtime, components)``, or ``(runtime, components, config)`` with ``with_config``.
     """
@@ -77,7 +79,7 @@ def paired_setup(
     from megaopsd.runtime import Runtime
 
     cfg = Config(
-        model=ModelConfig(hf_path=hf_dir),
+        model=ModelConfig(hf_path=hf_dir, **(model or {})),
         parallel=ParallelConfig(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,

@@ -76,15 +76,14 @@ class GrpoLoss(StudentLoss):
         logp, entropy = self._logp(student_NV, mb.target_ids_T)
         engine = mb.engine_logprobs_T.to(logp.dtype)
         old = logp.detach() if cfg.tis_cap is not None else engine
+        advantage, extra = self.token_advantages(mb, logp.detach(), reference_NV)
         ref = None
-        if reference_NV is not None:
-            ref = token_logprobs(
-                reference_NV, mb.target_ids_T, vocab_size=self.vocab_size, tp_group=self.tp_group
-            )
+        if reference_NV is not None and cfg.kl_coef:
+            ref = self._other_logp(reference_NV, mb)
         loss_N, terms = grpo_token_loss(
             logp,
             old,
-            mb.advantage_T,
+            advantage,
             clip_low=cfg.clip_low,
             clip_high=cfg.clip_high,
             behaviour_logp_T=engine,
@@ -95,12 +94,50 @@ class GrpoLoss(StudentLoss):
         m = mask.to(loss_N.dtype)
         metrics = {
             "student_entropy_sum": (entropy * mask).sum(),
-            "advantage_sum": (mb.advantage_T * mask).sum(),
-            "advantage_sq_sum": (mb.advantage_T.square() * mask).sum(),
+            "advantage_sum": (advantage * mask).sum(),
+            "advantage_sq_sum": (advantage.square() * mask).sum(),
             "clip_low_sum": (terms.clipped_low_T * mask).sum(),
             "clip_high_sum": (terms.clipped_high_T * mask).sum(),
             "ratio_sum": (terms.ratio_T * m).sum(),
             "is_weight_sum": (terms.is_weight_T * m).sum(),
             "kl_sum": (terms.kl_T * m).sum(),
         }
+        metrics.update({name: (value * m).sum() for name, value in extra.items()})
         return (loss_N * m).sum(), metrics
+
+    def token_advantages(
+        self, mb: PairedMicrobatch, logp_T: torch.Tensor, other_NV: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Each scored token's advantage (GRPO: its rollout's) and per-token metrics to sum."""
+        return mb.advantage_T, {}
+
+    def _other_logp(self, other_NV: torch.Tensor, mb: PairedMicrobatch) -> torch.Tensor:
+        """The second stream's log-probabilities of the sampled tokens (no grad)."""
+        return token_logprobs(other_NV, mb.target_ids_T, vocab_size=self.vocab_size, tp_group=self.tp_group)
+
+
+class RlsdLoss(GrpoLoss):
+    """RLSD (arXiv 2604.03128): GRPO's loss with each token's advantage rescaled by the self-teacher.
+
+        delta_t = sg(log p_teacher(y_t) - log p_student(y_t))
+        w_t     = clip(exp(sign(A) x delta_t), 1 - eps_w, 1 + eps_w)
+        A_t     = A x ((1 - lambda) + lambda x w_t)
+
+    The verifier's reward sets the sign (through the group advantage A); the teacher, the same
+    model reading the privileged context, sets how much each token carries. ``lam`` is the
+    step's lambda (the method updates it before every step: ``Rlsd.lambda_at``).
+    """
+
+    def __init__(self, cfg: AlgorithmConfig, **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.lam = cfg.rlsd_lambda
+
+    def token_advantages(self, mb, logp_T, other_NV):
+        if other_NV is None:
+            raise ValueError("RLSD needs the teacher stream's logits")
+        eps = self.cfg.rlsd_epsilon_w
+        advantage = mb.advantage_T.to(logp_T.dtype)
+        delta = self._other_logp(other_NV, mb).to(logp_T.dtype) - logp_T
+        weight = (advantage.sign() * delta).exp().clamp(1.0 - eps, 1.0 + eps)
+        token_advantage = advantage * ((1.0 - self.lam) + self.lam * weight)
+        return token_advantage, {"rlsd_weight_sum": weight, "rlsd_delta_sum": delta}

@@ -14,6 +14,7 @@ from typing import Any, Literal
 # (when a dict is loaded and again in ``validate``, for configs built in code).
 LossKind = Literal["jsd", "forward_kl", "reverse_kl", "topk", "topk_tail", "pg"]
 TeacherMode = Literal["current", "fixed", "ema"]
+AttentionBackend = Literal["sdpa", "unfused"]
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["float32", "bfloat16"]
 WeightTransport = Literal["auto", "memory", "directory"]
@@ -21,7 +22,7 @@ TransformerImpl = Literal["local", "transformer_engine"]
 LrSchedule = Literal["constant", "cosine"]
 Placement = Literal["colocated", "rank0"]
 LoraInit = Literal["kaiming", "gaussian"]
-AlgorithmName = Literal["opsd", "grpo", "sft"]
+AlgorithmName = Literal["opsd", "grpo", "sft", "rlsd"]
 RecomputeGranularity = Literal["selective", "full"]
 RecomputeMethod = Literal["uniform", "block"]
 ClipMode = Literal["token", "entry"]  # token: a token's divergence; entry: each vocab entry's term
@@ -72,6 +73,9 @@ class ModelConfig:
     dtype: DType = "float32"  # parameter dtype; bfloat16 uses Megatron mixed precision
     make_vocab_size_divisible_by: int = 128  # Megatron pads the vocabulary to a multiple of this x TP
     transformer_impl: TransformerImpl = "local"  # local | transformer_engine (GPU, needs TE installed)
+    # The local spec's core attention: sdpa (torch's fused scaled_dot_product_attention kernels)
+    # | unfused (megatron's own: materialises the s x s scores; the reference). TE has its own.
+    attention_backend: AttentionBackend = "sdpa"
     # Activation recompute: null (keep activations) | selective (attention core) | full (whole
     # layers, recomputed in backward). full: recompute_num_layers layers per group (uniform) or
     # the first recompute_num_layers layers of each stage (block).
@@ -126,7 +130,8 @@ class LossConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AlgorithmConfig:
     # opsd: the divergence to the self-teacher (loss.*, teacher.*); grpo and sft are the baselines on
-    # the same schedule with the student stream only (docs/baselines.md)
+    # the same schedule with the student stream only (docs/baselines.md); rlsd: GRPO with the
+    # self-teacher (teacher.*) setting per-token magnitudes (docs/variants.md)
     name: AlgorithmName = "opsd"
     normalize_std: bool = True  # grpo: divide group-centred rewards by the group std (False: Dr. GRPO)
     clip_low: float = 0.2  # grpo: the ratio's lower bound is 1 - clip_low
@@ -137,6 +142,11 @@ class AlgorithmConfig:
     dynamic_sampling: bool | Refill = True
     refill_max_rounds: int = 4  # grpo, dynamic_sampling=refill: generation rounds per step at most
     tis_cap: float | None = None  # grpo: truncated IS weight cap for the engine/trainer gap; None off
+    # rlsd (GRPO whose per-token advantage magnitudes come from the self-teacher, docs/variants.md):
+    # A_t = A x ((1 - lambda) + lambda x clip(exp(sign(A) x (log p_teacher - log p_student)), 1 +- eps_w))
+    rlsd_lambda: float = 0.5  # rlsd: the teacher-weighted share of the advantage at step 0 (official)
+    rlsd_lambda_decay_steps: int = 50  # rlsd: lambda falls linearly to 0 over this many steps; 0 keeps it
+    rlsd_epsilon_w: float = 0.2  # rlsd: the token weight stays in [1 - eps_w, 1 + eps_w] (official)
     # sft: the prompts the reference solution follows: the student's, or both the student's and
     # the teacher's (a warm start that also teaches a self-teacher to read its privileged context)
     sft_prompts: Literal["student", "both"] = "student"

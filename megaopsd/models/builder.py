@@ -152,12 +152,20 @@ def megatron_overrides(model_cfg: ModelConfig) -> dict[str, Any]:
     return overrides | dict(model_cfg.transformer_overrides)
 
 
-def layer_spec(spec: HFModelSpec, transformer_impl: str) -> ModuleSpec:
-    """The megatron ``ModuleSpec`` of one decoder layer for ``transformer_impl``."""
+def layer_spec(spec: HFModelSpec, transformer_impl: str, attention_backend: str = "sdpa") -> ModuleSpec:
+    """The megatron ``ModuleSpec`` of one decoder layer for ``transformer_impl``; the local spec's
+    core attention is ``attention_backend`` (``sdpa``: ``SdpaAttention``; ``unfused``: megatron's)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if transformer_impl == "local":
-        return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+        local = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+        if attention_backend == "sdpa":
+            from megaopsd.models.attention import SdpaAttention
+
+            local.submodules.self_attention.submodules.core_attention = SdpaAttention
+        elif attention_backend != "unfused":
+            raise ValueError(f"model.attention_backend={attention_backend!r} is unknown; use sdpa or unfused")
+        return local
     if transformer_impl == "transformer_engine":
         try:
             import transformer_engine  # noqa: F401
@@ -212,7 +220,7 @@ def build_model_chunks(
     if config_overrides is None:
         config_overrides = megatron_overrides(model_cfg)
     config = transformer_config(spec, model_cfg, parallel, config_overrides)
-    block_spec = layer_spec(spec, model_cfg.transformer_impl)
+    block_spec = layer_spec(spec, model_cfg.transformer_impl, model_cfg.attention_backend)
     _, padded = vocab_sizes(spec, model_cfg, parallel.tp_size)
     scaling = spec.rope_scaling
     builtin_scaling = scaling is not None and megatron_handles_scaling(scaling)

@@ -206,6 +206,62 @@ def _record_allocations(rank: int) -> dict:
     return dict(per_kind=per_kind, control=control.shapes)
 
 
+RLSD_LAMBDA, RLSD_EPS = 0.5, 0.2
+
+
+def _rlsd_reference(student, teacher, mask, sampled, advantage, engine, vocab):
+    """RLSD's loss written out in float64 (docs/variants.md), full vocabulary, plain autograd."""
+    s = student.clone().requires_grad_()
+    logp = torch.log_softmax(s[:, :vocab], -1).gather(1, sampled[:, None]).squeeze(1)
+    t_logp = torch.log_softmax(teacher[:, :vocab], -1).gather(1, sampled[:, None]).squeeze(1)
+    delta = (t_logp - logp).detach()
+    weight = torch.exp(torch.sign(advantage) * delta).clamp(1 - RLSD_EPS, 1 + RLSD_EPS)
+    token_adv = advantage * ((1 - RLSD_LAMBDA) + RLSD_LAMBDA * weight)
+    ratio = torch.exp(logp - engine)
+    per_token = -torch.minimum(ratio * token_adv, ratio.clamp(1 - 0.2, 1 + 0.28) * token_adv)
+    loss = (per_token * mask).sum()
+    loss.backward()
+    return loss.detach(), s.grad, (weight * mask).sum()
+
+
+def _compare_rlsd(rank: int) -> list[dict]:
+    """RlsdLoss at TP1 (whole rows) and TP2 (this rank's shard) against the float64 formula."""
+    from megaopsd.algorithm.batch import PairedMicrobatch
+    from megaopsd.algorithm.policy_loss import RlsdLoss
+    from megaopsd.config import AlgorithmConfig
+
+    cfg = AlgorithmConfig(name="rlsd", rlsd_lambda=RLSD_LAMBDA, rlsd_epsilon_w=RLSD_EPS)
+    out = []
+    for vocab, seed in ((203, 0), (100, 1)):
+        student, teacher, mask, sampled = _inputs(vocab, seed)
+        g = torch.Generator().manual_seed(seed + 100)
+        advantage = torch.randn(T, generator=g, dtype=torch.float64)
+        full_logp = torch.log_softmax(student[:, :vocab], -1).gather(1, sampled[:, None]).squeeze(1)
+        # the engine's logprobs: near the trainer's, so ratios fall inside and outside the clip
+        engine = full_logp + 0.3 * torch.randn(T, generator=g, dtype=torch.float64)
+        mb = PairedMicrobatch(
+            student_tokens_BL=torch.zeros(1, T, dtype=torch.long),
+            teacher_tokens_BL=torch.zeros(1, T, dtype=torch.long),
+            student_index_T=torch.arange(T),
+            teacher_index_T=torch.arange(T),
+            target_ids_T=sampled,
+            loss_mask_T=mask,
+            sample_T=torch.zeros(T, dtype=torch.long),
+            engine_logprobs_T=engine,
+            advantage_T=advantage,
+        )
+        ref_loss, ref_grad, ref_weight = _rlsd_reference(student, teacher, mask, sampled, advantage, engine, vocab)
+        results = {}
+        for name, (lo, hi, group) in {"tp1": (0, F, None), "tp2": (rank * W, (rank + 1) * W, dist.group.WORLD)}.items():
+            loss_fn = RlsdLoss(cfg, vocab_size=vocab, tp_group=group, chunk_tokens=CHUNK)
+            s = student[:, lo:hi].clone().requires_grad_()
+            loss, metrics = loss_fn(s, teacher[:, lo:hi], mb)
+            loss.backward()
+            results[name] = (loss.detach(), s.grad, metrics["rlsd_weight_sum"].detach(), (lo, hi))
+        out.append(dict(reference=(ref_loss, ref_grad, ref_weight), **results))
+    return out
+
+
 def _worker() -> dict:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -216,6 +272,7 @@ def _worker() -> dict:
             entry=_compare_entry_clip(rank),
             boundary=_compare_boundary(rank),
             allocations=_record_allocations(rank),
+            rlsd=_compare_rlsd(rank),
         )
     finally:
         dist.destroy_process_group()
@@ -309,3 +366,17 @@ def test_first_token_boundary_sums_are_layout_independent(rank_results):
             assert r["first_token_teacher_think_sum"] == (think, think), (rank, r)
             one, two = r["first_token_divergence_sum"]
             assert one > 0 and abs(one - two) <= 1e-9 * one, (rank, r)
+
+
+def test_rlsd_loss_equals_its_float64_formula_at_tp1_and_tp2(rank_results):
+    """Value, gradient and the mean token weight of ``RlsdLoss`` (float64 logits, padded vocab,
+    masked tokens, advantages of both signs, ratios inside and outside the clip)."""
+    for rank, result in enumerate(rank_results):
+        for case in result["rlsd"]:
+            ref_loss, ref_grad, ref_weight = case["reference"]
+            for name in ("tp1", "tp2"):
+                loss, grad, weight, (lo, hi) = case[name]
+                assert _rel_err(loss, ref_loss) <= FP64_TOL, (rank, name)
+                assert _rel_err(weight, ref_weight) <= FP64_TOL, (rank, name)
+                # padded columns get no gradient in either (a shard of only padding: all zeros)
+                assert _rel_err(grad, ref_grad[:, lo:hi]) <= FP64_TOL, (rank, name)

@@ -40,6 +40,7 @@ def layout_worker(
     stages: tuple[int | None, int | None] = (None, None),
     vpp: int | None = None,
     algorithm: str = "opsd",
+    attention: str = "sdpa",
 ):
     """Loss and HF-named gradients for each microbatch budget, on this layout.
 
@@ -48,7 +49,9 @@ def layout_worker(
     """
     from megaopsd.algorithm.step import forward_backward
 
-    runtime, parts = paired_setup(hf_dir, tp, pp, sp=sp, vpp=vpp, stages=stages, algorithm=algorithm)
+    runtime, parts = paired_setup(
+        hf_dir, tp, pp, sp=sp, vpp=vpp, stages=stages, algorithm=algorithm, model={"attention_backend": attention}
+    )
     spec, student, teacher, loss_fn = parts.spec, parts.student, parts.teacher, parts.loss_fn
 
     def run(budget: int, all_positions: bool):
@@ -129,6 +132,17 @@ def baseline(tiny_qwen3):
     )[0]
 
 
+def _unfused(hf_dir) -> dict:
+    """The reference: one process with megatron's own (unfused) attention."""
+    args = (str(hf_dir), 1, 1, False, (BUDGET_ONE, BUDGET_FOUR), (None, None), None, "opsd", "unfused")
+    return run_ranks(layout_worker, world_size=1, args=args)[0]
+
+
+@pytest.fixture(scope="module")
+def unfused(tiny_qwen3):
+    return _unfused(tiny_qwen3)
+
+
 def _assert_paths_agree(results):
     """Response-only logits give the all-position path's loss and gradients (every rank)."""
     for rank, result in enumerate(results):
@@ -176,16 +190,23 @@ def test_schedule_loss_equals_two_pass_reference(baseline, tiny_qwen3):
     [(2, 1, False, 2), (2, 1, True, 2), (1, 2, False, 2), (1, 1, False, 2)],
     ids=["tp2", "tp2-sp", "pp2", "dp2"],
 )
-def test_layouts_match_single_process(baseline, tiny_qwen3, tp, pp, sp, world):
+def test_layouts_match_single_process(baseline, unfused, tiny_qwen3, tp, pp, sp, world):
+    """Every layout (SDPA attention, the default) equals one process, and megatron's unfused
+    attention in one process, within 1e-5."""
     results = run_ranks(
         layout_worker, world_size=world, args=(str(tiny_qwen3), tp, pp, sp, (BUDGET_ONE, BUDGET_FOUR))
     )
     _assert_matches(results[0], baseline)
+    _assert_matches(results[0], unfused)
     _assert_paths_agree(results)
 
 
+def test_sdpa_attention_equals_the_unfused_reference(baseline, unfused):
+    _assert_matches(baseline, unfused)
+
+
 @pytest.mark.parametrize("budget", ["one", "four"])
-def test_pp2_vpp2_matches_single_process(baseline, tiny_qwen3, budget):
+def test_pp2_vpp2_matches_single_process(baseline, unfused, tiny_qwen3, budget):
     """PP2 x VPP2, also at a budget that fits the step in one microbatch: with exactly 2 (PP)
     microbatches every pass of the first stage is warm-up and the stages' gloo sends no longer
     pair up (the step hung); the count rule gives the schedule 4 (``microbatch_count_rule``)."""
@@ -196,11 +217,14 @@ def test_pp2_vpp2_matches_single_process(baseline, tiny_qwen3, budget):
         args=(str(tiny_qwen3), 1, 2, False, (tokens,), (None, None), 2),
         timeout_s=180,
     )
-    run, ref = results[0]["runs"][0], baseline["runs"][index]
-    assert run["tokens"] == ref["tokens"] and run["num_mb"] % 2 == 0 and run["num_mb"] >= 4
-    assert abs(run["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (run, ref)
-    for name, grad in baseline["grads"].items():
-        assert _rel(results[0]["grads"][name], grad) <= 1e-5, name
+    run = results[0]["runs"][0]
+    assert run["num_mb"] % 2 == 0 and run["num_mb"] >= 4
+    for reference in (baseline, unfused):  # SDPA in one process; megatron's unfused attention
+        ref = reference["runs"][index]
+        assert run["tokens"] == ref["tokens"]
+        assert abs(run["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (run, ref)
+        for name, grad in reference["grads"].items():
+            assert _rel(results[0]["grads"][name], grad) <= 1e-5, name
     _assert_paths_agree(results)
 
 
@@ -211,25 +235,33 @@ def baseline_3layers(tiny_qwen3_3layers):
     )[0]
 
 
+@pytest.fixture(scope="module")
+def unfused_3layers(tiny_qwen3_3layers):
+    return _unfused(tiny_qwen3_3layers)
+
+
 @pytest.mark.parametrize("stages", [(2, None), (None, 2)], ids=["2+1", "1+2"])
-def test_uneven_pipeline_stages_match_single_process(baseline_3layers, tiny_qwen3_3layers, stages):
-    """3 layers at PP2 (megatron's num_layers_in_first/last_pipeline_stage) equal TP1 within 1e-5."""
+def test_uneven_pipeline_stages_match_single_process(baseline_3layers, unfused_3layers, tiny_qwen3_3layers, stages):
+    """3 layers at PP2 (megatron's num_layers_in_first/last_pipeline_stage) equal TP1 within
+    1e-5, with SDPA or megatron's unfused attention there."""
     results = run_ranks(
         layout_worker,
         world_size=2,
         args=(str(tiny_qwen3_3layers), 1, 2, False, (BUDGET_ONE, BUDGET_FOUR), stages),
     )
     _assert_matches(results[0], baseline_3layers)
+    _assert_matches(results[0], unfused_3layers)
     _assert_paths_agree(results)
     assert any(".layers.2." in name for name in results[0]["grads"])  # all 3 layers, HF-named
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["tp2-pp2", "tp2-sp-pp2"])
-def test_tp2_pp2_matches_single_process(baseline, tiny_qwen3, sp):
+def test_tp2_pp2_matches_single_process(baseline, unfused, tiny_qwen3, sp):
     results = run_ranks(
         layout_worker, world_size=4, args=(str(tiny_qwen3), 2, 2, sp, (BUDGET_ONE, BUDGET_FOUR))
     )
     _assert_matches(results[0], baseline)
+    _assert_matches(results[0], unfused)
     _assert_paths_agree(results)
 
 

@@ -178,3 +178,43 @@ def test_grpo_logs_its_tags_drops_uniform_groups_and_refills(sft_run, tmp_path):
     rounds, kept_groups = values["train/generation_rounds"], values["train/kept_groups"]
     assert all(1 <= rounds[s] <= 3 and (kept_groups[s] == 8 or rounds[s] == 3) for s in (1, 2, 3)), values
     assert any(rounds[s] > 1 for s in (1, 2, 3)), rounds  # the refill ran
+
+
+def test_rlsd_two_process_run_logs_its_tags(sft_run, tmp_path):
+    """RLSD at DP2 from the SFT checkpoint: GRPO's groups and tags, the self-teacher's token
+    weights inside [1 - eps_w, 1 + eps_w], and lambda falling to 0 over one step."""
+    _root, hf = sft_run
+    data = _write(tmp_path / "rlsd.jsonl", _rows(32, seed=5))
+    out = tmp_path / "rlsd"
+    run(
+        _args(
+            hf,
+            out,
+            data,
+            **{
+                "algorithm.name": "rlsd",
+                "algorithm.rlsd_lambda": 0.5,
+                "algorithm.rlsd_lambda_decay_steps": 1,
+                "algorithm.rlsd_epsilon_w": 0.2,
+                "algorithm.dynamic_sampling": "false",  # every group trains: no step is empty
+                "teacher.mode": "current",
+                "rollout.n": 4,
+                "rollout.temperature": 1.0,
+                "rollout.top_p": 1.0,
+                "rollout.top_k": -1,
+                "trainer.max_steps": 2,
+                "trainer.prompts_per_step": 4,
+                "trainer.lr": 1e-4,
+            },
+        ),
+        nproc=2,
+    )
+    values = scalars(out / "tensorboard")
+    for tag in GRPO_TAGS[:5] + ["train/rlsd_weight_mean", "train/rlsd_logprob_gap", "train/rlsd_lambda"]:
+        assert tag in values and sorted(values[tag]) == [1, 2], tag
+    assert values["train/rlsd_lambda"] == {1: 0.5, 2: 0.0}
+    weights = values["train/rlsd_weight_mean"]
+    print(f"RLSD token weights {weights}, log-prob gaps {values['train/rlsd_logprob_gap']}")
+    assert all(0.8 - 1e-6 <= w <= 1.2 + 1e-6 for w in weights.values()), weights
+    # the teacher reads the reference solution: its log-probabilities differ from the student's
+    assert any(gap != 0.0 for gap in values["train/rlsd_logprob_gap"].values())

@@ -22,6 +22,11 @@ BENCHES = {
     "divergence": ("--tokens 64 --vocab 1024 --repeats 1", ["divergence"]),
     "eval_scaling": ("--preset tiny --problems 2 --k 2 --tokens 8", ["eval_scaling"]),
     "gpu_check": ("--device cpu --smoke", ["gpu_divergence", "gpu_megatron"]),
+    "mfu": (
+        "--preset tiny --rollouts 4 --prompt 8 --teacher-prompt 16 --response-min 4 --response-max 12 "
+        "--microbatch-tokens 64 --repeats 1",
+        ["gpu_mfu"],
+    ),
     "lora_memory": ("--preset tiny --rank 4 --alpha 8", ["lora_memory"]),
     "paired_step": (
         "--preset tiny --rollouts 4 --prompt 8 --teacher-prompt 16 --response-min 4 --response-max 12 "

@@ -19,7 +19,7 @@ def _cfg(name: str, **sections) -> Config:
 
 
 def test_every_config_choice_is_registered():
-    assert set(ALGORITHMS) == set(AlgorithmName.__args__) == {"opsd", "grpo", "sft"}
+    assert set(ALGORITHMS) == set(AlgorithmName.__args__) == {"opsd", "grpo", "sft", "rlsd"}
     for name, method in ALGORITHMS.items():
         assert issubclass(method, Algorithm) and method.name == name and algorithm_class(name) is method
 
@@ -46,6 +46,31 @@ def test_grpo_needs_groups_and_whole_prompts_per_replica():
         algorithm_class("grpo").check_config(cfg, dp_size=2)
     algorithm_class("grpo").check_config(cfg, dp_size=1)
     algorithm_class("opsd").check_config(dataclasses.replace(cfg, algorithm=AlgorithmConfig()), dp_size=2)
+
+
+def test_rlsd_is_grpo_with_the_self_teacher():
+    rlsd, grpo = algorithm_class("rlsd"), algorithm_class("grpo")
+    cfg = _cfg("rlsd", rollout=RolloutConfig(n=4))
+    assert issubclass(rlsd, grpo) and rlsd.whole_prompts and rlsd.uses_teacher(cfg)
+    # GRPO's second stream is a KL reference of the student's own sequence; RLSD's the teacher
+    # reading the privileged prompt
+    assert grpo.teacher_reads_student_prompt and not rlsd.teacher_reads_student_prompt
+    with pytest.raises(ConfigError, match=r"algorithm\.kl_coef=0\.1 is not used by rlsd .* set algorithm\.kl_coef=0"):
+        rlsd.check_config(dataclasses.replace(cfg, algorithm=AlgorithmConfig(name="rlsd", kl_coef=0.1)), dp_size=1)
+    rlsd.check_config(cfg, dp_size=1)
+
+
+@pytest.mark.parametrize(
+    "decay,expected", [(50, {0: 0.5, 25: 0.25, 49: 0.01, 50: 0.0, 80: 0.0}), (0, {0: 0.5, 1000: 0.5})]
+)
+def test_rlsd_lambda_falls_linearly_like_the_official_trainer(decay, expected):
+    method = algorithm_class("rlsd")(
+        Config(
+            model=ModelConfig(hf_path="unused"),
+            algorithm=AlgorithmConfig(name="rlsd", rlsd_lambda=0.5, rlsd_lambda_decay_steps=decay),
+        )
+    )
+    assert {k: round(method.lambda_at(k), 12) for k in expected} == expected
 
 
 def test_sft_trains_on_the_whole_reference():

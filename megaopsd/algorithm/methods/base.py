@@ -44,6 +44,7 @@ class StepInputs:
     rollouts: Callable[[list], list]  # prompts -> this replica's rollouts (collective: the fleet)
     next_prompts: Callable[[int], list]  # the next n prompts of the data stream (every rank alike)
     has_teacher: bool  # a teacher or reference model scores a second stream
+    completed_steps: int = 0  # optimizer steps before this one (schedules of the method's own)
 
 
 class Algorithm:
@@ -55,11 +56,14 @@ class Algorithm:
             engines only evaluate; their generated tokens are not training cost).
         whole_prompts: whether a data-parallel replica must hold whole prompts (GRPO's groups,
             SFT's references), so ``trainer.prompts_per_step`` must divide by the DP size.
+        teacher_reads_student_prompt: whether the second stream scores the response after the
+            student's own prompt (GRPO's frozen KL reference) instead of the teacher prompt.
     """
 
     name: ClassVar[str]
     samples_rollouts: ClassVar[bool] = True
     whole_prompts: ClassVar[bool] = False
+    teacher_reads_student_prompt: ClassVar[bool] = False
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

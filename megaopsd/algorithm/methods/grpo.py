@@ -21,6 +21,7 @@ from megaopsd.runtime.distributed import dp_sum
 class Grpo(Algorithm):
     name = "grpo"
     whole_prompts = True
+    teacher_reads_student_prompt = True  # the KL reference scores the student's own sequence
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -80,7 +81,7 @@ class Grpo(Algorithm):
             rollouts,
             rewards,
             alg,
-            with_reference=inputs.has_teacher,
+            with_reference=inputs.has_teacher and self.teacher_reads_student_prompt,
             min_rollouts=max(microbatch_count_rule(par.pp_size, par.vpp_size)[1], 1),
         )
         reward_sum, correct, num, groups, kept = dp_sum(grpo.counts, par.dp_group)
