@@ -177,6 +177,7 @@ class Trainer:
             rollouts=self._rollouts,
             next_prompts=self.prompts.next_prompts,
             has_teacher=self.teacher is not None,
+            teacher_prompt_ids=self.prompts.builder.teacher_prompt_ids,
             completed_steps=self.step - 1,
         )
         return self.method.training_batch(prompts, inputs)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 LossKind = Literal["jsd", "forward_kl", "reverse_kl", "topk", "topk_tail", "pg"]
 TeacherMode = Literal["current", "fixed", "ema"]
 AttentionBackend = Literal["sdpa", "unfused"]
+TeacherContextName = Literal["solution", "successful_rollout"]
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["float32", "bfloat16"]
 WeightTransport = Literal["auto", "memory", "directory"]
@@ -155,6 +156,9 @@ class AlgorithmConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TeacherConfig:
     mode: TeacherMode = "fixed"  # current | fixed | ema
+    # What the teacher reads beside the problem: solution (the reference solution, OPSD) |
+    # successful_rollout (another verified rollout of the same prompt, SDPO; docs/variants.md)
+    context: TeacherContextName = "solution"
     ema_decay: float = 0.99  # ema: teacher <- decay * teacher + (1 - decay) * student after every step
     # Reason-first (the official --reason_first): the rollout engine first writes the teacher's
     # rationalisation of the reference solution; the teacher then scores the response after it.

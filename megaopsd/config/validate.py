@@ -353,6 +353,20 @@ def _validate_lengths_and_eval(cfg: Config) -> None:
             "raise it or shorten prompts/responses (vLLM would cut responses silently)",
         )
     teacher = cfg.teacher
+    if teacher.context != "solution" and cfg.algorithm.name != "opsd":
+        _fail(
+            "teacher.context",
+            teacher.context,
+            f"applies to algorithm.name=opsd, not {cfg.algorithm.name}",
+            "use teacher.context=solution",
+        )
+    if teacher.context != "solution" and teacher.reason_first:
+        _fail(
+            "teacher.reason_first",
+            teacher.reason_first,
+            f"rationalises the reference solution, which teacher.context={teacher.context} does not read",
+            "use one of them",
+        )
     if teacher.reason_first:
         if teacher.reason_max_new_tokens < 1:
             _fail(

@@ -258,6 +258,13 @@ class PromptBuilder:
         )
         return student, append_think_prefix(teacher, t.teacher_think_prefix)
 
+    def teacher_prompt_ids(self, problem: str, solution: str) -> list[int] | None:
+        """The teacher prompt's ids with ``solution`` as its privileged text (a teacher context
+        other than the dataset's solution); None when over the teacher prompt limit."""
+        _, teacher_text = self.render(problem, solution)
+        ids = encode_rendered(self.tokenizer, teacher_text)
+        return ids if len(ids) <= self.max_teacher_prompt_tokens else None
+
     def build(self, problem: str, solution: str, *, example_id: str = "") -> PromptPair | None:
         """Render and tokenise one example.
 

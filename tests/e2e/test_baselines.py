@@ -218,3 +218,38 @@ def test_rlsd_two_process_run_logs_its_tags(sft_run, tmp_path):
     assert all(0.8 - 1e-6 <= w <= 1.2 + 1e-6 for w in weights.values()), weights
     # the teacher reads the reference solution: its log-probabilities differ from the student's
     assert any(gap != 0.0 for gap in values["train/rlsd_logprob_gap"].values())
+
+
+def test_successful_rollout_teacher_two_process_run_logs_its_tags(sft_run, tmp_path):
+    """OPSD with ``teacher.context=successful_rollout`` at DP2 from the SFT checkpoint: the
+    rollouts are graded, a rollout whose prompt has another verified rollout is taught by it,
+    the others stay out of the loss; the run logs the share and trains."""
+    _root, hf = sft_run
+    data = _write(tmp_path / "sdpo.jsonl", _rows(32, seed=7))
+    out = tmp_path / "sdpo"
+    run(
+        _args(
+            hf,
+            out,
+            data,
+            **{
+                "teacher.context": "successful_rollout",
+                "rollout.n": 4,
+                "rollout.temperature": 1.0,
+                "rollout.top_p": 1.0,
+                "rollout.top_k": -1,
+                "trainer.max_steps": 2,
+                "trainer.prompts_per_step": 4,
+                "trainer.lr": 1e-4,
+            },
+        ),
+        nproc=2,
+    )
+    values = scalars(out / "tensorboard")
+    for tag in ("train/accuracy", "train/teacher_context_fraction", "train/teacher_context_too_long"):
+        assert tag in values and sorted(values[tag]) == [1, 2], tag
+    fractions = values["train/teacher_context_fraction"]
+    print(f"accuracy {values['train/accuracy']}, rollouts with a teacher {fractions}")
+    # the SFT model answers most "Say N." problems: their groups have other successes
+    assert all(0.0 < f <= 1.0 for f in fractions.values()), fractions
+    assert "train/divergence" in values and sorted(values["train/divergence"]) == [1, 2]

@@ -44,6 +44,9 @@ class StepInputs:
     rollouts: Callable[[list], list]  # prompts -> this replica's rollouts (collective: the fleet)
     next_prompts: Callable[[int], list]  # the next n prompts of the data stream (every rank alike)
     has_teacher: bool  # a teacher or reference model scores a second stream
+    # (problem, privileged text) -> the teacher prompt's ids in the run's template, or None when
+    # over data.max_teacher_prompt_tokens (teacher contexts built after sampling)
+    teacher_prompt_ids: Callable[[str, str], list[int] | None] | None = None
     completed_steps: int = 0  # optimizer steps before this one (schedules of the method's own)
 
 

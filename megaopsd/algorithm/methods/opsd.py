@@ -1,22 +1,54 @@
-"""OPSD: the student samples, the self-teacher (with the reference solution in its context)
-scores the same tokens, and the loss is a divergence between their next-token distributions."""
+"""OPSD: the student samples, the self-teacher (with privileged context: the reference solution,
+or another verified rollout of the same prompt, ``teacher.context``) scores the same tokens, and
+the loss is a divergence between their next-token distributions."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from megaopsd.algorithm.baselines import rewards_of
+from megaopsd.algorithm.contexts import CONTEXTS, make_context
 from megaopsd.algorithm.loss import make_loss_fn
 from megaopsd.algorithm.methods.base import Algorithm, StepInputs, TrainingBatch
 from megaopsd.algorithm.teacher import make_teacher
-from megaopsd.config import Config
+from megaopsd.config import Config, ConfigError
+from megaopsd.eval.grading import Grader, GradingSettings
+from megaopsd.runtime.distributed import dp_sum
 
 
 class Opsd(Algorithm):
     name = "opsd"
 
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.context = make_context(cfg.teacher)
+        self.grader: Grader | None = None  # started by ``start`` when the context needs rewards
+
+    @classmethod
+    def check_config(cls, cfg: Config, *, dp_size: int) -> None:
+        context = CONTEXTS[cfg.teacher.context]
+        if context.needs_groups:
+            if cfg.rollout.n < 2:
+                raise ConfigError(
+                    f"config: rollout.n={cfg.rollout.n!r} leaves teacher.context={context.name} no other "
+                    "rollout of the same prompt to read; use rollout.n >= 2 (e.g. 8)"
+                )
+            if cfg.trainer.prompts_per_step % dp_size:
+                raise ConfigError(
+                    f"config: trainer.prompts_per_step={cfg.trainer.prompts_per_step!r} does not split evenly "
+                    f"over {dp_size} data-parallel replicas (teacher.context={context.name} reads the other "
+                    f"rollouts of a prompt on the same replica); use a multiple of {dp_size}"
+                )
+        super().check_config(cfg, dp_size=dp_size)
+
     @classmethod
     def uses_teacher(cls, cfg: Config) -> bool:
         return True
+
+    def start(self) -> None:
+        if self.context.needs_rewards:
+            ev = self.cfg.eval
+            self.grader = Grader(GradingSettings(timeout_s=ev.grading_timeout_s, num_workers=ev.grading_workers))
 
     def make_teacher(self, chunks, build):
         return make_teacher(self.cfg.teacher, chunks, build, lora=self.cfg.lora.enabled)
@@ -28,4 +60,30 @@ class Opsd(Algorithm):
 
     def training_batch(self, prompts: list, inputs: StepInputs) -> TrainingBatch:
         rollouts = inputs.rollouts(prompts)
-        return TrainingBatch(sampled=rollouts, train=rollouts)
+        if not self.context.needs_rewards:
+            return TrainingBatch(sampled=rollouts, train=rollouts)
+        assert self.grader is not None, "call start() before the first step"
+        rewards = rewards_of(rollouts, prompts, self.grader, inputs.tokenizer)
+        batch = self.context.apply(
+            rollouts,
+            prompts,
+            rewards,
+            decode=lambda ids: inputs.tokenizer.decode(ids, skip_special_tokens=True),
+            teacher_prompt_ids=inputs.teacher_prompt_ids,
+        )
+        correct, taught, too_long, count = dp_sum(
+            [sum(rewards), sum(batch.in_loss), batch.too_long, len(rollouts)], inputs.parallel.dp_group
+        )
+        scalars = {
+            "train/accuracy": correct / max(count, 1.0),
+            "train/teacher_context_fraction": taught / max(count, 1.0),
+            "train/teacher_context_too_long": too_long,
+        }
+        return TrainingBatch(
+            sampled=rollouts, train=batch.train, in_loss=batch.in_loss, scalars=scalars, empty=taught == 0
+        )
+
+    def close(self) -> None:
+        if self.grader is not None:
+            self.grader.close()
+            self.grader = None
