@@ -107,11 +107,15 @@ def run_case(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small", choices=["tiny", "small"])
-    parser.add_argument("--sizes", default="1,2,4", help="rollouts per microbatch, measured without recompute")
+    parser.add_argument(
+        "--sizes", default="1,2,4", help="rollouts per microbatch, measured without recompute"
+    )
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--teacher-prompt", type=int, default=384)
     parser.add_argument("--response", type=int, default=256)
-    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "unfused"], help="model.attention_backend")
+    parser.add_argument(
+        "--attention", default="sdpa", choices=["sdpa", "unfused"], help="model.attention_backend"
+    )
     parser.add_argument("--recompute", choices=sorted(RECOMPUTE), help=argparse.SUPPRESS)
     parser.add_argument("--case-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,7 +136,9 @@ def main() -> None:
     for recompute, n in cases:
         cmd = [sys.executable, __file__, *shared, f"--recompute={recompute}", f"--case-size={n}"]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-        results[recompute, n] = json.loads(next(line for line in out.splitlines() if line.startswith("CASE "))[5:])
+        results[recompute, n] = json.loads(
+            next(line for line in out.splitlines() if line.startswith("CASE "))[5:]
+        )
     print(
         f"TP1 {args.preset}, float32, {args.attention} attention, fixed teacher, JSD; rollouts of student {args.prompt}+{args.response}, "
         f"teacher {args.teacher_prompt}+{args.response} tokens; one paired forward/backward of one microbatch"
@@ -142,7 +148,9 @@ def main() -> None:
     for (recompute, n), r in results.items():
         error = r["estimate_mb"] / r["peak_rise_mb"] - 1
         errors.append(abs(error))
-        print(f"{recompute:<11}{n:>9}{r['peak_rise_mb']:>14.1f}{r['estimate_mb']:>12.1f}{error:>+8.1%}{r['loss']:>16.9f}")
+        print(
+            f"{recompute:<11}{n:>9}{r['peak_rise_mb']:>14.1f}{r['estimate_mb']:>12.1f}{error:>+8.1%}{r['loss']:>16.9f}"
+        )
     largest = sizes[-1]
     none, full = results["none", largest], results["full", largest]
     same = len({results[v, largest]["loss"] for v in RECOMPUTE}) == 1

@@ -45,23 +45,6 @@ sys.path.insert(0, str(ROOT))
 from bench.gpu_check import bench_divergence, naive_jsd  # noqa: E402
 from bench.paired_step import make_samples  # noqa: E402
 
-QWEN3_1P7B = dict(
-    architectures=["Qwen3ForCausalLM"],
-    model_type="qwen3",
-    vocab_size=151936,
-    hidden_size=2048,
-    intermediate_size=6144,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    tie_word_embeddings=True,
-    max_position_embeddings=40960,
-    rms_norm_eps=1e-6,
-    rope_theta=1000000.0,
-    attention_dropout=0.0,
-)
-
 
 def make_model_dir(args: argparse.Namespace, out: Path) -> Path:
     """A Hugging Face directory with random weights: a tiny preset, or the named shape."""
@@ -69,15 +52,19 @@ def make_model_dir(args: argparse.Namespace, out: Path) -> Path:
         from tools.make_tiny_model import make_tiny_model
 
         return make_tiny_model("qwen3", out / args.preset, preset=args.preset)
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM  # noqa: F401
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tools.make_tiny_model import qwen3_config
 
     path = out / args.shape
-    config = Qwen3Config(**{k: v for k, v in QWEN3_1P7B.items() if k != "architectures"})
+    shape = qwen3_config(args.shape)
+    config = Qwen3Config(**{k: v for k, v in shape.items() if k != "architectures"})
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen3ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(path)
-    (path / "config.json").write_text(json.dumps({**json.loads((path / "config.json").read_text()), **QWEN3_1P7B}))
+    # megaopsd reads the shape from config.json: keep the public values exactly
+    (path / "config.json").write_text(json.dumps({**json.loads((path / "config.json").read_text()), **shape}))
     return path
 
 
@@ -140,9 +127,7 @@ def megaopsd_step_s(hf_dir: Path, samples, args, runtime, attention: str) -> tup
         )
         losses.append(result.loss)
 
-    seconds = _median_step(step, runtime.device, args.repeats)
-    del parts
-    return seconds, losses
+    return _median_step(step, runtime.device, args.repeats), losses
 
 
 def hf_microbatches(samples, max_tokens: int) -> list[list]:
@@ -150,14 +135,14 @@ def hf_microbatches(samples, max_tokens: int) -> list[list]:
     ordered = sorted(samples, key=lambda s: len(s.teacher_prompt_ids) + len(s.response_ids))
     groups, group = [], []
     for sample in ordered:
-        trial = group + [sample]
+        trial = [*group, sample]
         longest_s = max(len(s.student_prompt_ids) + len(s.response_ids) for s in trial)
         longest_t = max(len(s.teacher_prompt_ids) + len(s.response_ids) for s in trial)
         if group and len(trial) * (longest_s + longest_t) > max_tokens:
             groups.append(group)
             trial = [sample]
         group = trial
-    return groups + [group]
+    return [*groups, group]
 
 
 def _padded(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,16 +186,20 @@ def hf_step_s(hf_dir: Path, samples, args, device: torch.device) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = _median_step(step, device, args.repeats)
-    del model, teacher, optimizer
-    return seconds
+    return _median_step(step, device, args.repeats)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=["qwen3_1p7b"], help="a real model's shape, random weights (GPU)")
+    parser.add_argument(
+        "--shape",
+        choices=["qwen3_1p7b", "qwen3_4b", "qwen3_8b"],
+        help="a real model's shape, random weights (GPU)",
+    )
     parser.add_argument("--preset", default="small", choices=["tiny", "small"], help="without --shape")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--dtype", choices=["bfloat16", "float32"])
     parser.add_argument("--rollouts", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=256)
@@ -218,9 +207,13 @@ def main() -> None:
     parser.add_argument("--response-min", type=int, default=128)
     parser.add_argument("--response-max", type=int, default=1024)
     parser.add_argument("--microbatch-tokens", type=int, default=8192)
-    parser.add_argument("--loss-tokens", type=int, help="rows of the loss-alone figure (default 4096 on CUDA, 256 on CPU)")
+    parser.add_argument(
+        "--loss-tokens", type=int, help="rows of the loss-alone figure (default 4096 on CUDA, 256 on CPU)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peak-tflops", type=float, help="the device's dense peak (default: known H100/H200 figures)")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="the device's dense peak (default: known H100/H200 figures)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
@@ -230,13 +223,22 @@ def main() -> None:
     from megaopsd.models import load_hf_config
     from megaopsd.runtime import Runtime
 
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{_cpu_name()}, {torch.get_num_threads()} threads"
+    machine = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{_cpu_name()}, {torch.get_num_threads()} threads"
+    )
     runtime = Runtime.start(ParallelConfig(), RuntimeConfig(device=device.type, cpu_threads=0))
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = make_model_dir(args, Path(tmp))
         spec = load_hf_config(hf_dir)
         samples = make_samples(
-            spec.vocab_size, args.rollouts, args.prompt, args.teacher_prompt, args.response_min, args.response_max
+            spec.vocab_size,
+            args.rollouts,
+            args.prompt,
+            args.teacher_prompt,
+            args.response_min,
+            args.response_max,
         )
         flops = paired_step_flops(
             ModelShape.of(spec),
@@ -252,13 +254,19 @@ def main() -> None:
         sdpa_s, sdpa_losses = megaopsd_step_s(hf_dir, samples, args, runtime, "sdpa")
         hf_s = hf_step_s(hf_dir, samples, args, device)
     peak = peak_tflops(machine, args.dtype, args.peak_tflops) if device.type == "cuda" else args.peak_tflops
-    rows = [("megaopsd, unfused attention", unfused_s), ("megaopsd, SDPA attention", sdpa_s), ("plain transformers", hf_s)]
+    rows = [
+        ("megaopsd, unfused attention", unfused_s),
+        ("megaopsd, SDPA attention", sdpa_s),
+        ("plain transformers", hf_s),
+    ]
     print(f"{'path':<30}{'s/step':>10}{'GFLOP/s':>12}{'MFU':>8}")
     for name, seconds in rows:
         mfu = flops / seconds / (peak * 1e12) if peak else float("nan")
         print(f"{name:<30}{seconds:>10.3f}{flops / seconds / 1e9:>12.1f}{mfu:>8.1%}")
     print(f"first step loss: unfused {unfused_losses[0]:.6f}, sdpa {sdpa_losses[0]:.6f}")
-    print(f"sdpa / unfused step time {sdpa_s / unfused_s:.3f}; megaopsd (sdpa) / plain transformers {sdpa_s / hf_s:.3f}")
+    print(
+        f"sdpa / unfused step time {sdpa_s / unfused_s:.3f}; megaopsd (sdpa) / plain transformers {sdpa_s / hf_s:.3f}"
+    )
     loss_tokens = args.loss_tokens or (4096 if device.type == "cuda" else 256)
     print(f"the loss alone, JSD(0.5) at {loss_tokens} x {spec.vocab_size}, bf16 logits, forward + backward:")
     loss = bench_divergence(device, loss_tokens, spec.vocab_size, repeats=max(args.repeats, 1))

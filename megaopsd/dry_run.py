@@ -94,7 +94,9 @@ class DryRunPlan:
         """Parameters each pipeline stage holds per TP rank (embedding on the first, output layer on the last)."""
         hf = self.hf
         h, vocab, heads = hf["hidden_size"], hf["vocab_size"], hf["num_attention_heads"]
-        per_layer = h * self.head_dim * (2 * heads + 2 * self.kv_heads) + 3 * h * hf["intermediate_size"] + 2 * h
+        per_layer = (
+            h * self.head_dim * (2 * heads + 2 * self.kv_heads) + 3 * h * hf["intermediate_size"] + 2 * h
+        )
         embedding = vocab * h
         # With tied embeddings one tensor serves both ends on a single stage; with PP the last
         # stage keeps its own copy of the output layer.
@@ -212,7 +214,9 @@ def layer_activation_bytes(
     return linear_inputs + swiglu + attention_bytes + _norm_bytes(h, q, kv, act_bytes, fused_norm)
 
 
-def layer_backward_bytes(plan: DryRunPlan, *, seq_len: int, act_bytes: int, attention: str = "unfused") -> float:
+def layer_backward_bytes(
+    plan: DryRunPlan, *, seq_len: int, act_bytes: int, attention: str = "unfused"
+) -> float:
     """What one layer's backward allocates per token beyond the kept activations: the gradients
     of the attention probabilities and scores (unfused attention only) and of the SwiGLU input."""
     heads = plan.hf["num_attention_heads"] / plan.tp
@@ -278,7 +282,9 @@ def stage_activation_gib(
             kept, recomputed = n * hidden * tokens + (layers - n) * layer, (layer if n else 0.0)
     else:
         kept = layers * layer
-    backward = layer_backward_bytes(plan, seq_len=shape.student_len, act_bytes=act, attention=attention_kind(cfg))
+    backward = layer_backward_bytes(
+        plan, seq_len=shape.student_len, act_bytes=act, attention=attention_kind(cfg)
+    )
     recomputed += backward * tokens
     vpp = par.virtual_pipeline_model_parallel_size
     if vpp:
@@ -477,7 +483,15 @@ def _candidate_changes(cfg: Config, world_size: int) -> list[Change]:
     if mc.recompute_granularity is None:
         out.append({"model": {"recompute_granularity": "selective"}})
     if mc.recompute_granularity != "full":
-        out.append({"model": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}})
+        out.append(
+            {
+                "model": {
+                    "recompute_granularity": "full",
+                    "recompute_method": "uniform",
+                    "recompute_num_layers": 1,
+                }
+            }
+        )
     out += [
         {"rollout": {"gpu_memory_utilization": share}}
         for share in (0.25, 0.2, 0.15, 0.1)
@@ -494,7 +508,9 @@ def _candidate_changes(cfg: Config, world_size: int) -> list[Change]:
 def _valid(cfg: Config, world_size: int) -> bool:
     try:
         validate(cfg, world_size=world_size)
-        algorithm_class(cfg.algorithm.name).check_config(cfg, dp_size=data_parallel_size(cfg.parallel, world_size))
+        algorithm_class(cfg.algorithm.name).check_config(
+            cfg, dp_size=data_parallel_size(cfg.parallel, world_size)
+        )
     except ConfigError:
         return False
     return True
@@ -537,7 +553,9 @@ def verdict_lines(cfg: Config, world_size: int, estimate: Mapping[str, float]) -
     if gpu is None:
         return ["verdict: none (no GPU here); set trainer.dry_run_gpu_gib to the target GPU's memory in GiB"]
     limit = FIT_SHARE * gpu
-    lines = [f"verdict for {gpu:g} GiB GPUs (a phase fits in {limit:.1f} GiB; the rest is CUDA context and fragmentation):"]
+    lines = [
+        f"verdict for {gpu:g} GiB GPUs (a phase fits in {limit:.1f} GiB; the rest is CUDA context and fragmentation):"
+    ]
     for phase in ("generation", "training"):
         need = estimate[f"during {phase}"]
         lines.append(f"  {phase}: {'fits' if need <= limit else 'does not fit'} ({need:.1f} GiB)")

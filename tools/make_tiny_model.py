@@ -68,6 +68,60 @@ PRESETS = {
 }
 
 
+# The public config.json sizes of real Qwen3 models (no weights): the dry-run tests, the recipe
+# tests and bench/mfu.py plan with them.
+QWEN3_SHAPES = {
+    "qwen3_1p7b": dict(
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    "qwen3_4b": dict(
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    "qwen3_8b": dict(
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def qwen3_config(name: str) -> dict:
+    """The whole config.json of the Qwen3 model ``name`` (a key of ``QWEN3_SHAPES``)."""
+    return dict(
+        architectures=["Qwen3ForCausalLM"],
+        model_type="qwen3",
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        attention_dropout=0.0,
+        **QWEN3_SHAPES[name],
+    )
+
+
+def write_qwen3_config(name: str, out: Path) -> Path:
+    """``out/config.json`` of the Qwen3 model ``name``, no weights: enough for a dry run."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(qwen3_config(name)))
+    return out
+
+
 def _corpus(seed: int = 0, lines: int = 3000) -> list[str]:
     """Deterministic training text for the tokenizer: arithmetic problems with worked answers."""
     rng = random.Random(seed)

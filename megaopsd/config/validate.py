@@ -234,9 +234,19 @@ def _validate_baselines(cfg: Config) -> None:
     if alg.tis_cap is not None and alg.tis_cap <= 0:
         _fail("algorithm.tis_cap", alg.tis_cap, "must be > 0", "use e.g. 2.0, or null to turn it off")
     if not 0.0 <= alg.rlsd_lambda <= 1.0:
-        _fail("algorithm.rlsd_lambda", alg.rlsd_lambda, "is outside [0, 1]", "use e.g. 0.5 (the official default)")
+        _fail(
+            "algorithm.rlsd_lambda",
+            alg.rlsd_lambda,
+            "is outside [0, 1]",
+            "use e.g. 0.5 (the official default)",
+        )
     if not 0.0 <= alg.rlsd_epsilon_w < 1.0:
-        _fail("algorithm.rlsd_epsilon_w", alg.rlsd_epsilon_w, "is outside [0, 1)", "use e.g. 0.2 (the official default)")
+        _fail(
+            "algorithm.rlsd_epsilon_w",
+            alg.rlsd_epsilon_w,
+            "is outside [0, 1)",
+            "use e.g. 0.2 (the official default)",
+        )
     if alg.rlsd_lambda_decay_steps < 0:
         _fail(
             "algorithm.rlsd_lambda_decay_steps",

@@ -51,7 +51,9 @@ class SdpaAttention(DotProductAttention):
         packed_seq_params=None,
     ) -> torch.Tensor:
         if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("model.attention_backend=sdpa takes neither packed sequences nor an attention bias")
+            raise ValueError(
+                "model.attention_backend=sdpa takes neither packed sequences nor an attention bias"
+            )
         # [s, b, heads, d] -> [b, heads, s, d] (views; the kernels take the strides)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         # megatron's masks are True where attention is NOT allowed; SDPA's the opposite
@@ -71,4 +73,3 @@ class SdpaAttention(DotProductAttention):
         # [b, heads, s, d] -> [s, b, heads x d]
         s, b = query.shape[0], query.shape[1]
         return context.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)
-

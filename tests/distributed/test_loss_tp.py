@@ -250,9 +250,14 @@ def _compare_rlsd(rank: int) -> list[dict]:
             engine_logprobs_T=engine,
             advantage_T=advantage,
         )
-        ref_loss, ref_grad, ref_weight = _rlsd_reference(student, teacher, mask, sampled, advantage, engine, vocab)
+        ref_loss, ref_grad, ref_weight = _rlsd_reference(
+            student, teacher, mask, sampled, advantage, engine, vocab
+        )
         results = {}
-        for name, (lo, hi, group) in {"tp1": (0, F, None), "tp2": (rank * W, (rank + 1) * W, dist.group.WORLD)}.items():
+        for name, (lo, hi, group) in {
+            "tp1": (0, F, None),
+            "tp2": (rank * W, (rank + 1) * W, dist.group.WORLD),
+        }.items():
             loss_fn = RlsdLoss(cfg, vocab_size=vocab, tp_group=group, chunk_tokens=CHUNK)
             s = student[:, lo:hi].clone().requires_grad_()
             loss, metrics = loss_fn(s, teacher[:, lo:hi], mb)

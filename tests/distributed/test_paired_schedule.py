@@ -50,7 +50,14 @@ def layout_worker(
     from megaopsd.algorithm.step import forward_backward
 
     runtime, parts = paired_setup(
-        hf_dir, tp, pp, sp=sp, vpp=vpp, stages=stages, algorithm=algorithm, model={"attention_backend": attention}
+        hf_dir,
+        tp,
+        pp,
+        sp=sp,
+        vpp=vpp,
+        stages=stages,
+        algorithm=algorithm,
+        model={"attention_backend": attention},
     )
     spec, student, teacher, loss_fn = parts.spec, parts.student, parts.teacher, parts.loss_fn
 
@@ -241,7 +248,9 @@ def unfused_3layers(tiny_qwen3_3layers):
 
 
 @pytest.mark.parametrize("stages", [(2, None), (None, 2)], ids=["2+1", "1+2"])
-def test_uneven_pipeline_stages_match_single_process(baseline_3layers, unfused_3layers, tiny_qwen3_3layers, stages):
+def test_uneven_pipeline_stages_match_single_process(
+    baseline_3layers, unfused_3layers, tiny_qwen3_3layers, stages
+):
     """3 layers at PP2 (megatron's num_layers_in_first/last_pipeline_stage) equal TP1 within
     1e-5, with SDPA or megatron's unfused attention there."""
     results = run_ranks(

@@ -180,6 +180,19 @@ def test_grpo_logs_its_tags_drops_uniform_groups_and_refills(sft_run, tmp_path):
     assert any(rounds[s] > 1 for s in (1, 2, 3)), rounds  # the refill ran
 
 
+# Two steps at DP2 of 4 prompts x 4 rollouts sampled at temperature 1 (mixed groups on the coin
+# problems), for the methods that read a group's other rollouts.
+TWO_STEPS_OF_GROUPS = {
+    "rollout.n": 4,
+    "rollout.temperature": 1.0,
+    "rollout.top_p": 1.0,
+    "rollout.top_k": -1,
+    "trainer.max_steps": 2,
+    "trainer.prompts_per_step": 4,
+    "trainer.lr": 1e-4,
+}
+
+
 def test_rlsd_two_process_run_logs_its_tags(sft_run, tmp_path):
     """RLSD at DP2 from the SFT checkpoint: GRPO's groups and tags, the self-teacher's token
     weights inside [1 - eps_w, 1 + eps_w], and lambda falling to 0 over one step."""
@@ -198,19 +211,13 @@ def test_rlsd_two_process_run_logs_its_tags(sft_run, tmp_path):
                 "algorithm.rlsd_epsilon_w": 0.2,
                 "algorithm.dynamic_sampling": "false",  # every group trains: no step is empty
                 "teacher.mode": "current",
-                "rollout.n": 4,
-                "rollout.temperature": 1.0,
-                "rollout.top_p": 1.0,
-                "rollout.top_k": -1,
-                "trainer.max_steps": 2,
-                "trainer.prompts_per_step": 4,
-                "trainer.lr": 1e-4,
+                **TWO_STEPS_OF_GROUPS,
             },
         ),
         nproc=2,
     )
     values = scalars(out / "tensorboard")
-    for tag in GRPO_TAGS[:5] + ["train/rlsd_weight_mean", "train/rlsd_logprob_gap", "train/rlsd_lambda"]:
+    for tag in [*GRPO_TAGS[:5], "train/rlsd_weight_mean", "train/rlsd_logprob_gap", "train/rlsd_lambda"]:
         assert tag in values and sorted(values[tag]) == [1, 2], tag
     assert values["train/rlsd_lambda"] == {1: 0.5, 2: 0.0}
     weights = values["train/rlsd_weight_mean"]
@@ -234,13 +241,7 @@ def test_successful_rollout_teacher_two_process_run_logs_its_tags(sft_run, tmp_p
             data,
             **{
                 "teacher.context": "successful_rollout",
-                "rollout.n": 4,
-                "rollout.temperature": 1.0,
-                "rollout.top_p": 1.0,
-                "rollout.top_k": -1,
-                "trainer.max_steps": 2,
-                "trainer.prompts_per_step": 4,
-                "trainer.lr": 1e-4,
+                **TWO_STEPS_OF_GROUPS,
             },
         ),
         nproc=2,

@@ -55,8 +55,12 @@ def test_rlsd_is_grpo_with_the_self_teacher():
     # GRPO's second stream is a KL reference of the student's own sequence; RLSD's the teacher
     # reading the privileged prompt
     assert grpo.teacher_reads_student_prompt and not rlsd.teacher_reads_student_prompt
-    with pytest.raises(ConfigError, match=r"algorithm\.kl_coef=0\.1 is not used by rlsd .* set algorithm\.kl_coef=0"):
-        rlsd.check_config(dataclasses.replace(cfg, algorithm=AlgorithmConfig(name="rlsd", kl_coef=0.1)), dp_size=1)
+    with pytest.raises(
+        ConfigError, match=r"algorithm\.kl_coef=0\.1 is not used by rlsd .* set algorithm\.kl_coef=0"
+    ):
+        rlsd.check_config(
+            dataclasses.replace(cfg, algorithm=AlgorithmConfig(name="rlsd", kl_coef=0.1)), dp_size=1
+        )
     rlsd.check_config(cfg, dp_size=1)
 
 

@@ -27,7 +27,9 @@ from megaopsd.rollout.types import Rollout
 
 @pytest.fixture(scope="module")
 def builder(tiny_qwen3):
-    return PromptBuilder(AutoTokenizer.from_pretrained(tiny_qwen3), max_prompt_tokens=256, max_teacher_prompt_tokens=1000)
+    return PromptBuilder(
+        AutoTokenizer.from_pretrained(tiny_qwen3), max_prompt_tokens=256, max_teacher_prompt_tokens=1000
+    )
 
 
 def _rollouts(builder, responses: list[list[str]]) -> tuple[list, list]:
@@ -75,7 +77,9 @@ def test_each_rollout_reads_another_success_of_its_prompt(builder):
         demo = strip_thinking(_decode(builder)(rollouts[j].response_ids))
         assert "<think>" not in demo and demo.endswith("{0}.")
         _, expected = builder.render(prompts[0].problem, demo)
-        assert batch.train[i].teacher_prompt_ids == builder.tokenizer.encode(expected, add_special_tokens=False)
+        assert batch.train[i].teacher_prompt_ids == builder.tokenizer.encode(
+            expected, add_special_tokens=False
+        )
         assert fill_template(TEACHER_TEMPLATE, problem=prompts[0].problem, solution=demo) in expected
         assert batch.train[i].response_ids == rollouts[i].response_ids
     for i in (3, 4):  # no teacher: unchanged and out of the loss
@@ -93,7 +97,9 @@ def test_a_demonstration_over_the_teacher_limit_leaves_the_rollout_out(builder):
 
 def test_the_reference_solution_context_changes_nothing(builder):
     prompts, rollouts = _rollouts(builder, [["a", "b"]])
-    batch = ReferenceSolution().apply(rollouts, prompts, None, decode=_decode(builder), teacher_prompt_ids=None)
+    batch = ReferenceSolution().apply(
+        rollouts, prompts, None, decode=_decode(builder), teacher_prompt_ids=None
+    )
     assert batch.train == rollouts and batch.in_loss == [True, True]
     assert set(CONTEXTS) == {"solution", "successful_rollout"}
 
@@ -124,15 +130,21 @@ def _cfg(**sections) -> Config:
 def test_the_successful_rollout_context_needs_groups_on_each_replica():
     opsd = algorithm_class("opsd")
     opsd.check_config(_cfg(), dp_size=2)
-    with pytest.raises(ConfigError, match=r"rollout\.n=1 leaves teacher\.context=successful_rollout no other"):
+    with pytest.raises(
+        ConfigError, match=r"rollout\.n=1 leaves teacher\.context=successful_rollout no other"
+    ):
         opsd.check_config(_cfg(rollout=RolloutConfig(n=1)), dp_size=1)
-    with pytest.raises(ConfigError, match=r"prompts_per_step=3 does not split evenly over 2 .* use a multiple of 2"):
+    with pytest.raises(
+        ConfigError, match=r"prompts_per_step=3 does not split evenly over 2 .* use a multiple of 2"
+    ):
         opsd.check_config(_cfg(trainer=TrainerConfig(prompts_per_step=3)), dp_size=2)
 
 
 def test_the_context_is_opsds_and_excludes_reason_first(tiny_qwen3):
     model = ModelConfig(hf_path=str(tiny_qwen3))
-    with pytest.raises(ConfigError, match=r"teacher\.context='successful_rollout' applies to algorithm\.name=opsd, not grpo"):
+    with pytest.raises(
+        ConfigError, match=r"teacher\.context='successful_rollout' applies to algorithm\.name=opsd, not grpo"
+    ):
         validate(_cfg(model=model, algorithm=AlgorithmConfig(name="grpo")), world_size=1)
     both = TeacherConfig(context="successful_rollout", reason_first=True)
     with pytest.raises(ConfigError, match=r"teacher\.reason_first=True rationalises the reference solution"):

@@ -14,7 +14,6 @@ run by tests/e2e/test_scripts.py with its error bound.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
@@ -29,22 +28,7 @@ from megaopsd.dry_run import (
     estimate_memory_gib,
     layer_activation_bytes,
 )
-
-QWEN3_1P7B = dict(
-    architectures=["Qwen3ForCausalLM"],
-    model_type="qwen3",
-    vocab_size=151936,
-    hidden_size=2048,
-    intermediate_size=6144,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    tie_word_embeddings=True,
-    max_position_embeddings=40960,
-    rms_norm_eps=1e-6,
-    rope_theta=1e6,
-)
+from tools.make_tiny_model import write_qwen3_config
 
 
 def _saved_bytes_per_token_layer(model: torch.nn.Module, tokens_BL: torch.Tensor) -> float:
@@ -119,7 +103,8 @@ def test_layer_activations_are_what_autograd_keeps(dtype, recompute, attention, 
 
 @pytest.mark.parametrize(
     "kind,entry_clip",
-    [(kind, False) for kind in sorted(LOSS_CHUNK_BUFFERS)] + [(kind, True) for kind in ("forward_kl", "reverse_kl", "jsd")],
+    [(kind, False) for kind in sorted(LOSS_CHUNK_BUFFERS)]
+    + [(kind, True) for kind in ("forward_kl", "reverse_kl", "jsd")],
 )
 def test_loss_chunk_buffers_are_what_the_loss_allocates(kind, entry_clip, monkeypatch):
     """(The entry clip applies to the KL family.)"""
@@ -160,7 +145,7 @@ def test_loss_chunk_buffers_are_what_the_loss_allocates(kind, entry_clip, monkey
 
 def _qwen3_1p7b(tmp_path: Path, **sections) -> object:
     """The measured H200 run's settings (the verdict tests vary the GPU size around them)."""
-    (tmp_path / "config.json").write_text(json.dumps(QWEN3_1P7B))
+    write_qwen3_config("qwen3_1p7b", tmp_path)
     raw = dict(
         model=dict(hf_path=str(tmp_path), dtype="bfloat16", attention_backend="unfused"),
         parallel=dict(use_distributed_optimizer=True),  # bf16 checkpoints need it (at DP 1: same memory)

@@ -7,7 +7,6 @@ The Qwen3 recipes point at checkpoints that are not here; their public config.js
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -20,38 +19,11 @@ from omegaconf import OmegaConf
 from megaopsd.config import ConfigError, load_config, validate
 from megaopsd.dry_run import DryRunPlan, describe_layout, dry_run_report, estimate_memory_gib
 from megaopsd.train import build_config
+from tools.make_tiny_model import QWEN3_SHAPES, write_qwen3_config
 
 REPO = Path(__file__).resolve().parents[2]
 
-QWEN3 = {
-    "qwen3_1p7b": dict(
-        hidden_size=2048,
-        intermediate_size=6144,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=True,
-    ),
-    "qwen3_4b": dict(
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=True,
-    ),
-    "qwen3_8b": dict(
-        hidden_size=4096,
-        intermediate_size=12288,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=False,
-    ),
-}
+QWEN3 = QWEN3_SHAPES
 LAYOUTS = {
     "qwen3_1p7b": "TP 1 x PP 1 x DP 8",
     "qwen3_4b": "TP 2 x PP 1 x DP 4",
@@ -60,19 +32,7 @@ LAYOUTS = {
 
 
 def qwen3_config_dir(tmp_path: Path, recipe: str) -> Path:
-    path = tmp_path / recipe
-    path.mkdir()
-    config = dict(
-        architectures=["Qwen3ForCausalLM"],
-        model_type="qwen3",
-        vocab_size=151936,
-        max_position_embeddings=40960,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        **QWEN3[recipe],
-    )
-    (path / "config.json").write_text(json.dumps(config))
-    return path
+    return write_qwen3_config(recipe, tmp_path / recipe)
 
 
 @pytest.mark.parametrize("recipe", sorted(QWEN3))

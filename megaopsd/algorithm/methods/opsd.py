@@ -48,7 +48,9 @@ class Opsd(Algorithm):
     def start(self) -> None:
         if self.context.needs_rewards:
             ev = self.cfg.eval
-            self.grader = Grader(GradingSettings(timeout_s=ev.grading_timeout_s, num_workers=ev.grading_workers))
+            self.grader = Grader(
+                GradingSettings(timeout_s=ev.grading_timeout_s, num_workers=ev.grading_workers)
+            )
 
     def make_teacher(self, chunks, build):
         return make_teacher(self.cfg.teacher, chunks, build, lora=self.cfg.lora.enabled)

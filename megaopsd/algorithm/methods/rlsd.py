@@ -45,7 +45,10 @@ class Rlsd(Grpo):
 
     def make_loss(self, *, vocab_size: int, tp_group, think_token_ids: Sequence[int] = ()):
         self.loss = RlsdLoss(
-            self.cfg.algorithm, vocab_size=vocab_size, tp_group=tp_group, chunk_tokens=self.cfg.loss.chunk_tokens
+            self.cfg.algorithm,
+            vocab_size=vocab_size,
+            tp_group=tp_group,
+            chunk_tokens=self.cfg.loss.chunk_tokens,
         )
         return self.loss
 
