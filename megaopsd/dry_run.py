@@ -133,6 +133,8 @@ class MicrobatchShape:
         teacher_prompt = data.max_teacher_prompt_tokens or data.max_prompt_tokens
         if algorithm_class(cfg.algorithm.name).teacher_reads_student_prompt:
             teacher_prompt = data.max_prompt_tokens  # GRPO's reference scores the student's own sequence
+        elif cfg.teacher.reason_first:  # the teacher reads its rationalisation too
+            teacher_prompt += cfg.teacher.reason_max_new_tokens
         teacher = teacher_prompt + response if teacher_stream else 0
         sequences = max(cfg.trainer.microbatch_tokens / (student + teacher), 1.0)
         return cls(sequences=sequences, student_len=student, teacher_len=teacher, response_len=response)

@@ -24,6 +24,7 @@ from megaopsd.dry_run import (
     ENTRY_CLIP_BUFFERS,
     LOSS_CHUNK_BUFFERS,
     DryRunPlan,
+    MicrobatchShape,
     dry_run_report,
     estimate_memory_gib,
     layer_activation_bytes,
@@ -256,3 +257,11 @@ def test_verdict_flags_an_engine_share_smaller_than_its_weights(tmp_path):
     assert "rollout.gpu_memory_utilization=0.05" in line and "cannot start" in line
     roomy = _qwen3_1p7b(tmp_path, trainer=dict(dry_run_gpu_gib=48))
     assert "engine:" not in dry_run_report(roomy, 1)
+
+
+def test_the_reason_first_rationale_lengthens_the_teacher_stream(tmp_path):
+    plain = _qwen3_1p7b(tmp_path)
+    reason = _qwen3_1p7b(tmp_path, teacher=dict(reason_first=True, reason_max_new_tokens=2048))
+    shapes = [MicrobatchShape.of(cfg, teacher_stream=True) for cfg in (plain, reason)]
+    assert (shapes[0].teacher_len, shapes[1].teacher_len) == (512 + 1024, 512 + 2048 + 1024)
+    assert shapes[1].sequences < shapes[0].sequences  # fewer rollouts fit the same budget
