@@ -9,7 +9,8 @@
    read its privileged context), 900 steps (measured once: accuracy stays near 5 % for 600
    steps, then jumps to ~57 % by step 900); exported to Hugging Face;
 3. from that checkpoint, OPSD (the released loss: forward KL with the per-entry clip), OPSD with
-   JSD(0.5), GRPO (n=8) and SFT, each for the same number of steps of the same number of
+   JSD(0.5), GRPO (n=8), SFT, RLSD and the successful-rollout self-teacher (n=8 each,
+   docs/variants.md), each for the same number of steps of the same number of
    prompts, per seed;
 4. held-out avg@4 (sampled at T=1 through the live engine, the in-training evaluator) every few
    steps, against generated tokens and wall time; a PNG plot and a markdown table.
@@ -49,6 +50,17 @@ METHODS: dict[str, list[str]] = {
     "opsd_jsd": ["algorithm.name=opsd", "loss.kind=jsd", "loss.beta=0.5", "teacher.mode=fixed"],
     "grpo": ["algorithm.name=grpo", "rollout.n=8"],
     "sft": ["algorithm.name=sft"],
+    # the variants (docs/variants.md): RLSD as upstream runs it (the current model as its
+    # teacher) and the successful-rollout self-teacher with JSD(0.5)
+    "rlsd": ["algorithm.name=rlsd", "rollout.n=8", "teacher.mode=current"],
+    "sdpo": [
+        "algorithm.name=opsd",
+        "teacher.context=successful_rollout",
+        "rollout.n=8",
+        "loss.kind=jsd",
+        "loss.beta=0.5",
+        "teacher.mode=fixed",
+    ],
 }
 
 
@@ -344,9 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/experiment")
     parser.add_argument(
         "--methods",
-        help="comma list of "
-        + ",".join(METHODS)
-        + " (default: opsd,opsd_jsd,grpo,sft; with --smoke opsd,grpo,sft)",
+        help="comma list of " + ",".join(METHODS) + " (default: all of them; with --smoke opsd,grpo,sft)",
     )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
@@ -368,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds, args.steps, args.prompts, args.eval_interval = 1, 2, 4, 1
         args.heldout, args.k, args.warm_steps = 8, 2, 2
     if args.methods is None:
-        args.methods = "opsd,grpo,sft" if args.smoke else "opsd,opsd_jsd,grpo,sft"
+        args.methods = "opsd,grpo,sft" if args.smoke else ",".join(METHODS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
