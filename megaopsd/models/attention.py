@@ -59,7 +59,9 @@ class SdpaAttention(DotProductAttention):
         # megatron's masks are True where attention is NOT allowed; SDPA's the opposite
         mask = None if attention_mask is None else ~attention_mask
         dropout = self.attention_dropout.p if self.training else 0.0
-        with tensor_parallel.get_cuda_rng_tracker().fork() if dropout else contextlib.nullcontext():
+        # dropout draws from the model-parallel RNG stream unless sequence parallel, as megatron's own
+        forked = dropout and not self.config.sequence_parallel
+        with tensor_parallel.get_cuda_rng_tracker().fork() if forked else contextlib.nullcontext():
             context = torch.nn.functional.scaled_dot_product_attention(
                 q,
                 k,
