@@ -35,17 +35,13 @@ sys.path.insert(0, str(ROOT))
 RECOMPUTE = {"none": None, "selective": "selective", "full": "full"}
 
 
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:")) / 1024
-
-
 def run_case(args: argparse.Namespace) -> dict:
     """One case in this process: the step's peak RSS rise, the dry run's estimate, the loss."""
     import tempfile
 
     import torch
 
+    from bench._rss import peak_rss_mb, reset_peak_rss, rss_mb
     from bench.paired_step import make_samples
     from megaopsd.algorithm.batch import build_microbatches
     from megaopsd.algorithm.step import forward_backward
@@ -95,11 +91,13 @@ def run_case(args: argparse.Namespace) -> dict:
         return sums["loss_sum"] / tokens
 
     step()  # warm-up
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _rss_mb("VmRSS")
+    before = rss_mb()
+    if not reset_peak_rss():
+        raise SystemExit(
+            "activation_memory: cannot reset the peak RSS (/proc/self/clear_refs); it needs Linux"
+        )
     loss = step()
-    peak = _rss_mb("VmHWM")
+    peak = peak_rss_mb(was_reset=True)
     runtime.shutdown()
     return {"peak_rise_mb": peak - before, "estimate_mb": estimate_mb, "loss": loss}
 

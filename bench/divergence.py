@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench._rss import peak_rss_mb, reset_peak_rss, rss_mb
 from megaopsd.loss import vocab_parallel_divergence
 
 TP = 2
@@ -119,27 +120,6 @@ def chunked_autograd_jsd(student_TW, teacher_TW, mask_T, group, chunk: int) -> t
     return total
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb(was_reset: bool) -> float:
-    if was_reset:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _rank_main(rank: int, port: int, variant: str, args: argparse.Namespace, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(TP))
     torch.set_num_threads(1)
@@ -181,7 +161,7 @@ def _rank_main(rank: int, port: int, variant: str, args: argparse.Namespace, que
         loss.backward()
         return loss.item()
 
-    base_mb, was_reset = _rss_mb(), _reset_peak_rss()
+    base_mb, was_reset = rss_mb(), reset_peak_rss()
     times, faults = [], 0
     for i in range(args.repeats + 1):
         dist.barrier()
@@ -191,7 +171,7 @@ def _rank_main(rank: int, port: int, variant: str, args: argparse.Namespace, que
         if i:  # the first run is a warm-up
             times.append(time.perf_counter() - t0)
             faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-    peak_mb = _peak_rss_mb(was_reset) - base_mb
+    peak_mb = peak_rss_mb(was_reset) - base_mb
     grad_sq = dist_sum(student.grad.double().pow(2).sum(), group)
     result = dict(times=times, peak_mb=peak_mb, loss=loss, grad_norm=math.sqrt(grad_sq), faults=faults)
     queue.put((rank, result))

@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.gpu_check import bench_divergence, naive_jsd  # noqa: E402
+from bench.gpu_check import _sync, bench_divergence, naive_jsd  # noqa: E402
 from bench.paired_step import make_samples  # noqa: E402
 
 
@@ -75,11 +75,6 @@ def _cpu_name() -> str:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _median_step(step, device: torch.device, repeats: int) -> float:

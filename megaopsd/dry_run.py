@@ -27,6 +27,7 @@ from typing import Any
 
 from megaopsd.algorithm.methods import algorithm_class
 from megaopsd.config import Config, ConfigError, data_parallel_size, engine_layout, read_hf_config, validate
+from megaopsd.config.hf_spec import HFModelSpec, load_hf_config
 from megaopsd.stages import stage_layer_counts
 
 GIB = 1 << 30
@@ -53,7 +54,7 @@ LORA_RANK = 1000  # the verdict suggests LoRA after every other change and pair 
 class DryRunPlan:
     """The numbers of a planned run: model shape from config.json, and the parallel layout."""
 
-    hf: Mapping[str, Any]
+    spec: HFModelSpec
     world_size: int
     tp: int
     pp: int
@@ -63,17 +64,17 @@ class DryRunPlan:
 
     @classmethod
     def of(cls, cfg: Config, world_size: int) -> DryRunPlan:
-        hf = read_hf_config(cfg.model.hf_path)
+        spec = load_hf_config(read_hf_config(cfg.model.hf_path))
         par = cfg.parallel
         tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
         counts = stage_layer_counts(
-            hf["num_hidden_layers"],
+            spec.num_layers,
             pp,
             par.num_layers_in_first_pipeline_stage,
             par.num_layers_in_last_pipeline_stage,
         )
         return cls(
-            hf=hf,
+            spec=spec,
             world_size=world_size,
             tp=tp,
             pp=pp,
@@ -82,25 +83,16 @@ class DryRunPlan:
             teacher_stream=algorithm_class(cfg.algorithm.name).uses_teacher(cfg),
         )
 
-    @property
-    def head_dim(self) -> int:
-        return self.hf.get("head_dim") or self.hf["hidden_size"] // self.hf["num_attention_heads"]
-
-    @property
-    def kv_heads(self) -> int:
-        return self.hf.get("num_key_value_heads") or self.hf["num_attention_heads"]
-
     def stage_params(self) -> list[float]:
         """Parameters each pipeline stage holds per TP rank (embedding on the first, output layer on the last)."""
-        hf = self.hf
-        h, vocab, heads = hf["hidden_size"], hf["vocab_size"], hf["num_attention_heads"]
-        per_layer = (
-            h * self.head_dim * (2 * heads + 2 * self.kv_heads) + 3 * h * hf["intermediate_size"] + 2 * h
-        )
+        spec = self.spec
+        h, vocab = spec.hidden_size, spec.vocab_size
+        attention = h * spec.head_dim * (2 * spec.num_attention_heads + 2 * spec.num_query_groups)
+        per_layer = attention + 3 * h * spec.ffn_hidden_size + 2 * h
         embedding = vocab * h
         # With tied embeddings one tensor serves both ends on a single stage; with PP the last
         # stage keeps its own copy of the output layer.
-        output = 0 if hf.get("tie_word_embeddings") and self.pp == 1 else vocab * h
+        output = 0 if spec.tie_word_embeddings and self.pp == 1 else vocab * h
         params = []
         for stage, layers in enumerate(self.stage_layers):
             count = layers * per_layer
@@ -195,12 +187,12 @@ def layer_activation_bytes(
     query and key after rope and the value instead) or ``full`` (the caller keeps one layer
     input per recompute group; this function then gives the layer recomputed in backward).
     """
-    hf, tp = plan.hf, plan.tp
-    heads = hf["num_attention_heads"] // tp
-    q = heads * plan.head_dim
-    kv = max(plan.kv_heads // tp, 1) * plan.head_dim
-    f = hf["intermediate_size"] / tp
-    h = hf["hidden_size"] / tp if sequence_parallel else hf["hidden_size"]
+    spec, tp = plan.spec, plan.tp
+    heads = spec.num_attention_heads // tp
+    q = heads * spec.head_dim
+    kv = max(spec.num_query_groups // tp, 1) * spec.head_dim
+    f = spec.ffn_hidden_size / tp
+    h = spec.hidden_size / tp if sequence_parallel else spec.hidden_size
     linear_inputs = (2 * h + q + f) * act_bytes
     swiglu = 4 * f * act_bytes
     # the value is a view of the QKV output: it keeps the whole output alive unless the norms do
@@ -210,7 +202,7 @@ def layer_activation_bytes(
     elif attention == "flash":
         attention_bytes = (q + kv) * act_bytes + qkv_output + heads * 4
     else:
-        repeated = 2 * q if heads > kv // plan.head_dim else 2 * kv
+        repeated = 2 * q if heads > kv // spec.head_dim else 2 * kv
         softmax = heads * seq_len * (4 + act_bytes if act_bytes < 4 else 4)
         attention_bytes = (q + repeated) * act_bytes + softmax
     return linear_inputs + swiglu + attention_bytes + _norm_bytes(h, q, kv, act_bytes, fused_norm)
@@ -221,9 +213,9 @@ def layer_backward_bytes(
 ) -> float:
     """What one layer's backward allocates per token beyond the kept activations: the gradients
     of the attention probabilities and scores (unfused attention only) and of the SwiGLU input."""
-    heads = plan.hf["num_attention_heads"] / plan.tp
+    heads = plan.spec.num_attention_heads / plan.tp
     scores = heads * seq_len * _score_entry_bytes(act_bytes, attention)
-    return scores + 2 * plan.hf["intermediate_size"] / plan.tp * act_bytes
+    return scores + 2 * plan.spec.ffn_hidden_size / plan.tp * act_bytes
 
 
 def _score_entry_bytes(act_bytes: int, attention: str) -> int:
@@ -264,11 +256,12 @@ def stage_activation_gib(
     layers = plan.stage_layers[stage]
     act = activation_bytes(cfg)
     tokens = shape.student_tokens
+    attention = attention_kind(cfg)
     common = dict(
         act_bytes=act,
         sequence_parallel=par.sequence_parallel,
         fused_norm=cfg.runtime.device != "cpu",
-        attention=attention_kind(cfg),
+        attention=attention,
     )
     layer = layer_activation_bytes(plan, seq_len=shape.student_len, recompute=None, **common) * tokens
     recomputed = 0.0
@@ -276,7 +269,7 @@ def stage_activation_gib(
         selective = layer_activation_bytes(plan, seq_len=shape.student_len, recompute="selective", **common)
         kept = layers * tokens * selective
     elif mc.recompute_granularity == "full":
-        hidden = (plan.hf["hidden_size"] / plan.tp if par.sequence_parallel else plan.hf["hidden_size"]) * act
+        hidden = (plan.spec.hidden_size / plan.tp if par.sequence_parallel else plan.spec.hidden_size) * act
         n = min(mc.recompute_num_layers, layers)
         if mc.recompute_method == "uniform":  # one input per group of n layers; a group at a time in backward
             kept, recomputed = math.ceil(layers / n) * hidden * tokens, n * layer
@@ -284,10 +277,9 @@ def stage_activation_gib(
             kept, recomputed = n * hidden * tokens + (layers - n) * layer, (layer if n else 0.0)
     else:
         kept = layers * layer
-    backward = layer_backward_bytes(
-        plan, seq_len=shape.student_len, act_bytes=act, attention=attention_kind(cfg)
+    recomputed += (
+        layer_backward_bytes(plan, seq_len=shape.student_len, act_bytes=act, attention=attention) * tokens
     )
-    recomputed += backward * tokens
     vpp = par.virtual_pipeline_model_parallel_size
     if vpp:
         in_flight = ((plan.pp - stage - 1) * 2 + (vpp - 1) * plan.pp + 1) / vpp
@@ -300,7 +292,7 @@ def loss_working_set_gib(cfg: Config, plan: DryRunPlan, shape: MicrobatchShape) 
     """The last stage's logits and loss at their peak: both streams' scored rows, and then the
     larger of the forward's chunk buffers and the backward's (the student's logit gradient and
     its chunk buffers)."""
-    vocab = plan.hf["vocab_size"] / plan.tp
+    vocab = plan.spec.vocab_size / plan.tp
     act = activation_bytes(cfg)
     logits = (2 if plan.teacher_stream else 1) * shape.rows * vocab * act
     forward, backward = LOSS_CHUNK_BUFFERS[cfg.loss.kind]
@@ -320,22 +312,20 @@ def teacher_forward_gib(cfg: Config, plan: DryRunPlan, shape: MicrobatchShape) -
     the float32 softmax, one layer at a time."""
     if not plan.teacher_stream:
         return 0.0
-    heads = plan.hf["num_attention_heads"] / plan.tp
+    heads = plan.spec.num_attention_heads / plan.tp
     per_entry = _score_entry_bytes(activation_bytes(cfg), attention_kind(cfg))
     return heads * shape.teacher_len * shape.teacher_tokens * per_entry / GIB
 
 
-def lora_params(hf: Mapping[str, Any], lora) -> int:
+def lora_params(spec: HFModelSpec, lora) -> int:
     """Adapter elements of one decoder layer: rank x (in + out) of every targeted module."""
-    h, ffn = hf["hidden_size"], hf["intermediate_size"]
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or h // heads
-    kv = hf.get("num_key_value_heads") or heads
+    h, ffn = spec.hidden_size, spec.ffn_hidden_size
+    q, kv = spec.num_attention_heads * spec.head_dim, spec.num_query_groups * spec.head_dim
     sizes = {
-        "q_proj": (h, heads * head_dim),
-        "k_proj": (h, kv * head_dim),
-        "v_proj": (h, kv * head_dim),
-        "o_proj": (heads * head_dim, h),
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
         "gate_proj": (h, ffn),
         "up_proj": (h, ffn),
         "down_proj": (ffn, h),
@@ -362,7 +352,7 @@ def trainer_memory_gib(cfg: Config, plan: DryRunPlan) -> dict[str, float]:
     ema = plan.teacher_stream and mode == "ema"
     shadow = params * 4 if ema and weight_bytes != 4 else 0.0
     if cfg.lora.enabled:
-        trained = extra = lora_params(plan.hf, cfg.lora) * max(plan.stage_layers)
+        trained = extra = lora_params(plan.spec, cfg.lora) * max(plan.stage_layers)
         teacher = trained * 4 if ema else 0.0
         shadow = 0.0
     return {
@@ -585,11 +575,11 @@ def verdict_lines(cfg: Config, world_size: int, estimate: Mapping[str, float]) -
 def describe_layout(cfg: Config, world_size: int) -> str:
     """One line per fact about the parallel layout this config asks for."""
     plan = DryRunPlan.of(cfg, world_size)
-    par, hf = cfg.parallel, plan.hf
+    par, spec = cfg.parallel, plan.spec
     vpp = par.virtual_pipeline_model_parallel_size
     lines = [
-        f"model: {hf.get('architectures', ['?'])[0]} from {cfg.model.hf_path} "
-        f"({hf['num_hidden_layers']} layers, hidden {hf['hidden_size']}, vocab {hf['vocab_size']})",
+        f"model: {spec.architecture} from {cfg.model.hf_path} "
+        f"({spec.num_layers} layers, hidden {spec.hidden_size}, vocab {spec.vocab_size})",
         f"world size {world_size} = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}"
         + (f", VPP {vpp}" if vpp else "")
         + (", sequence parallel" if par.sequence_parallel else ""),

@@ -251,18 +251,22 @@ class PromptBuilder:
             fill_template(t.student, problem=problem),
             enable_thinking=t.student_enable_thinking,
         )
+        return student, self.render_teacher(problem, solution)
+
+    def render_teacher(self, problem: str, solution: str) -> str:
+        """The chat-templated teacher prompt string."""
+        t = self.templates
         teacher = render_user_prompt(
             self.tokenizer,
             fill_template(t.teacher, problem=problem, solution=solution),
             enable_thinking=t.teacher_enable_thinking,
         )
-        return student, append_think_prefix(teacher, t.teacher_think_prefix)
+        return append_think_prefix(teacher, t.teacher_think_prefix)
 
     def teacher_prompt_ids(self, problem: str, solution: str) -> list[int] | None:
         """The teacher prompt's ids with ``solution`` as its privileged text (a teacher context
         other than the dataset's solution); None when over the teacher prompt limit."""
-        _, teacher_text = self.render(problem, solution)
-        ids = encode_rendered(self.tokenizer, teacher_text)
+        ids = encode_rendered(self.tokenizer, self.render_teacher(problem, solution))
         return ids if len(ids) <= self.max_teacher_prompt_tokens else None
 
     def build(self, problem: str, solution: str, *, example_id: str = "") -> PromptPair | None:

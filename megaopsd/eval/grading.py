@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from megaopsd.config import EvalConfig
 from megaopsd.progress import progress as show_progress
 
 STATUS_GRADED = "graded"  # math-verify gave a verdict (correct or not)
@@ -155,6 +156,11 @@ class GradingSettings:
     num_workers: int = 1
     memory_limit_mb: int = 4096
     start_timeout_s: float = 120.0
+
+    @classmethod
+    def of(cls, cfg: EvalConfig) -> GradingSettings:
+        """The limits the ``eval`` section sets (the trainer's rewards and its evaluator share them)."""
+        return cls(timeout_s=cfg.grading_timeout_s, num_workers=cfg.grading_workers)
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:

@@ -48,7 +48,7 @@ class InTrainingEvaluator:
         if not (cfg.interval or cfg.at_start):
             return None
         benchmarks = [load_benchmark(*parse_benchmark_arg(b), limit=cfg.limit) for b in cfg.benchmarks]
-        grader = Grader(GradingSettings(timeout_s=cfg.grading_timeout_s, num_workers=cfg.grading_workers))
+        grader = Grader(GradingSettings.of(cfg))
         return cls(cfg, benchmarks, grader, template)
 
     def evaluate(self, engine: RolloutEngine, tokenizer: Any) -> dict[str, float]:

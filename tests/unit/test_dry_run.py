@@ -96,9 +96,9 @@ def test_layer_activations_are_what_autograd_keeps(dtype, recompute, attention, 
     # beside what the model counts the graph holds the final norm's input and normalised value
     # (float32) and, per layer, rope's cos and sin for the query and the key (one row per
     # position, shared by the batch); per-row norm statistics and the causal mask are left out
-    layers, hidden = plan.hf["num_hidden_layers"], plan.hf["hidden_size"]
+    layers, hidden = plan.spec.num_layers, plan.spec.hidden_size
     act = 2 if dtype == "bfloat16" else 4
-    counted += 2 * hidden * 4 / layers + 4 * plan.head_dim * act / batch
+    counted += 2 * hidden * 4 / layers + 4 * plan.spec.head_dim * act / batch
     assert counted == pytest.approx(measured, rel=0.02), (counted, measured)
 
 

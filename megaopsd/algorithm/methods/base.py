@@ -19,7 +19,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from megaopsd.algorithm.baselines import rewards_of
 from megaopsd.config import Config, ConfigError
+from megaopsd.eval.grading import Grader, GradingSettings
 from megaopsd.runtime.parallel import ParallelState
 
 
@@ -70,6 +72,7 @@ class Algorithm:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.grader: Grader | None = None  # math-verify workers, for methods that grade their rollouts
 
     @classmethod
     def check_config(cls, cfg: Config, *, dp_size: int) -> None:
@@ -107,3 +110,15 @@ class Algorithm:
 
     def close(self) -> None:
         """Release what the method holds for the run (worker processes)."""
+        if self.grader is not None:
+            self.grader.close()
+            self.grader = None
+
+    def _start_grader(self) -> None:
+        """Start the reward grader (killable math-verify workers) for the whole run."""
+        self.grader = Grader(GradingSettings.of(self.cfg.eval))
+
+    def _rewards(self, rollouts: list, prompts: list, inputs: StepInputs) -> list[float]:
+        """1.0 for each rollout whose answer the verifier accepts, else 0.0."""
+        assert self.grader is not None, "call start() before the first step"
+        return rewards_of(rollouts, prompts, self.grader, inputs.tokenizer)

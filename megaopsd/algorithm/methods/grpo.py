@@ -7,14 +7,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from megaopsd.algorithm.baselines import grpo_batch, rewards_of
+from megaopsd.algorithm.baselines import grpo_batch
 from megaopsd.algorithm.batch import microbatch_count_rule
 from megaopsd.algorithm.grpo import groups_to_keep
 from megaopsd.algorithm.methods.base import Algorithm, StepInputs, TrainingBatch
 from megaopsd.algorithm.policy_loss import GrpoLoss
 from megaopsd.algorithm.teacher import make_teacher
 from megaopsd.config import Config, ConfigError, TeacherConfig
-from megaopsd.eval.grading import Grader, GradingSettings
 from megaopsd.runtime.distributed import dp_sum
 
 
@@ -23,16 +22,8 @@ class Grpo(Algorithm):
     whole_prompts = True
     teacher_reads_student_prompt = True  # the KL reference scores the student's own sequence
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        self.grader: Grader | None = None  # started by ``start``, for the whole run
-
     def start(self) -> None:
-        """Start the reward grader (killable math-verify workers), before any engine."""
-        settings = GradingSettings(
-            timeout_s=self.cfg.eval.grading_timeout_s, num_workers=self.cfg.eval.grading_workers
-        )
-        self.grader = Grader(settings)
+        self._start_grader()  # before any engine
 
     @classmethod
     def check_config(cls, cfg: Config, *, dp_size: int) -> None:
@@ -61,7 +52,6 @@ class Grpo(Algorithm):
 
     def training_batch(self, prompts: list, inputs: StepInputs) -> TrainingBatch:
         par, alg = inputs.parallel, self.cfg.algorithm
-        assert self.grader is not None, "call start() before the first step"
         sampled, rewards = self._graded(prompts, inputs, group_offset=0)
         rollouts, rounds = sampled, 1
         if alg.dynamic_sampling == "refill":
@@ -106,15 +96,10 @@ class Grpo(Algorithm):
     def _graded(self, prompts: list, inputs: StepInputs, *, group_offset: int) -> tuple[list, list[float]]:
         """This replica's rollouts of ``prompts`` and their rewards; groups renumbered from ``group_offset``."""
         rollouts = inputs.rollouts(prompts)
-        rewards = rewards_of(rollouts, prompts, self.grader, inputs.tokenizer)
+        rewards = self._rewards(rollouts, prompts, inputs)
         if group_offset:
             rollouts = [dataclasses.replace(r, prompt_index=r.prompt_index + group_offset) for r in rollouts]
         return rollouts, rewards
-
-    def close(self) -> None:
-        if self.grader is not None:
-            self.grader.close()
-            self.grader = None
 
 
 def _mixed_groups(rollouts: list, rewards: list[float]) -> list[int]:

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from megaopsd.algorithm.baselines import rewards_of
 from megaopsd.algorithm.contexts import CONTEXTS, make_context
 from megaopsd.algorithm.loss import make_loss_fn
 from megaopsd.algorithm.methods.base import Algorithm, StepInputs, TrainingBatch
 from megaopsd.algorithm.teacher import make_teacher
 from megaopsd.config import Config, ConfigError
-from megaopsd.eval.grading import Grader, GradingSettings
 from megaopsd.runtime.distributed import dp_sum
 
 
@@ -22,7 +20,6 @@ class Opsd(Algorithm):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.context = make_context(cfg.teacher)
-        self.grader: Grader | None = None  # started by ``start`` when the context needs rewards
 
     @classmethod
     def check_config(cls, cfg: Config, *, dp_size: int) -> None:
@@ -47,10 +44,7 @@ class Opsd(Algorithm):
 
     def start(self) -> None:
         if self.context.needs_rewards:
-            ev = self.cfg.eval
-            self.grader = Grader(
-                GradingSettings(timeout_s=ev.grading_timeout_s, num_workers=ev.grading_workers)
-            )
+            self._start_grader()
 
     def make_teacher(self, chunks, build):
         return make_teacher(self.cfg.teacher, chunks, build, lora=self.cfg.lora.enabled)
@@ -64,8 +58,7 @@ class Opsd(Algorithm):
         rollouts = inputs.rollouts(prompts)
         if not self.context.needs_rewards:
             return TrainingBatch(sampled=rollouts, train=rollouts)
-        assert self.grader is not None, "call start() before the first step"
-        rewards = rewards_of(rollouts, prompts, self.grader, inputs.tokenizer)
+        rewards = self._rewards(rollouts, prompts, inputs)
         batch = self.context.apply(
             rollouts,
             prompts,
@@ -84,8 +77,3 @@ class Opsd(Algorithm):
         return TrainingBatch(
             sampled=rollouts, train=batch.train, in_loss=batch.in_loss, scalars=scalars, empty=taught == 0
         )
-
-    def close(self) -> None:
-        if self.grader is not None:
-            self.grader.close()
-            self.grader = None
