@@ -42,7 +42,8 @@ demo: $(STAMP)
 	@echo "  resolved config    $(DEMO)/hydra/.hydra/config.yaml"
 
 # The learning experiment: SFT warm start of a char-level tiny Qwen3 on multi-step sums, then OPSD,
-# GRPO (n=8) and SFT from it, 3 seeds each; plot, table and summary under outputs/experiment/.
+# its variants, GRPO (n=8) and SFT from it, 3 seeds each, on references in the student's own style
+# and in another; plot, tables and summary under outputs/experiment/ (finished runs are reused).
 experiment: $(STAMP)
 	$(PY) tools/learning_experiment.py --out outputs/experiment
 

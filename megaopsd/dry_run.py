@@ -298,7 +298,7 @@ def loss_working_set_gib(cfg: Config, plan: DryRunPlan, shape: MicrobatchShape) 
     forward, backward = LOSS_CHUNK_BUFFERS[cfg.loss.kind]
     if cfg.loss.clip_mode == "entry" and cfg.loss.clip is not None:
         forward, backward = forward + ENTRY_CLIP_BUFFERS, backward + ENTRY_CLIP_BUFFERS
-    if cfg.algorithm.name != "opsd":
+    if not algorithm_class(cfg.algorithm.name).divergence_loss:
         forward, backward = 5, 2  # the policy / cross-entropy losses (GRPO, RLSD, SFT): log-softmax chunks
     chunk = min(cfg.loss.chunk_tokens, shape.rows) * vocab * 4
     peak = max(forward * chunk, shape.rows * vocab * act + backward * chunk)

@@ -180,4 +180,6 @@ def _baseline_scalars(m: Mapping[str, float]) -> dict[str, float]:
     if "rlsd_weight_sum" in m:  # RLSD: the teacher's token weights and its log-prob gap to the student
         values["train/rlsd_weight_mean"] = m["rlsd_weight_sum"]
         values["train/rlsd_logprob_gap"] = m["rlsd_delta_sum"]
+    if "position_weight_sum" in m:  # position-weighted OPSD: the tokens' mean position weight
+        values["train/position_weight_mean"] = m["position_weight_sum"]
     return values

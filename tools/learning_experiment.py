@@ -9,11 +9,17 @@
    read its privileged context), 900 steps (measured once: accuracy stays near 5 % for 600
    steps, then jumps to ~57 % by step 900); exported to Hugging Face;
 3. from that checkpoint, OPSD (the released loss: forward KL with the per-entry clip), OPSD with
-   JSD(0.5), GRPO (n=8), SFT, RLSD and the successful-rollout self-teacher (n=8 each,
-   docs/variants.md), each for the same number of steps of the same number of
-   prompts, per seed;
-4. held-out avg@4 (sampled at T=1 through the live engine, the in-training evaluator) every few
-   steps, against generated tokens and wall time; a PNG plot and a markdown table.
+   JSD(0.5), GRPO (n=8), SFT, RLSD (n=8), position-weighted OPSD and the successful-rollout
+   self-teacher (n=8; the variants: docs/variants.md), each for the same number of steps of the
+   same number of prompts, per seed;
+4. a second condition (``--conditions forward,reversed``): the same problems with references in
+   a style the warm-started student does not write (the partial sums taken from the right, or a
+   terse sketch), as the references of real math datasets are; the methods that read references
+   (``--other-methods``) run again on them, GRPO's runs are shared (it reads none);
+5. held-out avg@4 (sampled at T=1 through the live engine, the in-training evaluator) every few
+   steps, against generated tokens and wall time; per condition a row of the PNG plot, a
+   markdown table of final accuracies and of the tokens each method needed to reach a set of
+   accuracies (the ratio to GRPO at matched accuracy), and every curve in ``summary.json``.
 
 Every run is ``python -m megaopsd.train recipe=arith_cpu ...``; the numbers are read back from
 the TensorBoard event files. ``--smoke`` runs the whole pipeline at toy size (a test uses it).
@@ -31,7 +37,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the sibling tools are imported as tools.*
+    sys.path.insert(0, str(REPO))
+
+from tools.make_arith_data import STYLES  # noqa: E402
+
 BENCH = "arith"
+# The warm start imitates the forward references, so they are the style the student writes
+# itself; the other styles (tools/make_arith_data.py) are references it does not write.
+OWN_STYLE = "forward"
 
 # The released OPSD loss (the official runs' settings, as the recipes opsd_qwen3_* carry them):
 # forward KL, per-entry clip 0.05, fixed teacher; the official loss temperature is the sampling
@@ -51,8 +65,10 @@ METHODS: dict[str, list[str]] = {
     "grpo": ["algorithm.name=grpo", "rollout.n=8"],
     "sft": ["algorithm.name=sft"],
     # the variants (docs/variants.md): RLSD as upstream runs it (the current model as its
-    # teacher) and the successful-rollout self-teacher with JSD(0.5)
+    # teacher), position-weighted OPSD on the released loss (as its official launcher) and the
+    # successful-rollout self-teacher with JSD(0.5)
     "rlsd": ["algorithm.name=rlsd", "rollout.n=8", "teacher.mode=current"],
+    "pw_opsd": [*OPSD_RELEASED[1:], "algorithm.name=pw_opsd"],
     "sdpo": [
         "algorithm.name=opsd",
         "teacher.context=successful_rollout",
@@ -62,6 +78,9 @@ METHODS: dict[str, list[str]] = {
         "teacher.mode=fixed",
     ],
 }
+# Under the other reference styles: the methods that read the references, and GRPO beside them
+# (the same runs as under the own style: it reads no reference).
+OTHER_METHODS = "opsd,opsd_jsd,pw_opsd,grpo,sft"
 
 
 def train(out: Path, overrides: list[str], log: Path) -> None:
@@ -107,23 +126,71 @@ def curve(tb_dir: Path, k: int) -> list[dict[str, float]]:
     return points
 
 
-def paths(args: argparse.Namespace) -> dict[str, str]:
+def train_file(out: Path, style: str) -> Path:
+    """The training problems with their references in ``style`` (tools/make_arith_data.py)."""
+    return out / "data" / ("train.jsonl" if style == OWN_STYLE else f"train_{style}.jsonl")
+
+
+def paths(args: argparse.Namespace, style: str = "forward") -> dict[str, str]:
     out = Path(args.out)
     return {
         "model.hf_path": str(out / "model"),
-        "data.train_files": f"[{out / 'data' / 'train.jsonl'}]",
+        "data.train_files": f"[{train_file(out, style)}]",
         "eval.benchmarks": f"['{BENCH}={out / 'data' / 'heldout.jsonl'}']",
         "eval.k": str(args.k),
         "eval.limit": str(args.heldout),
     }
 
 
+def make_data(out: Path, heldout: int, style: str) -> None:
+    if train_file(out, style).is_file():
+        return
+    subprocess.run(
+        [
+            sys.executable,
+            "tools/make_arith_data.py",
+            "--out",
+            str(out / "data"),
+            "--heldout",
+            str(heldout),
+            "--style",
+            style,
+        ],
+        cwd=REPO,
+        check=True,
+    )
+
+
+def warm_overrides(args: argparse.Namespace) -> list[str]:
+    """The warm start's run: SFT after both prompts (the teacher learns to read its context)."""
+    return [f"{k}={v}" for k, v in paths(args).items()] + [
+        "algorithm.name=sft",
+        "algorithm.sft_prompts=both",
+        f"trainer.max_steps={args.warm_steps}",
+        f"trainer.lr={args.warm_lr}",
+        f"checkpoint.save_interval={args.warm_steps}",
+        f"eval.interval={max(args.warm_steps // 5, 1)}",
+        "eval.at_start=false",
+    ]
+
+
+def cached(directory: Path, key: list[str], done: Path) -> bool:
+    """Whether ``done`` exists and was made by a run of these settings (``key``); a finished run
+    of other settings (steps, learning rate, an earlier warm start) is not reused."""
+    record = directory / "settings.json"
+    return done.is_file() and record.is_file() and json.loads(record.read_text()) == key
+
+
 def prepare(args: argparse.Namespace) -> Path:
     """Model, data, SFT warm start, export; returns the warm-started Hugging Face directory."""
     out = Path(args.out)
     hf = out / "warm" / "hf"
-    if (hf / "config.json").is_file():
+    for style in args.conditions:
+        make_data(out, args.heldout, style)
+    if cached(out / "warm", warm_overrides(args), hf / "config.json"):
         return hf
+    if (out / "warm").exists():
+        shutil.rmtree(out / "warm")
     subprocess.run(
         [
             sys.executable,
@@ -138,48 +205,41 @@ def prepare(args: argparse.Namespace) -> Path:
         cwd=REPO,
         check=True,
     )
-    subprocess.run(
-        [
-            sys.executable,
-            "tools/make_arith_data.py",
-            "--out",
-            str(out / "data"),
-            "--heldout",
-            str(args.heldout),
-        ],
-        cwd=REPO,
-        check=True,
-    )
-    base = [f"{k}={v}" for k, v in paths(args).items()]
-    warm = [
-        "algorithm.name=sft",
-        "algorithm.sft_prompts=both",
-        f"trainer.max_steps={args.warm_steps}",
-        f"trainer.lr={args.warm_lr}",
-        f"checkpoint.save_interval={args.warm_steps}",
-        f"eval.interval={max(args.warm_steps // 5, 1)}",
-        "eval.at_start=false",
-    ]
     print(f"warm start: {args.warm_steps} SFT steps", flush=True)
-    train(out / "warm", base + warm, out / "warm.log")
+    (out / "warm").mkdir(parents=True)
+    train(out / "warm", warm_overrides(args), out / "warm.log")
     ckpt = out / "warm" / "checkpoints" / f"iter_{args.warm_steps:07d}"
     subprocess.run(
         [sys.executable, "tools/convert_checkpoint.py", "export-hf", "--ckpt", str(ckpt), "--out", str(hf)],
         cwd=REPO,
         check=True,
     )
+    (out / "warm" / "settings.json").write_text(json.dumps(warm_overrides(args)))
     return hf
 
 
-def post_train(args: argparse.Namespace, hf: Path, method: str, seed: int) -> list[dict[str, float]]:
-    out = Path(args.out) / "runs" / f"{method}_seed{seed}"
+def run_dir(args: argparse.Namespace, method: str, seed: int, style: str) -> Path:
+    """Where one run lives. A method that reads no reference (GRPO, the successful-rollout
+    teacher) is the same run under every condition: the problems, their order and their
+    answers do not depend on the references' style, so it runs once, under the own style."""
+    if style == OWN_STYLE or not reads_references(method):
+        return Path(args.out) / "runs" / f"{method}_seed{seed}"
+    return Path(args.out) / "runs" / style / f"{method}_seed{seed}"
+
+
+def reads_references(method: str) -> bool:
+    """Whether ``method`` reads the dataset's reference solutions (as SFT targets or as the
+    teacher's context)."""
+    settings = METHODS[method]
+    return "algorithm.name=grpo" not in settings and "teacher.context=successful_rollout" not in settings
+
+
+def post_train(
+    args: argparse.Namespace, hf: Path, method: str, seed: int, style: str = "forward"
+) -> list[dict[str, float]]:
+    out = run_dir(args, method, seed, style)
     done = out / "curve.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    settings = {**paths(args), "model.hf_path": str(hf)}
+    settings = {**paths(args, style), "model.hf_path": str(hf)}
     overrides = [f"{k}={v}" for k, v in settings.items()] + [
         f"trainer.max_steps={args.steps}",
         f"trainer.prompts_per_step={args.prompts}",
@@ -190,13 +250,20 @@ def post_train(args: argparse.Namespace, hf: Path, method: str, seed: int) -> li
         f"data.shuffle_seed={seed}",
         *METHODS[method],
     ]
+    key = [*overrides, f"k={args.k}", *warm_overrides(args)]  # the warm start it starts from
+    if cached(out, key, done):
+        return json.loads(done.read_text())
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     start = time.perf_counter()
     train(out, overrides, out / "train.log")
     points = curve(out / "tensorboard", args.k)
+    (out / "settings.json").write_text(json.dumps(key))
     done.write_text(json.dumps(points))
     print(
-        f"{method} seed {seed}: {points[0]['accuracy']:.3f} -> {points[-1]['accuracy']:.3f} "
-        f"({time.perf_counter() - start:.0f} s)",
+        f"{method} seed {seed} ({style} references): {points[0]['accuracy']:.3f} -> "
+        f"{points[-1]['accuracy']:.3f} ({time.perf_counter() - start:.0f} s)",
         flush=True,
     )
     return points
@@ -284,6 +351,7 @@ def summarize(results: dict[str, list[list[dict[str, float]]]], args: argparse.N
             "steps": steps,
             "mean_curve": mean_curve,
             "mean_tokens": tokens,
+            "curves": runs,  # per seed: step, generated tokens, wall s, accuracy at every evaluation
         }
     summary["matched"] = matched_accuracy(summary)
     return summary
@@ -325,28 +393,32 @@ def table(summary: dict, args: argparse.Namespace) -> str:
     return "\n".join(rows) + "\n"
 
 
-def plot(results: dict, path: Path, k: int) -> None:
+def plot(conditions: dict[str, dict], path: Path, k: int) -> None:
+    """One row per reference condition: accuracy against generated tokens (log axis) and against
+    training wall time; the line is the mean over seeds, the band their min..max."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method, runs in results.items():
-        for ax, key in zip(axes, ("tokens", "wall_s"), strict=True):
-            xs = [sum(run[i][key] for run in runs) / len(runs) for i in range(len(runs[0]))]
-            accs = [[100 * run[i]["accuracy"] for run in runs] for i in range(len(runs[0]))]
-            mean = [sum(a) / len(a) for a in accs]
-            lo, hi = [min(a) for a in accs], [max(a) for a in accs]
-            (line,) = ax.plot(xs, mean, marker="o", label=method)
-            ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
-    axes[0].set_xlabel("generated tokens (training rollouts)")
-    axes[0].set_xscale("symlog", linthresh=1000)
-    axes[1].set_xlabel("training wall time, s (evaluation excluded)")
-    for ax in axes:
-        ax.set_ylabel(f"held-out avg@{k}, %")
-        ax.grid(alpha=0.3)
-    axes[0].legend(title="band: min..max over seeds")
+    fig, axes = plt.subplots(len(conditions), 2, figsize=(11, 4 * len(conditions)), squeeze=False)
+    for row, (style, results) in zip(axes, conditions.items(), strict=True):
+        for method, runs in results.items():
+            for ax, key in zip(row, ("tokens", "wall_s"), strict=True):
+                xs = [sum(run[i][key] for run in runs) / len(runs) for i in range(len(runs[0]))]
+                accs = [[100 * run[i]["accuracy"] for run in runs] for i in range(len(runs[0]))]
+                mean = [sum(a) / len(a) for a in accs]
+                lo, hi = [min(a) for a in accs], [max(a) for a in accs]
+                (line,) = ax.plot(xs, mean, marker="o", label=method)
+                ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
+        row[0].set_xlabel("generated tokens (training rollouts)")
+        row[0].set_xscale("symlog", linthresh=1000)
+        row[1].set_xlabel("training wall time, s (evaluation excluded)")
+        for ax in row:
+            ax.set_ylabel(f"held-out avg@{k}, %")
+            ax.set_title(f"{style} references" + (" (the student's own style)" if style == OWN_STYLE else ""))
+            ax.grid(alpha=0.3)
+        row[0].legend(title="band: min..max over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -358,11 +430,24 @@ def main(argv: list[str] | None = None) -> int:
         "--methods",
         help="comma list of " + ",".join(METHODS) + " (default: all of them; with --smoke opsd,grpo,sft)",
     )
+    parser.add_argument(
+        "--conditions",
+        default=f"{OWN_STYLE},reversed",
+        help=f"comma list of reference styles, {OWN_STYLE} first (the warm start's own style; others: "
+        + ", ".join(s for s in STYLES if s != OWN_STYLE)
+        + "); default %(default)s",
+    )
+    parser.add_argument(
+        "--other-methods",
+        default=OTHER_METHODS,
+        help="the methods run under the other conditions (default %(default)s; methods that read no "
+        "reference are shared with the own style's runs)",
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
         "--seed-base", type=int, default=0, help="the first seed: runs seeds N .. N + seeds - 1 (default 0)"
     )
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--eval-interval", type=int, default=10)
@@ -379,23 +464,47 @@ def main(argv: list[str] | None = None) -> int:
         args.heldout, args.k, args.warm_steps = 8, 2, 2
     if args.methods is None:
         args.methods = "opsd,grpo,sft" if args.smoke else ",".join(METHODS)
+    args.conditions = args.conditions.split(",")
+    methods = {OWN_STYLE: args.methods.split(",")}
+    for style in args.conditions[1:]:
+        methods[style] = args.other_methods.split(",")
+    problems = [f"unknown method {m!r}" for ms in methods.values() for m in ms if m not in METHODS]
+    problems += [f"unknown reference style {s!r}" for s in args.conditions if s not in STYLES]
+    if args.conditions[0] != OWN_STYLE:
+        problems.append(f"--conditions must start with {OWN_STYLE} (the warm start's style)")
+    if problems:
+        parser.error("; ".join(problems) + f"; methods: {', '.join(METHODS)}; styles: {', '.join(STYLES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    cached = (out / "warm" / "hf" / "config.json").is_file()
+    reused = cached(out / "warm", warm_overrides(args), out / "warm" / "hf" / "config.json")
     hf = prepare(args)
-    warm_s = None if cached else time.perf_counter() - start
-    methods = args.methods.split(",")
+    warm_s = None if reused else time.perf_counter() - start
     # seed-major: an interrupted experiment still has whole seeds (finished runs are cached)
-    results: dict[str, list] = {m: [] for m in methods}
+    results: dict[str, dict[str, list]] = {style: {m: [] for m in ms} for style, ms in methods.items()}
     for seed in range(args.seed_base, args.seed_base + args.seeds):
-        for m in methods:
-            results[m].append(post_train(args, hf, m, seed))
-    summary = summarize(results, args)
+        for style, ms in methods.items():
+            for m in ms:
+                results[style][m].append(post_train(args, hf, m, seed, style))
+    summary: dict = {
+        "seeds": list(range(args.seed_base, args.seed_base + args.seeds)),
+        "steps": args.steps,
+        "conditions": {style: summarize(runs, args) for style, runs in results.items()},
+    }
+    for style, condition in summary["conditions"].items():
+        condition["shared_with_own_style"] = [
+            m for m in methods[style] if style != OWN_STYLE and not reads_references(m)
+        ]
     summary["total_wall_s"] = time.perf_counter() - start
     summary["warm_start_wall_s"] = warm_s  # None: an earlier invocation made the warm start
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    text = table(summary, args)
+    text = "\n".join(
+        f"### {style} references"
+        + (" (the student's own style)" if style == OWN_STYLE else "")
+        + "\n\n"
+        + table(condition, args)
+        for style, condition in summary["conditions"].items()
+    )
     (out / "table.md").write_text(text)
     plot(results, out / "accuracy.png", args.k)
     print(text)

@@ -12,7 +12,16 @@ The training file has ``problem`` and ``solution`` (what the trainer reads); the
 ``id``, ``problem`` and ``answer`` (a benchmark for the in-training evaluator). No held-out
 problem appears in the training file.
 
+``--style`` writes the same problems, in the same order, with the reference in another style
+(the learning experiment's second condition: references a warm-started student does not write
+itself, as the references of real math datasets are):
+
+- ``forward`` (above): left to right, one partial sum per line;
+- ``reversed``: the same partial sums taken from the right (``11+45=56``, ``56+23=79``);
+- ``terse``: a one-line sketch, the whole sum and its value (``23+45+11=79``).
+
     python tools/make_arith_data.py --out data/arith --train 20000 --heldout 300
+    python tools/make_arith_data.py --out data/arith --style reversed   # train_reversed.jsonl
 """
 
 from __future__ import annotations
@@ -23,30 +32,44 @@ import random
 import sys
 from pathlib import Path
 
+STYLES = ("forward", "reversed", "terse")
 
-def make_problem(rng: random.Random) -> tuple[str, str, int]:
+
+def solution(numbers: list[int], style: str = "forward") -> str:
+    """The worked reference solution of ``sum(numbers)`` in ``style`` (one of ``STYLES``)."""
+    total = sum(numbers)
+    if style == "terse":
+        lines = [f"{'+'.join(map(str, numbers))}={total}"]
+    elif style in ("forward", "reversed"):
+        order = numbers if style == "forward" else numbers[::-1]
+        lines, partial = [], order[0]
+        for n in order[1:]:
+            lines.append(f"{partial}+{n}={partial + n}")
+            partial += n
+    else:
+        raise ValueError(f"unknown style {style!r}; use one of {', '.join(STYLES)}")
+    return "\n".join([*lines, f"\\boxed{{{total}}}"])
+
+
+def make_problem(rng: random.Random, style: str = "forward") -> tuple[str, str, int]:
     """(problem, worked solution, answer) for one random sum."""
     numbers = [rng.randint(10, 99) for _ in range(rng.choice((3, 4)))]
-    lines, total = [], numbers[0]
-    for n in numbers[1:]:
-        lines.append(f"{total}+{n}={total + n}")
-        total += n
-    lines.append(f"\\boxed{{{total}}}")
-    return "+".join(map(str, numbers)), "\n".join(lines), total
+    return "+".join(map(str, numbers)), solution(numbers, style), sum(numbers)
 
 
-def make_split(train: int, heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Disjoint training rows and held-out rows."""
+def make_split(train: int, heldout: int, seed: int, style: str = "forward") -> tuple[list[dict], list[dict]]:
+    """Disjoint training rows and held-out rows. The style changes the solutions only: the
+    problems and their order depend on the seed alone."""
     rng = random.Random(seed)
     held: dict[str, dict] = {}
     while len(held) < heldout:
-        problem, _, answer = make_problem(rng)
+        problem, _, answer = make_problem(rng, style)
         held.setdefault(problem, {"id": f"arith-{len(held)}", "problem": problem, "answer": str(answer)})
     rows = []
     while len(rows) < train:
-        problem, solution, _ = make_problem(rng)
+        problem, worked, _ = make_problem(rng, style)
         if problem not in held:
-            rows.append({"problem": problem, "solution": solution})
+            rows.append({"problem": problem, "solution": worked})
     return rows, list(held.values())
 
 
@@ -63,12 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=20000)
     parser.add_argument("--heldout", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--style",
+        choices=STYLES,
+        default="forward",
+        help="the reference solutions' style; other than forward, writes train_<style>.jsonl",
+    )
     args = parser.parse_args(argv)
-    train, held = make_split(args.train, args.heldout, args.seed)
+    train, held = make_split(args.train, args.heldout, args.seed, args.style)
     out = Path(args.out)
-    write_jsonl(out / "train.jsonl", train)
+    name = "train.jsonl" if args.style == "forward" else f"train_{args.style}.jsonl"
+    write_jsonl(out / name, train)
     write_jsonl(out / "heldout.jsonl", held)
-    print(f"wrote {len(train)} training and {len(held)} held-out problems to {out}")
+    print(f"wrote {len(train)} training ({args.style} references) and {len(held)} held-out problems to {out}")
     return 0
 
 

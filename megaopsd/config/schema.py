@@ -23,7 +23,7 @@ TransformerImpl = Literal["local", "transformer_engine"]
 LrSchedule = Literal["constant", "cosine"]
 Placement = Literal["colocated", "rank0"]
 LoraInit = Literal["kaiming", "gaussian"]
-AlgorithmName = Literal["opsd", "grpo", "sft", "rlsd"]
+AlgorithmName = Literal["opsd", "grpo", "sft", "rlsd", "pw_opsd"]
 RecomputeGranularity = Literal["selective", "full"]
 RecomputeMethod = Literal["uniform", "block"]
 ClipMode = Literal["token", "entry"]  # token: a token's divergence; entry: each vocab entry's term
@@ -132,7 +132,8 @@ class LossConfig:
 class AlgorithmConfig:
     # opsd: the divergence to the self-teacher (loss.*, teacher.*); grpo and sft are the baselines on
     # the same schedule with the student stream only (docs/baselines.md); rlsd: GRPO with the
-    # self-teacher (teacher.*) setting per-token magnitudes (docs/variants.md)
+    # self-teacher (teacher.*) setting per-token magnitudes; pw_opsd: OPSD with each token's
+    # divergence weighted by its position in the response (docs/variants.md)
     name: AlgorithmName = "opsd"
     normalize_std: bool = True  # grpo: divide group-centred rewards by the group std (False: Dr. GRPO)
     clip_low: float = 0.2  # grpo: the ratio's lower bound is 1 - clip_low
@@ -148,6 +149,14 @@ class AlgorithmConfig:
     rlsd_lambda: float = 0.5  # rlsd: the teacher-weighted share of the advantage at step 0 (official)
     rlsd_lambda_decay_steps: int = 50  # rlsd: lambda falls linearly to 0 over this many steps; 0 keeps it
     rlsd_epsilon_w: float = 0.2  # rlsd: the token weight stays in [1 - eps_w, 1 + eps_w] (official)
+    # pw_opsd (position-weighted OPSD, docs/variants.md): each token's divergence is weighted by
+    # w = w_min + (1 - w_min) x sigmoid((u - tau) / s), u = (i - 0.5) / L its relative position
+    position_w_min: float = 0.25  # pw_opsd: the weight's floor, for the first tokens (official)
+    position_tau: float = 0.30  # pw_opsd: the sigmoid's midpoint, a fraction of the response (official)
+    position_s: float = 0.10  # pw_opsd: the sigmoid's width (official)
+    # pw_opsd: sequence averages each response's weighted tokens, then the responses (official);
+    # token averages over every token of the step, as the other methods do
+    position_reduction: Literal["sequence", "token"] = "sequence"
     # sft: the prompts the reference solution follows: the student's, or both the student's and
     # the teacher's (a warm start that also teaches a self-teacher to read its privileged context)
     sft_prompts: Literal["student", "both"] = "student"

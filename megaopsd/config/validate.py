@@ -254,6 +254,15 @@ def _validate_baselines(cfg: Config) -> None:
             "must be >= 0",
             "use e.g. 50 (the official default), or 0 to keep lambda constant",
         )
+    if not 0.0 <= alg.position_w_min <= 1.0:
+        _fail(
+            "algorithm.position_w_min",
+            alg.position_w_min,
+            "is outside [0, 1]",
+            "use e.g. 0.25 (the official default; 1 weighs every position alike)",
+        )
+    if alg.position_s <= 0:
+        _fail("algorithm.position_s", alg.position_s, "must be > 0", "use e.g. 0.1 (the official default)")
 
 
 def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
@@ -363,11 +372,11 @@ def _validate_lengths_and_eval(cfg: Config) -> None:
             "raise it or shorten prompts/responses (vLLM would cut responses silently)",
         )
     teacher = cfg.teacher
-    if teacher.context != "solution" and cfg.algorithm.name != "opsd":
+    if teacher.context != "solution" and cfg.algorithm.name not in ("opsd", "pw_opsd"):
         _fail(
             "teacher.context",
             teacher.context,
-            f"applies to algorithm.name=opsd, not {cfg.algorithm.name}",
+            f"applies to algorithm.name=opsd or pw_opsd, not {cfg.algorithm.name}",
             "use teacher.context=solution",
         )
     if teacher.context != "solution" and teacher.reason_first:

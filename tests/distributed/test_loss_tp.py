@@ -9,6 +9,8 @@ Legend: T = tokens, W = vocab shard width, F = padded full vocab (W x TP), V = t
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -267,6 +269,98 @@ def _compare_rlsd(rank: int) -> list[dict]:
     return out
 
 
+PW_W_MIN, PW_TAU, PW_S, PW_CLIP, PW_TEMPERATURE = 0.25, 0.3, 0.1, 0.05, 1.1
+PW_LENGTHS = (7, 9, 5, 8)  # four responses, 29 scored tokens
+
+
+def _pw_opsd_reference(student, teacher, mask, vocab, reduction):
+    """Position-weighted OPSD written out in float64 as the official trainer computes it
+    (docs/variants.md): responses as padded rows, the forward KL with the per-entry clip at
+    temperature 1.1, w = w_min + (1 - w_min) sigmoid(((cumsum(mask) - 0.5) / L - tau) / s)."""
+    s = student.clone().requires_grad_()
+    ls = torch.log_softmax(s[:, :vocab] / PW_TEMPERATURE, -1)
+    lt = torch.log_softmax(teacher[:, :vocab] / PW_TEMPERATURE, -1)
+    per_token = (lt.exp() * (lt - ls)).clamp(max=PW_CLIP).sum(-1)  # kl_div(ls, lt, log_target)
+    rows, masks, start = [], [], 0
+    for length in PW_LENGTHS:
+        rows.append(per_token[start : start + length])
+        masks.append(mask[start : start + length].double())
+        start += length
+    width = max(PW_LENGTHS)
+    loss_BL = torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows])
+    mask_BL = torch.stack([torch.nn.functional.pad(m, (0, width - len(m))) for m in masks])
+    length_B = mask_BL.sum(1).clamp(min=1.0)
+    index_BL = mask_BL.cumsum(1) * mask_BL
+    frac = (index_BL - 0.5).clamp(min=0.0) / length_B[:, None]
+    weight_BL = PW_W_MIN + (1 - PW_W_MIN) * torch.sigmoid((frac - PW_TAU) / PW_S)
+    weighted = loss_BL * weight_BL * mask_BL
+    if reduction == "sequence":
+        valid = mask_BL.sum(1) > 0
+        loss = (weighted.sum(1) / length_B)[valid].mean()
+    else:
+        loss = weighted.sum() / mask_BL.sum()
+    loss.backward()
+    return loss.detach(), s.grad, (weight_BL * mask_BL).sum() / mask_BL.sum()
+
+
+def _compare_pw_opsd(rank: int) -> list[dict]:
+    """PositionWeightedDivergence at TP1 and TP2, divided by the step's token count as the
+    schedule does, against the float64 formula, for both reductions."""
+    from megaopsd.algorithm.batch import PairedMicrobatch
+    from megaopsd.algorithm.loss import PositionWeightedDivergence, make_loss_fn
+    from megaopsd.config import AlgorithmConfig, LossConfig
+
+    loss_cfg = LossConfig(
+        kind="forward_kl",
+        beta=0.0,
+        clip=PW_CLIP,
+        clip_mode="entry",
+        temperature=PW_TEMPERATURE,
+        chunk_tokens=CHUNK,
+    )
+    sample = torch.cat([torch.full((n,), i + 3, dtype=torch.long) for i, n in enumerate(PW_LENGTHS)])
+    out = []
+    for (vocab, seed), reduction in itertools.product(((203, 0), (100, 1)), ("sequence", "token")):
+        student, teacher, _, sampled = _inputs(vocab, seed)
+        mask = torch.ones(T, dtype=torch.bool)
+        mask[:2] = False  # response 0: its first two tokens left out (trainer.skip_first_tokens)
+        mask[7 + 4] = False  # response 1: a token inside it left out
+        mask[16:21] = False  # response 2: out of the loss
+        mb = PairedMicrobatch(
+            student_tokens_BL=torch.zeros(1, T, dtype=torch.long),
+            teacher_tokens_BL=torch.zeros(1, T, dtype=torch.long),
+            student_index_T=torch.arange(T),
+            teacher_index_T=torch.arange(T),
+            target_ids_T=sampled,
+            loss_mask_T=mask,
+            sample_T=sample,
+        )
+        ref_loss, ref_grad, ref_weight = _pw_opsd_reference(student, teacher, mask, vocab, reduction)
+        cfg = AlgorithmConfig(
+            name="pw_opsd",
+            position_w_min=PW_W_MIN,
+            position_tau=PW_TAU,
+            position_s=PW_S,
+            position_reduction=reduction,
+        )
+        tokens = float(mask.sum())
+        results = {}
+        for name, (lo, hi, group) in {
+            "tp1": (0, F, None),
+            "tp2": (rank * W, (rank + 1) * W, dist.group.WORLD),
+        }.items():
+            divergence = make_loss_fn(loss_cfg, vocab_size=vocab, tp_group=group)
+            loss_fn = PositionWeightedDivergence(divergence, cfg, vocab_size=vocab, tp_group=group)
+            loss_fn.sequence_scale = tokens / 3  # three responses have loss tokens
+            s = student[:, lo:hi].clone().requires_grad_()
+            loss_sum, metrics = loss_fn(s, teacher[:, lo:hi], mb)
+            (loss_sum / tokens).backward()
+            weight = metrics["position_weight_sum"].detach() / tokens
+            results[name] = ((loss_sum / tokens).detach(), s.grad, weight, (lo, hi))
+        out.append(dict(case=f"V={vocab} {reduction}", reference=(ref_loss, ref_grad, ref_weight), **results))
+    return out
+
+
 def _worker() -> dict:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -278,6 +372,7 @@ def _worker() -> dict:
             boundary=_compare_boundary(rank),
             allocations=_record_allocations(rank),
             rlsd=_compare_rlsd(rank),
+            pw_opsd=_compare_pw_opsd(rank),
         )
     finally:
         dist.destroy_process_group()
@@ -385,3 +480,21 @@ def test_rlsd_loss_equals_its_float64_formula_at_tp1_and_tp2(rank_results):
                 assert _rel_err(weight, ref_weight) <= FP64_TOL, (rank, name)
                 # padded columns get no gradient in either (a shard of only padding: all zeros)
                 assert _rel_err(grad, ref_grad[:, lo:hi]) <= FP64_TOL, (rank, name)
+
+
+def test_position_weighted_opsd_equals_its_float64_formula_at_tp1_and_tp2(rank_results):
+    """Value, gradient and the mean position weight of ``PositionWeightedDivergence`` (float64,
+    padded vocab, a skipped prefix, a masked token inside a response, a response out of the
+    loss) against the official computation, per-response and per-token reduction."""
+    for rank, result in enumerate(rank_results):
+        assert len(result["pw_opsd"]) == 4
+        for case in result["pw_opsd"]:
+            ref_loss, ref_grad, ref_weight = case["reference"]
+            for name in ("tp1", "tp2"):
+                loss, grad, weight, (lo, hi) = case[name]
+                assert _rel_err(loss, ref_loss) <= FP64_TOL, (rank, case["case"], name)
+                assert _rel_err(weight, ref_weight) <= FP64_TOL, (rank, case["case"], name)
+                assert _rel_err(grad, ref_grad[:, lo:hi]) <= FP64_TOL, (rank, case["case"], name)
+    # the two reductions differ (responses of unequal length): the test tells them apart
+    sequence, token = (c["reference"][0] for c in rank_results[0]["pw_opsd"][:2])
+    assert abs(sequence - token) > 1e-3 * abs(token)

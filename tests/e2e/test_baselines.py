@@ -254,3 +254,21 @@ def test_successful_rollout_teacher_two_process_run_logs_its_tags(sft_run, tmp_p
     # the SFT model answers most "Say N." problems: their groups have other successes
     assert all(0.0 < f <= 1.0 for f in fractions.values()), fractions
     assert "train/divergence" in values and sorted(values["train/divergence"]) == [1, 2]
+
+
+def test_position_weighted_opsd_two_process_run_logs_its_tags(sft_run, tmp_path):
+    """Position-weighted OPSD at DP2 from the SFT checkpoint: the divergence trains, the tokens'
+    mean position weight lies between the floor and 1, and every rollout's response counts once
+    in the per-response reduction."""
+    _root, hf = sft_run
+    data = _write(tmp_path / "pw.jsonl", _rows(32, seed=9))
+    out = tmp_path / "pw"
+    run(_args(hf, out, data, **{"algorithm.name": "pw_opsd", **TWO_STEPS_OF_GROUPS}), nproc=2)
+    values = scalars(out / "tensorboard")
+    for tag in ("train/divergence", "train/position_weight_mean", "train/loss_responses"):
+        assert tag in values and sorted(values[tag]) == [1, 2], tag
+    weights = values["train/position_weight_mean"]
+    print(f"mean position weights {weights}, divergence {values['train/divergence']}")
+    assert all(0.25 < w < 1.0 for w in weights.values()), weights
+    rollouts = TWO_STEPS_OF_GROUPS["trainer.prompts_per_step"] * TWO_STEPS_OF_GROUPS["rollout.n"]
+    assert values["train/loss_responses"] == {1: rollouts, 2: rollouts}

@@ -123,30 +123,46 @@ def test_record_rollout_lengths(tiny_qwen3, fixed_prompts, tmp_path):
 
 
 def test_learning_experiment(tmp_path):
-    """The experiment's pipeline at toy size (char model, data, SFT warm start, export, an OPSD
-    run, curves, plot, table), not its science: ``make experiment`` is the real run. GRPO and SFT
-    post-training are the trainer paths of tests/e2e/test_baselines.py; the summary, table and
-    plot over every method are tests/unit/test_learning_experiment.py."""
+    """The experiment's pipeline at toy size (char model, data in two reference styles, SFT warm
+    start, export, an OPSD run per condition, curves, plot, tables), not its science: ``make
+    experiment`` is the real run. GRPO and SFT post-training are the trainer paths of
+    tests/e2e/test_baselines.py; the summary, table and plot over every method are
+    tests/unit/test_learning_experiment.py."""
     out = tmp_path / "exp"
     command = [
         "tools/learning_experiment.py",
-        "--out",
-        str(out),
-        "--smoke",
-        "--methods",
-        "opsd",
-        "--seed-base",
-        "7",
+        *("--out", str(out), "--smoke", "--seed-base", "7"),
+        *("--methods", "opsd", "--conditions", "forward,terse", "--other-methods", "opsd"),
     ]
     _python(command, timeout=1200)
-    assert [p.name for p in (out / "runs").iterdir()] == ["opsd_seed7"]  # --seed-base: seeds 7 ..
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["opsd_seed7", "terse"]  # seeds 7 ..
+    assert [p.name for p in (out / "runs" / "terse").iterdir()] == ["opsd_seed7"]
+    own, terse = (
+        json.loads((out / "data" / n).read_text().splitlines()[0])
+        for n in ("train.jsonl", "train_terse.jsonl")
+    )
+    assert (
+        own["problem"] == terse["problem"]
+        and own["solution"].count("\n") > terse["solution"].count("\n") == 1
+    )
+    # the second condition's run read the terse references
+    overrides = out / "runs" / "terse" / "opsd_seed7" / "hydra" / ".hydra" / "overrides.yaml"
+    assert "train_terse.jsonl" in overrides.read_text()
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["methods"]) == {"opsd"}
+    assert set(summary["conditions"]) == {"forward", "terse"} and summary["seeds"] == [7]
     assert summary["warm_start_wall_s"] > 0  # made by this invocation, timed apart from the runs
-    opsd = summary["methods"]["opsd"]
-    assert opsd["steps"] == [0, 1, 2]
-    assert 0.0 <= opsd["final_mean"] <= 1.0
-    assert opsd["tokens_total"] > 0  # read back from the run's rollout/generated_tokens_total
+    for condition in summary["conditions"].values():
+        assert set(condition["methods"]) == {"opsd"}
+        opsd = condition["methods"]["opsd"]
+        assert opsd["steps"] == [0, 1, 2]
+        assert 0.0 <= opsd["final_mean"] <= 1.0
+        assert opsd["tokens_total"] > 0  # read back from the run's rollout/generated_tokens_total
+        assert [p["step"] for p in opsd["curves"][0]] == [0, 1, 2]  # the seed's own curve
+        assert condition["matched"]["methods"]["opsd"]["tokens"] is not None  # the matched-accuracy table
     assert (out / "accuracy.png").stat().st_size > 10_000
-    assert "| opsd |" in (out / "table.md").read_text()
-    assert summary["matched"]["methods"]["opsd"]["tokens"] is not None  # the matched-accuracy table's data
+    text = (out / "table.md").read_text()
+    tables = sum(
+        1 + bool(c["matched"]["levels"]) for c in summary["conditions"].values()
+    )  # final (+ matched)
+    assert "### forward references" in text and "### terse references" in text
+    assert text.count("| opsd |") == tables

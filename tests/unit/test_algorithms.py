@@ -19,7 +19,7 @@ def _cfg(name: str, **sections) -> Config:
 
 
 def test_every_config_choice_is_registered():
-    assert set(ALGORITHMS) == set(AlgorithmName.__args__) == {"opsd", "grpo", "sft", "rlsd"}
+    assert set(ALGORITHMS) == set(AlgorithmName.__args__) == {"opsd", "grpo", "sft", "rlsd", "pw_opsd"}
     for name, method in ALGORITHMS.items():
         assert issubclass(method, Algorithm) and method.name == name and algorithm_class(name) is method
 
@@ -94,3 +94,53 @@ def test_the_entry_point_applies_the_methods_rules(tiny_qwen3):
     assert bad.stderr.strip().splitlines() == [
         "megaopsd: config: rollout.n=1 gives GRPO groups of one; use rollout.n >= 2 (e.g. 8)"
     ]
+
+
+def test_pw_opsd_is_opsd_with_position_weights_on_the_divergence():
+    pw, opsd = algorithm_class("pw_opsd"), algorithm_class("opsd")
+    assert issubclass(pw, opsd) and pw.divergence_loss and pw.uses_teacher(_cfg("pw_opsd"))
+    assert not any(algorithm_class(n).divergence_loss for n in ("grpo", "sft", "rlsd"))
+
+
+def test_position_weights_follow_each_response_whatever_the_microbatch_layout():
+    """Each response's weights depend on its own loss tokens only, wherever the microbatch
+    planner puts it; the step's loss-token count the method computes is the masks' count."""
+    import math
+    import types
+
+    import torch
+
+    from megaopsd.algorithm.batch import build_microbatches
+    from megaopsd.algorithm.loss import position_weights
+    from megaopsd.algorithm.methods.pw_opsd import loss_token_counts
+
+    def rollout(n: int):
+        return types.SimpleNamespace(
+            student_prompt_ids=[1, 2], teacher_prompt_ids=[1, 2, 3], response_ids=list(range(4, 4 + n))
+        )
+
+    lengths, in_loss, skip = [5, 12, 3, 8, 1], [True, True, False, True, True], 2
+    rollouts = [rollout(n) for n in lengths]
+
+    def expected(n: int) -> list[float]:  # the formula on one response of n loss tokens
+        return [0.25 + 0.75 / (1 + math.exp(-((i - 0.5) / n - 0.3) / 0.1)) for i in range(1, n + 1)]
+
+    for max_tokens in (16, 40, 200):  # one microbatch per rollout .. all in one
+        microbatches = build_microbatches(
+            rollouts, max_tokens=max_tokens, pad_id=0, skip_first_tokens=skip, in_loss=in_loss
+        )
+        seen = {}
+        for mb in microbatches:
+            weight, length = position_weights(
+                mb.loss_mask_T, mb.sample_T, w_min=0.25, tau=0.3, s=0.1, dtype=torch.float64
+            )
+            for sample in mb.sample_T.unique().tolist():
+                rows = (mb.sample_T == sample) & mb.loss_mask_T
+                seen[sample] = (weight[rows].tolist(), length[rows].tolist())
+        for sample, n in enumerate(loss_token_counts(rollouts, in_loss, skip)):
+            weights, length = seen[sample]
+            assert length == [float(n)] * n
+            assert weights == pytest.approx(expected(n), rel=1e-12), (max_tokens, sample)
+        assert sum(loss_token_counts(rollouts, in_loss, skip)) == sum(
+            mb.num_loss_tokens for mb in microbatches
+        )

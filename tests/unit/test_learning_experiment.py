@@ -6,6 +6,7 @@ The pipeline that produces real curves runs in tests/e2e/test_scripts.py::test_l
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -45,9 +46,28 @@ def test_summary_finals_gains_and_tokens_to_reach_grpo(results):
     assert "| sft |" in text and "| never |" in text
 
 
-def test_plot_writes_a_png(results, tmp_path):
-    plot(results, tmp_path / "accuracy.png", k=4)
-    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_plot_writes_a_png_with_a_row_per_condition(results, tmp_path):
+    plot({"forward": results}, tmp_path / "one.png", k=4)
+    plot({"forward": results, "reversed": results}, tmp_path / "two.png", k=4)
+    for name in ("one.png", "two.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "two.png").stat().st_size > 1.5 * (tmp_path / "one.png").stat().st_size
+
+
+def test_methods_that_read_no_reference_share_their_runs_across_conditions(tmp_path):
+    """GRPO and the successful-rollout teacher never read a reference: their runs under another
+    style are the own style's; the methods that read references run apart."""
+    from tools.learning_experiment import METHODS, reads_references, run_dir
+
+    args = argparse.Namespace(out=str(tmp_path))
+    assert {m for m in METHODS if not reads_references(m)} == {"grpo", "sdpo"}
+    assert (
+        run_dir(args, "grpo", 3, "reversed")
+        == run_dir(args, "grpo", 3, "forward")
+        == tmp_path / "runs" / "grpo_seed3"
+    )
+    assert run_dir(args, "opsd", 3, "reversed") == tmp_path / "runs" / "reversed" / "opsd_seed3"
+    assert run_dir(args, "sft", 3, "forward") == tmp_path / "runs" / "sft_seed3"
 
 
 def test_tokens_to_reach_interpolates_between_evaluations():
@@ -75,3 +95,16 @@ def test_matched_accuracy_table_compares_tokens_at_equal_accuracy(results):
     text = table(summary, args)
     assert "| method | 55.2 % | 60.5 % | 65.8 % | 71.0 % |" in text
     assert "| grpo | " in text and "(1.00x)" in text and "never" in text
+
+
+def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
+    from tools.learning_experiment import cached
+
+    done = tmp_path / "curve.json"
+    done.write_text("[]")
+    assert not cached(tmp_path, ["trainer.max_steps=40"], done)  # no record: an older layout
+    (tmp_path / "settings.json").write_text(json.dumps(["trainer.max_steps=40"]))
+    assert cached(tmp_path, ["trainer.max_steps=40"], done)
+    assert not cached(tmp_path, ["trainer.max_steps=60"], done)
+    done.unlink()
+    assert not cached(tmp_path, ["trainer.max_steps=40"], done)  # interrupted before its curve

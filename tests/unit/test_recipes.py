@@ -259,6 +259,32 @@ def test_official_recipes_are_the_released_runs(recipe, tmp_path, monkeypatch):
     assert lora_mem["teacher copy"] == 0.0 and lora_mem["grads (fp32)"] < 0.1 * full_mem["grads (fp32)"]
 
 
+def test_pw_opsd_recipe_is_the_released_run_with_position_weights(tmp_path, monkeypatch):
+    """pw_opsd_qwen3_4b: the official launcher's weights and reduction on the released OPSD run;
+    nothing else changes but the step count (and the checkpoints that keep step 100)."""
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "0")
+    hf = qwen3_config_dir(tmp_path, "qwen3_4b")
+    base, pw = _compose("opsd_qwen3_4b_official", hf), _compose("pw_opsd_qwen3_4b", hf)
+    alg = pw.algorithm
+    assert alg.name == "pw_opsd"
+    assert (alg.position_w_min, alg.position_tau, alg.position_s, alg.position_reduction) == (
+        0.25,
+        0.3,
+        0.1,
+        "sequence",
+    )
+    assert (pw.trainer.max_steps, pw.checkpoint.save_interval) == (150, 50)
+    same = dataclasses.replace(
+        pw,
+        algorithm=base.algorithm,
+        trainer=dataclasses.replace(pw.trainer, max_steps=base.trainer.max_steps),
+        checkpoint=base.checkpoint,
+        logging=base.logging,
+    )
+    assert same == base
+
+
 def test_gpu_recipes_size_the_engine_by_gpu_memory_utilization():
     """``rollout.kv_cache_gib`` sizes CPU engines only; a GPU recipe that sets it would mislead."""
     for path in sorted((REPO / "conf" / "recipe").glob("*qwen3*.yaml")):

@@ -12,11 +12,12 @@ from __future__ import annotations
 from megaopsd.algorithm.methods.base import Algorithm, StepInputs, TrainingBatch
 from megaopsd.algorithm.methods.grpo import Grpo
 from megaopsd.algorithm.methods.opsd import Opsd
+from megaopsd.algorithm.methods.pw_opsd import PwOpsd
 from megaopsd.algorithm.methods.rlsd import Rlsd
 from megaopsd.algorithm.methods.sft import Sft
 from megaopsd.config import Config
 
-ALGORITHMS: dict[str, type[Algorithm]] = {method.name: method for method in (Opsd, Grpo, Sft, Rlsd)}
+ALGORITHMS: dict[str, type[Algorithm]] = {method.name: method for method in (Opsd, Grpo, Sft, Rlsd, PwOpsd)}
 
 
 def algorithm_class(name: str) -> type[Algorithm]:

@@ -63,12 +63,15 @@ class Algorithm:
             SFT's references), so ``trainer.prompts_per_step`` must divide by the DP size.
         teacher_reads_student_prompt: whether the second stream scores the response after the
             student's own prompt (GRPO's frozen KL reference) instead of the teacher prompt.
+        divergence_loss: whether the loss is the teacher-student divergence of ``loss.*``
+            (OPSD and its variants) rather than a policy or cross-entropy loss.
     """
 
     name: ClassVar[str]
     samples_rollouts: ClassVar[bool] = True
     whole_prompts: ClassVar[bool] = False
     teacher_reads_student_prompt: ClassVar[bool] = False
+    divergence_loss: ClassVar[bool] = False
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

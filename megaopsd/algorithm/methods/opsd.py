@@ -16,6 +16,7 @@ from megaopsd.runtime.distributed import dp_sum
 
 class Opsd(Algorithm):
     name = "opsd"
+    divergence_loss = True
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
