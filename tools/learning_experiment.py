@@ -234,11 +234,14 @@ def reads_references(method: str) -> bool:
     return "algorithm.name=grpo" not in settings and "teacher.context=successful_rollout" not in settings
 
 
-def post_train(
+def run_settings(
     args: argparse.Namespace, hf: Path, method: str, seed: int, style: str = "forward"
-) -> list[dict[str, float]]:
+) -> tuple[Path, list[str], list[str]]:
+    """Where one post-training run lives, its trainer overrides, and the key its finished run
+    is reused under (the overrides, k and the warm start it starts from)."""
     out = run_dir(args, method, seed, style)
-    done = out / "curve.json"
+    if not reads_references(method):
+        style = OWN_STYLE  # the same run under every condition (``run_dir``): the same settings
     settings = {**paths(args, style), "model.hf_path": str(hf)}
     overrides = [f"{k}={v}" for k, v in settings.items()] + [
         f"trainer.max_steps={args.steps}",
@@ -250,7 +253,14 @@ def post_train(
         f"data.shuffle_seed={seed}",
         *METHODS[method],
     ]
-    key = [*overrides, f"k={args.k}", *warm_overrides(args)]  # the warm start it starts from
+    return out, overrides, [*overrides, f"k={args.k}", *warm_overrides(args)]
+
+
+def post_train(
+    args: argparse.Namespace, hf: Path, method: str, seed: int, style: str = "forward"
+) -> list[dict[str, float]]:
+    out, overrides, key = run_settings(args, hf, method, seed, style)
+    done = out / "curve.json"
     if cached(out, key, done):
         return json.loads(done.read_text())
     if out.exists():

@@ -108,3 +108,31 @@ def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
     assert not cached(tmp_path, ["trainer.max_steps=60"], done)
     done.unlink()
     assert not cached(tmp_path, ["trainer.max_steps=40"], done)  # interrupted before its curve
+
+
+def test_a_method_that_reads_no_reference_runs_once_for_every_condition(tmp_path):
+    """GRPO under the reversed references is the own style's run: the same directory, overrides
+    and key, so its finished run is reused, not run again; OPSD reads the reversed file."""
+    from tools.learning_experiment import run_settings
+
+    args = argparse.Namespace(
+        out=str(tmp_path),
+        k=4,
+        heldout=200,
+        steps=40,
+        prompts=32,
+        lr=1e-4,
+        eval_interval=10,
+        warm_steps=900,
+        warm_lr=1e-3,
+    )
+    hf = tmp_path / "warm" / "hf"
+    assert run_settings(args, hf, "grpo", 0, "reversed") == run_settings(args, hf, "grpo", 0, "forward")
+    own, reversed_ = (
+        run_settings(args, hf, "opsd", 0, "forward"),
+        run_settings(args, hf, "opsd", 0, "reversed"),
+    )
+    assert own[0] != reversed_[0] and own[2] != reversed_[2]
+    assert any("train_reversed.jsonl" in o for o in reversed_[1]) and not any(
+        "train_reversed" in o for o in own[1]
+    )
