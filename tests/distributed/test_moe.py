@@ -92,3 +92,94 @@ def test_moe_logits_match_transformers_and_round_trip_bit_exact(moe_case, tp, pp
         size, rank = r["ep"]
         assert size == ep and r["experts"] == list(range(rank * 8 // ep, (rank + 1) * 8 // ep)), r
     assert results[0]["names_equal"] and results[0]["not_bit_exact"] == [], results[0]
+
+
+def _microbatches(runtime, budget: int):
+    """This replica's share of the fixed rollouts, padded to a multiple of 2 in every layout (the
+    padded positions route through the experts too, so the layouts compared pad alike), as many
+    microbatches on every replica as the most any replica needs: what the trainer does when EP > 1
+    (``microbatches_for_expert_groups``), here at every layout so that the layouts compared cut
+    the rollouts alike."""
+    import dataclasses
+
+    from megaopsd.algorithm.batch import build_microbatches
+    from megaopsd.algorithm.step import microbatches_for_expert_groups
+    from tests.helpers import fixed_rollouts
+
+    par = runtime.parallel
+    mine = fixed_rollouts()[par.dp_rank :: par.dp_size]
+    return microbatches_for_expert_groups(
+        lambda count: build_microbatches(mine, max_tokens=budget, pad_id=0, pad_multiple=2, min_count=count),
+        dataclasses.replace(par, ep_size=2),  # agree on the count whatever the EP size
+    )
+
+
+def step_worker(hf_dir: str, tp: int, ep: int, mode: str = "fixed"):
+    """The paired step's loss, load-balancing loss and HF-named gradients at one layout; with
+    ``mode="current"`` also the load-balancing loss of the student's forward alone."""
+    from megaopsd.algorithm.step import forward_backward, moe_aux_loss
+    from tests.helpers import BUDGET_FOUR, export_full, paired_setup
+
+    runtime, parts = paired_setup(
+        hf_dir, tp, 1, sp=tp > 1, mode=mode, parallel={"expert_model_parallel_size": ep}
+    )
+    mbs = _microbatches(runtime, BUDGET_FOUR)
+    sums, tokens = forward_backward(
+        student=parts.student,
+        teacher=parts.teacher,
+        microbatches=mbs,
+        loss_fn=parts.loss_fn,
+        parallel=runtime.parallel,
+    )
+    out = {
+        "loss": sums["loss_sum"] / tokens,
+        "aux": moe_aux_loss(parts.student, len(mbs)),
+        "num_mb": len(mbs),
+    }
+    if mode == "current":  # the student alone, gradients on: what its routers record
+        for mb in mbs:
+            model = parts.student.chunks[0]
+            model(mb.student_tokens_BL, mb.position_ids(mb.student_tokens_BL), None)
+        out["student_alone_aux"] = moe_aux_loss(parts.student, len(mbs))
+    out["grads"] = export_full(parts.student.chunks, parts.spec, runtime, grads=True)
+    runtime.shutdown()
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _assert_same_step(result: dict, reference: dict) -> None:
+    assert result["num_mb"] == reference["num_mb"] >= 2
+    assert abs(result["loss"] - reference["loss"]) <= 1e-5 * abs(reference["loss"]), (
+        result["loss"],
+        reference["loss"],
+    )
+    assert abs(result["aux"] - reference["aux"]) <= 1e-5 * reference["aux"], (result["aux"], reference["aux"])
+    grads, ref_grads = result["grads"], reference["grads"]
+    assert sorted(grads) == sorted(ref_grads) and any(".experts." in n for n in grads)
+    worst = max((_rel(grads[n], ref), n) for n, ref in ref_grads.items())
+    assert worst[0] <= 1e-5, worst
+
+
+def test_expert_parallel_step_equals_one_expert_group(tiny_qwen3_moe):
+    """The step-1 loss, the load-balancing loss and every gradient (router and experts included)
+    at TP2 x EP2 (SP, one replica) equal one process, and at EP2 (two replicas) equal EP1 on the
+    same two replicas (each replica's routers see the same tokens in both), within 1e-5."""
+    hf = str(tiny_qwen3_moe)
+    one = run_ranks(step_worker, world_size=1, args=(hf, 1, 1))[0]
+    tp2_ep2 = run_ranks(step_worker, world_size=2, args=(hf, 2, 2))[0]
+    _assert_same_step(tp2_ep2, one)
+    ep1_dp2 = run_ranks(step_worker, world_size=2, args=(hf, 1, 1))[0]
+    ep2_dp2 = run_ranks(step_worker, world_size=2, args=(hf, 1, 2))[0]
+    _assert_same_step(ep2_dp2, ep1_dp2)
+    print(f"loss {one['loss']:.6f}, load-balancing loss {one['aux']:.4f} (EP1 x DP2: {ep1_dp2['aux']:.4f})")
+
+
+def test_the_teacher_stream_adds_no_load_balancing_loss(tiny_qwen3_moe):
+    """With the teacher on the student's own weights (teacher.mode=current), the routers record
+    exactly what the student's forward alone records: the teacher's pass (no gradients) adds no
+    load-balancing term, token count or router statistic."""
+    result = run_ranks(step_worker, world_size=1, args=(str(tiny_qwen3_moe), 1, 1, "current"))[0]
+    assert result["aux"] > 0 and result["aux"] == result["student_alone_aux"], result
