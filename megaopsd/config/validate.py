@@ -71,6 +71,15 @@ def _validate_experts(cfg: Config, world_size: int, spec: HFModelSpec) -> None:
     par = cfg.parallel
     ep, etp = par.expert_model_parallel_size, par.expert_tensor_parallel_size
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    mlp_targets = sorted(set(cfg.lora.target_modules) & {"gate_proj", "up_proj", "down_proj"})
+    if spec.moe is not None and cfg.lora.enabled and mlp_targets:
+        _fail(
+            "lora.target_modules",
+            list(cfg.lora.target_modules),
+            f"adapts {', '.join(mlp_targets)}, which a mixture-of-experts model has once per expert "
+            "(adapters on experts are not implemented)",
+            "target the attention only: lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
+        )
     if spec.moe is None:
         for field, value in (("expert_model_parallel_size", ep), ("expert_tensor_parallel_size", etp)):
             if value != 1:

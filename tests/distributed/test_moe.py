@@ -53,6 +53,21 @@ def moe_worker(tp: int, pp: int, ep: int, model_dir: Path, input_ids: torch.Tens
             for index in layer.mlp.local_expert_indices
         }
         out["experts"] = sorted(experts)
+        # the dry run's count of this rank's expert parameters is the model's
+        from megaopsd.config import Config
+        from megaopsd.dry_run import DryRunPlan
+
+        cfg = Config(
+            model=ModelConfig(hf_path=str(model_dir)),
+            parallel=ParallelConfig(
+                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+            ),
+        )
+        planned = DryRunPlan.of(cfg, dist.get_world_size()).stage_expert_params()[par.pp_rank]
+        held = sum(
+            p.numel() for chunk in chunks for name, p in chunk.named_parameters() if ".experts." in name
+        )
+        out["expert_params"] = (held, planned)
         exported = dict(export_hf_weights(chunks, spec, par, dst_ranks=(0,)))
         if dist.get_rank() == 0:
             source = load_file(str(model_dir / "model.safetensors"))
@@ -92,6 +107,9 @@ def test_moe_logits_match_transformers_and_round_trip_bit_exact(moe_case, tp, pp
         size, rank = r["ep"]
         assert size == ep and r["experts"] == list(range(rank * 8 // ep, (rank + 1) * 8 // ep)), r
     assert results[0]["names_equal"] and results[0]["not_bit_exact"] == [], results[0]
+    for r in results:  # the dry run counts each rank's experts exactly
+        held, planned = r["expert_params"]
+        assert held == planned == 4 // pp * 8 // ep * 3 * 128 * 64, r["expert_params"]  # 4 layers
 
 
 def _microbatches(runtime, budget: int):
