@@ -215,6 +215,20 @@ def layer_spec(spec: HFModelSpec, transformer_impl: str, attention_backend: str 
     )
 
 
+def mark_expert_params(model: torch.nn.Module) -> None:
+    """Give the experts megatron's expert-parallel treatment at every EP size, EP1 included.
+
+    Megatron marks expert parameters ``allreduce=False`` only when EP > 1; they then get their
+    own gradient buffers (reduced over the expert-data-parallel group, which is the
+    data-parallel group at EP1) and their own optimizer in a chain after the dense one. Marked
+    at EP1 too, a run's optimizer state has the same structure at every EP, so a checkpoint
+    written at EP2 resumes at EP1 and back.
+    """
+    for name, param in model.named_parameters():
+        if ".experts." in name:
+            param.allreduce = False
+
+
 def unwrap_chunk(chunk: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel inside wrappers (megatron DDP, Float16Module: each keeps it in ``.module``)."""
     while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
@@ -280,6 +294,8 @@ def build_model_chunks(
         )
         if scaling is not None and not builtin_scaling:
             apply_rope_override(model, spec.head_dim, spec.rope_theta, scaling)
+        if spec.moe is not None:
+            mark_expert_params(model)
         # megatron creates TP-sharded weights on the current GPU, but the torch norms of the local
         # spec on the default (CPU) device: put the whole chunk where the collectives run.
         chunks.append(model.to(collective_device()))
