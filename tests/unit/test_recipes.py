@@ -311,6 +311,33 @@ def test_qwen3_30b_a3b_recipe_plans_one_node_and_full_parameters_on_two(tmp_path
     assert estimate["optimizer"] == pytest.approx((experts * 12 + dense * 12 / 16) / 2**30)
 
 
+def test_readme_moe_dry_runs_are_what_the_commands_print(tmp_path):
+    """The README's two Qwen3-30B-A3B printouts (one node, two nodes) are the commands' output."""
+    hf = qwen3_config_dir(tmp_path, "qwen3_30b_a3b")
+    readme = (REPO / "README.md").read_text()
+    blocks = [
+        b for b in readme.split("```") if b.startswith("\n$ python -m megaopsd.train recipe=qwen3_30b_a3b")
+    ]
+    assert len(blocks) == 2
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "SLURM_"))
+    }
+    for block in blocks:
+        lines = block.strip().splitlines()
+        command_lines = [lines[0]] + [line for line in lines[1:] if line.startswith("    ")]
+        command = " ".join(line.strip().rstrip("\\") for line in command_lines).removeprefix("$ ").split()
+        printed = lines[len(command_lines) :]
+        argv = [a.replace("/models/Qwen3-30B-A3B", str(hf)) for a in command[1:]]
+        out = subprocess.run(
+            [sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120, env=env
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        got = [
+            line for line in out.stdout.replace(str(hf), "/models/Qwen3-30B-A3B").splitlines() if line.strip()
+        ]
+        assert len(printed) > 15 and got[-len(printed) :] == printed, "\n".join(got)
+
+
 def test_gpu_recipes_size_the_engine_by_gpu_memory_utilization():
     """``rollout.kv_cache_gib`` sizes CPU engines only; a GPU recipe that sets it would mislead."""
     for path in sorted((REPO / "conf" / "recipe").glob("*qwen3*.yaml")):
