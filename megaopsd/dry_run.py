@@ -61,6 +61,11 @@ class DryRunPlan:
     dp: int
     stage_layers: tuple[int, ...]  # decoder layers per pipeline stage, first to last
     teacher_stream: bool  # the algorithm runs a teacher (or reference) forward beside the student's
+    # mixture of experts: the experts are dealt over EP, each split over expert TP, and replicated
+    # over expert DP (world / (EP x expert TP x PP)), which shards their optimizer state
+    ep: int = 1
+    etp: int = 1
+    edp: int = 1
 
     @classmethod
     def of(cls, cfg: Config, world_size: int) -> DryRunPlan:
@@ -81,25 +86,53 @@ class DryRunPlan:
             dp=data_parallel_size(par, world_size),
             stage_layers=tuple(counts),
             teacher_stream=algorithm_class(cfg.algorithm.name).uses_teacher(cfg),
+            ep=par.expert_model_parallel_size,
+            etp=par.expert_tensor_parallel_size,
+            edp=max(world_size // (par.expert_model_parallel_size * par.expert_tensor_parallel_size * pp), 1),
         )
 
+    def _layer_params(self) -> tuple[int, int]:
+        """(dense, expert) parameters of one decoder layer, whole: attention, norms and the MLP
+        or the router; the experts of an MoE layer."""
+        spec = self.spec
+        h = spec.hidden_size
+        attention = h * spec.head_dim * (2 * spec.num_attention_heads + 2 * spec.num_query_groups)
+        if spec.moe is None:
+            return attention + 3 * h * spec.ffn_hidden_size + 2 * h, 0
+        moe = spec.moe
+        return attention + moe.num_experts * h + 2 * h, moe.num_experts * 3 * h * moe.expert_ffn_hidden_size
+
+    def stage_expert_params(self) -> list[float]:
+        """Expert parameters each pipeline stage holds per rank (its EP share, split over expert TP)."""
+        _, experts = self._layer_params()
+        return [layers * experts / (self.ep * self.etp) for layers in self.stage_layers]
+
     def stage_params(self) -> list[float]:
-        """Parameters each pipeline stage holds per TP rank (embedding on the first, output layer on the last)."""
+        """Parameters each pipeline stage holds per rank (embedding on the first, output layer on
+        the last): the dense ones per TP rank, the experts per EP x expert-TP rank."""
         spec = self.spec
         h, vocab = spec.hidden_size, spec.vocab_size
-        attention = h * spec.head_dim * (2 * spec.num_attention_heads + 2 * spec.num_query_groups)
-        per_layer = attention + 3 * h * spec.ffn_hidden_size + 2 * h
+        per_layer, _ = self._layer_params()
         embedding = vocab * h
         # With tied embeddings one tensor serves both ends on a single stage; with PP the last
         # stage keeps its own copy of the output layer.
         output = 0 if spec.tie_word_embeddings and self.pp == 1 else vocab * h
         params = []
-        for stage, layers in enumerate(self.stage_layers):
+        for stage, (layers, experts) in enumerate(
+            zip(self.stage_layers, self.stage_expert_params(), strict=True)
+        ):
             count = layers * per_layer
             count += embedding if stage == 0 else 0
             count += output + h if stage == self.pp - 1 else 0
-            params.append(count / self.tp)
+            params.append(count / self.tp + experts)
         return params
+
+    def total_params(self) -> float:
+        """Every parameter of the model, once (what a whole-model engine holds)."""
+        dense, experts = self._layer_params()
+        spec = self.spec
+        ends = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2) + spec.hidden_size
+        return spec.num_layers * (dense + experts) + ends
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -191,9 +224,9 @@ def layer_activation_bytes(
     heads = spec.num_attention_heads // tp
     q = heads * spec.head_dim
     kv = max(spec.num_query_groups // tp, 1) * spec.head_dim
-    f = spec.ffn_hidden_size / tp
+    f = mlp_width(plan)
     h = spec.hidden_size / tp if sequence_parallel else spec.hidden_size
-    linear_inputs = (2 * h + q + f) * act_bytes
+    linear_inputs = (2 * h + q + f) * act_bytes + moe_dispatch_bytes(plan, act_bytes)
     swiglu = 4 * f * act_bytes
     # the value is a view of the QKV output: it keeps the whole output alive unless the norms do
     qkv_output = 0 if _keeps_qkv_output(act_bytes, fused_norm) else (q + 2 * kv) * act_bytes
@@ -215,7 +248,28 @@ def layer_backward_bytes(
     of the attention probabilities and scores (unfused attention only) and of the SwiGLU input."""
     heads = plan.spec.num_attention_heads / plan.tp
     scores = heads * seq_len * _score_entry_bytes(act_bytes, attention)
-    return scores + 2 * plan.spec.ffn_hidden_size / plan.tp * act_bytes
+    return scores + 2 * mlp_width(plan) * act_bytes
+
+
+def mlp_width(plan: DryRunPlan) -> float:
+    """The MLP width one token occupies per rank: the FFN / TP, or for a mixture of experts its
+    top-k experts' width / expert TP (EP's all-to-all brings each rank, on average, as many
+    token-expert pairs as its own tokens chose)."""
+    moe = plan.spec.moe
+    if moe is None:
+        return plan.spec.ffn_hidden_size / plan.tp
+    return moe.experts_per_token * moe.expert_ffn_hidden_size / plan.etp
+
+
+def moe_dispatch_bytes(plan: DryRunPlan, act_bytes: int) -> float:
+    """Per token, what an MoE layer keeps beyond the experts' inputs: the router's float32 logits
+    and probabilities over the experts, and the top-k copies of the token the dispatcher
+    permutes (the experts' outputs are unpermuted into a second such buffer). An estimate: unlike
+    the dense layer's, not yet held against autograd."""
+    moe = plan.spec.moe
+    if moe is None:
+        return 0.0
+    return 2 * moe.num_experts * 4 + 2 * moe.experts_per_token * plan.spec.hidden_size * act_bytes
 
 
 def _score_entry_bytes(act_bytes: int, attention: str) -> int:
@@ -341,10 +395,15 @@ def trainer_memory_gib(cfg: Config, plan: DryRunPlan) -> dict[str, float]:
     teacher is a float32 average of the adapters. A full-parameter EMA teacher of a bf16 model
     is a bf16 module plus a float32 shadow of every parameter.
     """
-    params = max(plan.stage_params())
+    stage = max(range(plan.pp), key=lambda s: plan.stage_params()[s])
+    params, experts = plan.stage_params()[stage], plan.stage_expert_params()[stage]
     weight_bytes = 2 if cfg.model.dtype == "bfloat16" else 4
     adam = 8 + (4 if cfg.model.dtype == "bfloat16" else 0)  # exp_avg + exp_avg_sq (+ fp32 master)
-    optimizer_shards = plan.dp if cfg.parallel.use_distributed_optimizer else 1
+    distributed = cfg.parallel.use_distributed_optimizer
+    # the experts' optimizer state shards over their own data-parallel replicas
+    optimizer_elements = (params - experts) / (plan.dp if distributed else 1) + experts / (
+        plan.edp if distributed else 1
+    )
     trained, extra = params, 0.0
     # the teacher section sets the teacher (OPSD, RLSD); GRPO's KL reference is always a frozen copy
     mode = "fixed" if algorithm_class(cfg.algorithm.name).teacher_reads_student_prompt else cfg.teacher.mode
@@ -353,12 +412,13 @@ def trainer_memory_gib(cfg: Config, plan: DryRunPlan) -> dict[str, float]:
     shadow = params * 4 if ema and weight_bytes != 4 else 0.0
     if cfg.lora.enabled:
         trained = extra = lora_params(plan.spec, cfg.lora) * max(plan.stage_layers)
+        optimizer_elements = trained / (plan.dp if distributed else 1)
         teacher = trained * 4 if ema else 0.0
         shadow = 0.0
     return {
         "weights": (params + extra) * weight_bytes / GIB,
         "grads (fp32)": trained * 4 / GIB,
-        "optimizer": trained * adam / optimizer_shards / GIB,
+        "optimizer": optimizer_elements * adam / GIB,
         "teacher copy": teacher / GIB,
         "EMA shadow (fp32)": shadow / GIB,
     }
@@ -397,8 +457,7 @@ def engine_memory_gib(cfg: Config, plan: DryRunPlan) -> dict[str, float]:
     if engine_layout(ro, plan.world_size).placement == "rank0":
         return {"engine weights": 0.0, "engine KV cache": 0.0}
     engine_bytes = 2 if (ro.dtype or cfg.model.dtype) == "bfloat16" else 4
-    whole = sum(plan.stage_params()) * plan.tp  # every stage's parameters, unsharded
-    weights = whole * engine_bytes / ro.tensor_parallel_size / GIB
+    weights = plan.total_params() * engine_bytes / ro.tensor_parallel_size / GIB
     kv = max(ro.gpu_memory_utilization * (gpu_memory_gib(cfg) or 80.0) - weights, 0.0)
     return {"engine weights": weights, "engine KV cache": kv}
 
@@ -493,7 +552,12 @@ def _candidate_changes(cfg: Config, world_size: int) -> list[Change]:
     out.append({"parallel": {"tensor_model_parallel_size": 2 * tp, "sequence_parallel": True}})
     out.append({"parallel": {"pipeline_model_parallel_size": 2 * pp}})
     if not cfg.lora.enabled:
-        out.append({"lora": {"rank": 64, "alpha": 128.0}})  # the released OPSD runs' adapters
+        lora = {"rank": 64, "alpha": 128.0}  # the released OPSD runs' adapters
+        if DryRunPlan.of(cfg, world_size).spec.moe is not None:  # experts take no adapters
+            lora["target_modules"] = ("q_proj", "k_proj", "v_proj", "o_proj")
+        out.append({"lora": lora})
+    if par.expert_model_parallel_size < world_size // pp:
+        out.append({"parallel": {"expert_model_parallel_size": 2 * par.expert_model_parallel_size}})
     return out
 
 
@@ -586,6 +650,13 @@ def describe_layout(cfg: Config, world_size: int) -> str:
     ]
     if plan.pp > 1:
         lines.append("layers per pipeline stage: " + " + ".join(map(str, plan.stage_layers)))
+    if spec.moe is not None:
+        moe = spec.moe
+        lines.append(
+            f"experts: {moe.num_experts} per layer, {moe.experts_per_token} per token, width "
+            f"{moe.expert_ffn_hidden_size}; EP {plan.ep} x expert TP {plan.etp} x expert DP {plan.edp}: "
+            f"{moe.num_experts // plan.ep} experts per GPU; {plan.total_params() / 1e9:.1f}B parameters in all"
+        )
     clip = f", {cfg.loss.clip_mode} clip {cfg.loss.clip:g}" if cfg.loss.clip is not None else ""
     lines.append(f"loss {cfg.loss.kind} (beta {cfg.loss.beta}{clip}), teacher {cfg.teacher.mode}")
     shape = MicrobatchShape.of(cfg, teacher_stream=plan.teacher_stream)

@@ -155,6 +155,7 @@ _OPTIONAL_TAGS = (
     ("train/teacher_entropy", "teacher_entropy_sum"),
     ("rollout/logprob_abs_diff", "logprob_abs_diff_sum"),
     ("rollout/logprob_abs_diff_max", "logprob_abs_diff_max"),
+    ("train/moe_aux_loss", "moe_aux_loss"),  # mixture-of-experts models: the load-balancing loss
 )
 
 

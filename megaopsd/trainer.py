@@ -23,7 +23,7 @@ from typing import Any
 
 from megaopsd.algorithm.batch import build_microbatches, microbatch_count_rule
 from megaopsd.algorithm.methods import StepInputs, TrainingBatch, make_algorithm
-from megaopsd.algorithm.step import StepResult, train_step
+from megaopsd.algorithm.step import StepResult, microbatches_for_expert_groups, train_step
 from megaopsd.checkpoint import CheckpointError
 from megaopsd.checkpoint_manager import CheckpointManager
 from megaopsd.components import build_components
@@ -213,17 +213,21 @@ class Trainer:
                 loss=math.nan, grad_norm=math.nan, lr=lr, num_tokens=0, skipped=False, metrics={}
             ), {"real": 0.0, "padded": 0.0}
         count_multiple, min_count = microbatch_count_rule(par.pp_size, par.vpp_size)
-        microbatches = build_microbatches(
-            batch.train,
-            max_tokens=tr.microbatch_tokens,
-            pad_id=self.pad_id,
-            pad_multiple=par.tp_size if par.sequence_parallel else 1,
-            skip_first_tokens=tr.skip_first_tokens,
-            count_multiple=count_multiple,
-            min_count=min_count,
-            student_only=self.teacher is None,
-            advantages=batch.advantages,
-            in_loss=batch.in_loss,
+        microbatches = microbatches_for_expert_groups(
+            lambda count: build_microbatches(
+                batch.train,
+                max_tokens=tr.microbatch_tokens,
+                pad_id=self.pad_id,
+                pad_multiple=par.tp_size if par.sequence_parallel else 1,
+                skip_first_tokens=tr.skip_first_tokens,
+                count_multiple=count_multiple,
+                min_count=count,
+                student_only=self.teacher is None,
+                advantages=batch.advantages,
+                in_loss=batch.in_loss,
+            ),
+            par,
+            min_count,
         )
         result = train_step(
             student=self.student,

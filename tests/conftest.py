@@ -53,6 +53,14 @@ def tiny_qwen3(tiny_models) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_moe(tmp_path_factory) -> Path:
+    """The tiny Qwen3-MoE: 8 experts of width 64, top-2 renormalised, untied embeddings."""
+    from tools.make_tiny_model import make_tiny_model
+
+    return make_tiny_model("qwen3_moe", tmp_path_factory.mktemp("tiny_moe") / "qwen3_moe")
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen3_dropout(tiny_qwen3, tmp_path_factory) -> Path:
     """tiny_qwen3 with attention dropout 0.1: training consumes random numbers at every step.
 

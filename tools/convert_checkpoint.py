@@ -4,13 +4,15 @@
     torchrun --nproc-per-node 2 tools/convert_checkpoint.py import-hf --hf-dir H --out C --tp 2 --pp 1
     # uneven pipeline stages (36 layers on 8 stages: 1 + 7 x 5)
     torchrun --nproc-per-node 8 tools/convert_checkpoint.py import-hf --hf-dir H --out C --pp 8 --first-stage-layers 1
+    # a mixture-of-experts model with its experts dealt over 2 ranks (each reads only its own)
+    torchrun --nproc-per-node 2 tools/convert_checkpoint.py import-hf --hf-dir H --out C --ep 2
     # megatron dist checkpoint (any saved layout) -> HF safetensors + config + tokenizer
     python tools/convert_checkpoint.py export-hf --ckpt C --out H2
     # a LoRA run's checkpoint (adapters only): merged HF model + a PEFT adapter
     python tools/convert_checkpoint.py export-hf --ckpt C --out H2 --peft-out A
 
 import-hf runs at the layout it saves (world size = TP x PP x DP; DP replicas only idle).
-export-hf loads the checkpoint at the running layout (``--tp``/``--pp``, default one process),
+export-hf loads the checkpoint at the running layout (``--tp``/``--pp``/``--ep``, default one process),
 whatever layout it was saved at. Both refuse a non-empty ``--out`` unless ``--force``.
 Runs under torchrun or srun, or as a single process; CPU machines use gloo.
 """
@@ -66,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--last-stage-layers", type=int, help="uneven pipeline: decoder layers on the last stage"
+        )
+        p.add_argument(
+            "--ep", type=int, default=1, help="mixture-of-experts models: expert-parallel size (default 1)"
         )
         p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -126,6 +131,16 @@ def check_arguments(args: argparse.Namespace) -> None:
             problem = problem.replace(name, flag)
         raise ConvertError(f"--pp {args.pp}: {problem.replace('PP (and VPP)', '--pp')}")
     world = read_launch_env().world_size
+    if args.ep != 1 and (spec.moe is None or spec.moe.num_experts % args.ep or args.ep < 1):
+        why = f"{spec.architecture} is dense" if spec.moe is None else f"num_experts={spec.moe.num_experts}"
+        raise ConvertError(
+            f"--ep {args.ep} does not fit the model ({why}); use 1 or a divisor of the expert count"
+        )
+    if world % (args.ep * args.pp) != 0:
+        raise ConvertError(
+            f"--ep {args.ep} x --pp {args.pp} does not divide the {world} launched processes; "
+            f"launch a multiple of {args.ep * args.pp}"
+        )
     if world % (args.tp * args.pp) != 0:
         raise ConvertError(
             f"--tp {args.tp} x --pp {args.pp} does not divide the {world} launched processes; "
@@ -149,6 +164,8 @@ def run(args: argparse.Namespace) -> None:
             pipeline_model_parallel_size=args.pp,
             num_layers_in_first_pipeline_stage=args.first_stage_layers,
             num_layers_in_last_pipeline_stage=args.last_stage_layers,
+            expert_model_parallel_size=args.ep,
+            sequence_parallel=args.tp > 1 and args.ep > 1,  # megatron's rule for TP x EP
         ),
         RuntimeConfig(),
     )

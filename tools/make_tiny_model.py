@@ -6,13 +6,15 @@ problems, LaTeX, chat markup), with ChatML special tokens and a chat template th
 ``<think>`` blocks and the ``enable_thinking`` switch. Nothing is downloaded.
 
 Families: ``qwen3`` (q/k RMSNorm, GQA, tied embeddings), ``qwen2`` (qkv bias, untied),
-``llama`` (Llama 3.1 rope scaling, untied). The tiny vocabulary (544 + special tokens) is not a
+``llama`` (Llama 3.1 rope scaling, untied), ``qwen3_moe`` (Qwen3's attention, every MLP 8 experts
+of width 64 with top-2 routing renormalised as Qwen3-30B-A3B does, untied). The tiny vocabulary (544 + special tokens) is not a
 multiple of 128, so Megatron pads it at every TP size.
 
     python tools/make_tiny_model.py --family qwen3 --out /tmp/tiny-qwen3
     python tools/make_tiny_model.py --family qwen3 --layers 3 --out /tmp/tiny-qwen3-3l   # uneven PP2
     python tools/make_tiny_model.py --family qwen3 --preset small --out /tmp/small-qwen3   # ~100M params
     python tools/make_tiny_model.py --family qwen3 --tokenizer char --out /tmp/char-qwen3   # one id per character
+    python tools/make_tiny_model.py --family qwen3_moe --out /tmp/tiny-qwen3-moe
 
 ``--tokenizer char`` gives every printable ASCII character (and newline, tab, the em dash of the
 official OPSD prompt) its own id: arithmetic is then spelled digit by digit, which a 0.6M-parameter
@@ -27,7 +29,7 @@ import random
 import sys
 from pathlib import Path
 
-FAMILIES = ("qwen3", "qwen2", "llama")
+FAMILIES = ("qwen3", "qwen2", "llama", "qwen3_moe")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 BPE_VOCAB_SIZE = 544  # + 5 special tokens = 549 ids, padded by Megatron to 640 (TP1) / 768 (TP2)
 
@@ -101,8 +103,41 @@ QWEN3_SHAPES = {
 }
 
 
+# The public config.json of Qwen3-30B-A3B (no weights): 128 experts of width 768, 8 per token.
+QWEN3_MOE_SHAPES = {
+    "qwen3_30b_a3b": dict(
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        router_aux_loss_coef=0.001,
+        tie_word_embeddings=False,
+    ),
+}
+
+
 def qwen3_config(name: str) -> dict:
-    """The whole config.json of the Qwen3 model ``name`` (a key of ``QWEN3_SHAPES``)."""
+    """The whole config.json of the Qwen3 model ``name`` (a key of ``QWEN3_SHAPES`` or
+    ``QWEN3_MOE_SHAPES``)."""
+    if name in QWEN3_MOE_SHAPES:
+        return dict(
+            architectures=["Qwen3MoeForCausalLM"],
+            model_type="qwen3_moe",
+            vocab_size=151936,
+            max_position_embeddings=40960,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            attention_dropout=0.0,
+            **QWEN3_MOE_SHAPES[name],
+        )
     return dict(
         architectures=["Qwen3ForCausalLM"],
         model_type="qwen3",
@@ -245,6 +280,22 @@ def model_config(
             rope_theta=1000000.0,
             **common,
         )
+    if family == "qwen3_moe":
+        return dict(
+            architectures=["Qwen3MoeForCausalLM"],
+            model_type="qwen3_moe",
+            tie_word_embeddings=False,
+            attention_bias=False,
+            rope_theta=1000000.0,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            router_aux_loss_coef=0.001,
+            **common,
+        )
     if family == "qwen2":
         common.pop("head_dim")  # Qwen2 derives head_dim = hidden / heads
         return dict(
@@ -310,6 +361,8 @@ def make_tiny_model(
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif name.endswith("mlp.gate.weight"):  # the MoE router (zeros in transformers: all ties)
+                param.copy_(0.1 * torch.randn_like(param))
             elif name.endswith(".bias"):
                 param.copy_(0.05 * torch.randn_like(param))
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -116,6 +116,53 @@ def forward_backward(
     return sums, int(tokens)
 
 
+def microbatches_for_expert_groups(
+    build: Callable[[int], list[PairedMicrobatch]], parallel: ParallelState, min_count: int = 0
+) -> list[PairedMicrobatch]:
+    """``build(min_count)``, with as many microbatches on every data-parallel replica when the
+    experts are dealt over ranks of several replicas (EP > 1).
+
+    Each MoE layer's token dispatch is a collective over its expert-parallel group, whose ranks
+    sit in different data-parallel replicas: they must run the same number of forwards (and
+    backwards), or the first rank to finish waits for the others forever. Collective over the
+    data-parallel group when EP > 1; ``build(n)`` cuts this replica's rollouts into at least n.
+    """
+    microbatches = build(min_count)
+    if parallel.ep_size == 1:
+        return microbatches
+    count = torch.tensor([len(microbatches)], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=parallel.dp_group)
+    agreed = int(count)
+    return microbatches if len(microbatches) == agreed else build(agreed)
+
+
+def moe_aux_loss(student: TrainableStudent, num_microbatches: int) -> float | None:
+    """The student's load-balancing loss this step (None for a dense model), and reset megatron's
+    tracker for the next step.
+
+    Megatron's routers add the loss, and record it per layer, only when gradients are on, so the
+    teacher stream (``torch.no_grad``) neither adds nor records one. The value is megatron's
+    switch loss E * sum_i f_i P_i (without the coefficient), averaged over the MoE layers, the
+    microbatches and the data-parallel replicas (megatron's own reduction over the ranks).
+    """
+    config = student.chunks[0].config
+    if getattr(config, "num_moe_experts", None) is None:
+        return None
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+        reduce_aux_losses_tracker_across_ranks,
+    )
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    if "load_balancing_loss" not in tracker:  # no student forward with gradients yet
+        return 0.0
+    reduce_aux_losses_tracker_across_ranks(["load_balancing_loss"])
+    value = float(tracker["load_balancing_loss"]["values"].sum()) / (config.num_layers * num_microbatches)
+    clear_aux_losses_tracker()
+    return value
+
+
 def _all_finite(student: TrainableStudent, loss_sum: float) -> bool:
     """Loss and every gradient finite, agreed over all ranks (one all-reduce)."""
     device = collective_device()
@@ -164,6 +211,7 @@ def train_step(
         logprob_fn=logprob_fn,
     )
     loss_sum = sums.pop("loss_sum", math.nan)
+    aux = moe_aux_loss(student, len(microbatches))
     grad_norm, ok = math.nan, _all_finite(student, loss_sum)
     lr = student.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
     if ok:
@@ -182,5 +230,6 @@ def train_step(
         skipped=not ok,
         metrics={
             name: value if name.endswith("_max") else value / denominator for name, value in sums.items()
-        },
+        }
+        | ({} if aux is None else {"moe_aux_loss": aux}),
     )

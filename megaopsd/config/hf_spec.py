@@ -1,7 +1,8 @@
 """Read a Hugging Face ``config.json`` into the few numbers a Megatron GPTModel needs.
 
-Supported families (``SUPPORTED_ARCHITECTURES``): Qwen3 (q/k RMSNorm), Qwen2/2.5 (qkv bias)
-and Llama 3/3.1/3.2 (llama3 rope scaling). Every option that would change the maths and that
+Supported families (``SUPPORTED_ARCHITECTURES``): Qwen3 (q/k RMSNorm), Qwen2/2.5 (qkv bias),
+Llama 3/3.1/3.2 (llama3 rope scaling) and Qwen3-MoE (Qwen3's attention, every MLP a top-k
+mixture of experts: ``MoESpec``). Every option that would change the maths and that
 megaopsd does not implement (sliding windows, other rope types, extra biases, activations
 other than SiLU) is rejected here with a message that names the field, so a model is never
 built "almost right".
@@ -25,6 +26,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "qwen3",
     "Qwen2ForCausalLM": "qwen2",
     "LlamaForCausalLM": "llama",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 
 
@@ -40,6 +42,21 @@ class Llama3RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoESpec:
+    """The mixture-of-experts MLP of every decoder layer (Qwen3-MoE).
+
+    Routing as Hugging Face computes it: softmax over all experts' router logits, the top
+    ``experts_per_token`` kept, renormalised to sum to 1 when ``norm_topk_prob``.
+    """
+
+    num_experts: int
+    experts_per_token: int  # num_experts_per_tok
+    expert_ffn_hidden_size: int  # moe_intermediate_size
+    norm_topk_prob: bool
+    router_aux_loss_coef: float  # the load-balancing loss coefficient the model was trained with
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,6 +79,7 @@ class HFModelSpec:
     tie_word_embeddings: bool
     qkv_bias: bool  # q/k/v projections carry a bias (Qwen2)
     qk_norm: bool  # per-head RMSNorm on q and k (Qwen3)
+    moe: MoESpec | None = None  # every layer's MLP is a mixture of experts (Qwen3-MoE); None: dense
     raw: Mapping[str, Any] = dataclasses.field(repr=False, compare=False)  # the config.json dict
 
 
@@ -116,12 +134,42 @@ def _reject_unsupported(raw: Mapping[str, Any], family: str) -> None:
         fail("hidden_act", "only SwiGLU with silu is implemented")
     if raw.get("mlp_bias", False):
         fail("mlp_bias", "the MLP has no bias in the supported families")
-    if family in ("qwen3", "llama") and raw.get("attention_bias", False):
+    if family != "qwen2" and raw.get("attention_bias", False):
         fail("attention_bias", "q/k/v/o biases are only implemented the Qwen2 way")
     if raw.get("use_sliding_window", False):
         fail("use_sliding_window", "sliding-window attention is not implemented")
     if raw.get("pretraining_tp", 1) not in (1, None):
         fail("pretraining_tp", "only 1 is supported")
+    if family == "qwen3_moe":
+        if raw.get("decoder_sparse_step", 1) != 1:
+            fail("decoder_sparse_step", "only 1 is implemented: every layer's MLP is a mixture of experts")
+        if raw.get("mlp_only_layers"):
+            fail("mlp_only_layers", "dense MLP layers inside a mixture-of-experts model are not implemented")
+        if raw.get("shared_expert_intermediate_size"):
+            fail("shared_expert_intermediate_size", "Qwen3-MoE has no shared expert; this is another model")
+        experts, top_k = _num_experts(raw), int(raw.get("num_experts_per_tok", 0))
+        if experts < 2 or not 1 <= top_k <= experts:
+            raise UnsupportedModelError(
+                f"{family}: num_experts={experts} with num_experts_per_tok={top_k} is not a mixture of "
+                "experts (need num_experts >= 2 and 1 <= num_experts_per_tok <= num_experts)"
+            )
+
+
+def _num_experts(raw: Mapping[str, Any]) -> int:
+    """``num_experts`` (the released checkpoints) or ``num_local_experts`` (transformers 5 writes it)."""
+    return int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
+
+
+def _moe(raw: Mapping[str, Any], family: str) -> MoESpec | None:
+    if family != "qwen3_moe":
+        return None
+    return MoESpec(
+        num_experts=_num_experts(raw),
+        experts_per_token=int(raw["num_experts_per_tok"]),
+        expert_ffn_hidden_size=int(raw["moe_intermediate_size"]),
+        norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+        router_aux_loss_coef=float(raw.get("router_aux_loss_coef", 0.001)),
+    )
 
 
 def load_hf_config(source: str | Path | Mapping[str, Any]) -> HFModelSpec:
@@ -159,7 +207,8 @@ def load_hf_config(source: str | Path | Mapping[str, Any]) -> HFModelSpec:
         max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2",
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "qwen3_moe"),
+        moe=_moe(raw, family),
         raw=raw,
     )
 

@@ -84,6 +84,9 @@ class ModelConfig:
     # uniform: groups of recompute_num_layers layers | block: the first N of each stage
     recompute_method: RecomputeMethod = "uniform"
     recompute_num_layers: int = 1  # layers per recompute group (uniform) or recomputed per stage (block)
+    # Mixture-of-experts models: the student's load-balancing loss coefficient; None: the model's
+    # router_aux_loss_coef (config.json). The teacher stream never adds it.
+    moe_aux_loss_coeff: float | None = None
     # Further megatron TransformerConfig fields, applied last (e.g. {cross_entropy_loss_fusion: true}).
     transformer_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -99,6 +102,11 @@ class ParallelConfig:
     num_layers_in_first_pipeline_stage: int | None = None
     num_layers_in_last_pipeline_stage: int | None = None  # layers on the last stage; None: an even share
     sequence_parallel: bool = False  # split norms/dropout activations over TP ranks (needs TP > 1)
+    # Mixture-of-experts models only: EP, the ranks the experts of every layer are dealt over
+    # (divides the expert count), and expert TP, the ranks each expert's linears split over
+    # (megatron's default would be TP; 1 is what MoE training commonly uses).
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int = 1
     use_distributed_optimizer: bool = False  # shard Adam state and fp32 master weights over DP (ZeRO-1)
     overlap_grad_reduce: bool = False  # DP gradient reduce-scatter/all-reduce overlapped with backward
     overlap_param_gather: bool = False  # distributed optimizer: parameter all-gather in bucket order

@@ -66,6 +66,67 @@ def _model_spec(hf_path: str, hf: Mapping[str, Any]) -> HFModelSpec:
         _fail("model.hf_path", hf_path, f"has a config.json without {err}", "point it at a causal-LM model")
 
 
+def _validate_experts(cfg: Config, world_size: int, spec: HFModelSpec) -> None:
+    """Expert parallelism: megatron's rules, one line each, before any process group."""
+    par = cfg.parallel
+    ep, etp = par.expert_model_parallel_size, par.expert_tensor_parallel_size
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    mlp_targets = sorted(set(cfg.lora.target_modules) & {"gate_proj", "up_proj", "down_proj"})
+    if spec.moe is not None and cfg.lora.enabled and mlp_targets:
+        _fail(
+            "lora.target_modules",
+            list(cfg.lora.target_modules),
+            f"adapts {', '.join(mlp_targets)}, which a mixture-of-experts model has once per expert "
+            "(adapters on experts are not implemented)",
+            "target the attention only: lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
+        )
+    if spec.moe is None:
+        for field, value in (("expert_model_parallel_size", ep), ("expert_tensor_parallel_size", etp)):
+            if value != 1:
+                _fail(
+                    f"parallel.{field}",
+                    value,
+                    f"needs a mixture-of-experts model ({spec.architecture} is dense)",
+                    "set it to 1",
+                )
+        return
+    for field, value in (("expert_model_parallel_size", ep), ("expert_tensor_parallel_size", etp)):
+        if value < 1:
+            _fail(
+                f"parallel.{field}", value, "must be >= 1", "use 1 to keep every expert whole on every rank"
+            )
+    if spec.moe.num_experts % ep:
+        _fail(
+            "parallel.expert_model_parallel_size",
+            ep,
+            f"does not divide num_experts={spec.moe.num_experts}",
+            "pick an EP that divides the expert count",
+        )
+    if spec.moe.expert_ffn_hidden_size % etp:
+        _fail(
+            "parallel.expert_tensor_parallel_size",
+            etp,
+            f"does not divide moe_intermediate_size={spec.moe.expert_ffn_hidden_size}",
+            "use 1 or a divisor of the expert width",
+        )
+    if world_size % (etp * ep * pp):
+        _fail(
+            "parallel.expert_model_parallel_size",
+            ep,
+            f"x expert_tensor_parallel_size={etp} x pipeline_model_parallel_size={pp} does not divide the "
+            f"world size {world_size}",
+            f"launch a multiple of {etp * ep * pp} processes or lower EP / expert TP",
+        )
+    if ep > 1 and tp > 1 and not par.sequence_parallel:
+        _fail(
+            "parallel.sequence_parallel",
+            False,
+            f"must be true with tensor_model_parallel_size={tp} and expert_model_parallel_size={ep} "
+            "(megatron's expert dispatch reads sequence-parallel activations)",
+            "set parallel.sequence_parallel=true",
+        )
+
+
 def _validate_parallel(cfg: Config, world_size: int, spec: HFModelSpec) -> None:
     par = cfg.parallel
     tp, pp, vpp = (
@@ -92,6 +153,7 @@ def _validate_parallel(cfg: Config, world_size: int, spec: HFModelSpec) -> None:
     problem = tensor_parallel_problem(spec, tp)
     if problem is not None:
         _fail("parallel.tensor_model_parallel_size", tp, problem, "pick a TP that divides both head counts")
+    _validate_experts(cfg, world_size, spec)
     first, last = par.num_layers_in_first_pipeline_stage, par.num_layers_in_last_pipeline_stage
     problem = check_stages(spec.num_layers, pp, vpp, first, last)
     if problem is not None:

@@ -44,7 +44,7 @@ from megaopsd.runtime.parallel import ParallelState
 class ExportItem:
     """One Megatron parameter's worth of HF tensors, and who produces it."""
 
-    key: tuple[int, int, int]
+    key: tuple[int, int, int, int]
     hf_names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     dtype: torch.dtype
@@ -55,6 +55,7 @@ class ExportItem:
     replicas: tuple[
         tuple[int, ...], ...
     ] = ()  # the producers in each data-parallel replica (``producers`` first)
+    expert: bool = False  # one expert's parameter: split over expert TP, replicated over expert DP
 
     @property
     def shard_bytes(self) -> int:
@@ -72,18 +73,26 @@ class ExportPlan:
 
     items: tuple[ExportItem, ...]
     replica_of: tuple[int, ...] = ()  # data-parallel replica of every global rank
+    expert_replica_of: tuple[int, ...] = ()  # expert-data-parallel replica of every global rank
+
+    def _replicas(self, expert: bool) -> tuple[int, ...]:
+        return self.expert_replica_of if expert else self.replica_of
 
     def producers(self, item: ExportItem, rank: int) -> tuple[int, ...]:
         """The ranks of ``rank``'s data-parallel replica that hold ``item``, by TP rank.
 
         Replicas hold bit-identical weights after every step, so a colocated export reads each
-        replica's own shards and moves nothing between replicas.
+        replica's own shards and moves nothing between replicas. An expert's replica is its
+        expert-data-parallel one: with expert parallelism the ranks of one data-parallel replica
+        hold different experts, and each rank gets the others' from their owners in its
+        expert-data-parallel replica.
         """
-        return item.replicas[self.replica_of[rank]]
+        return item.replicas[self._replicas(item.expert)[rank]]
 
-    def replica_ranks(self, rank: int) -> list[int]:
-        """Every rank of ``rank``'s data-parallel replica."""
-        return [r for r, replica in enumerate(self.replica_of) if replica == self.replica_of[rank]]
+    def replica_ranks(self, rank: int, expert: bool = False) -> list[int]:
+        """Every rank of ``rank``'s data-parallel (``expert``: expert-data-parallel) replica."""
+        of = self._replicas(expert)
+        return [r for r, replica in enumerate(of) if replica == of[rank]]
 
     @property
     def names(self) -> list[str]:
@@ -129,6 +138,11 @@ def _full_shape(ref: ParamRef, tp_size: int) -> list[int]:
     return shape
 
 
+def _geometries(spec: HFModelSpec, parallel: ParallelState) -> dict[bool, Geometry]:
+    """The layouts' numbers for dense parameters (TP) and for experts (expert TP)."""
+    return {False: geometry(spec, parallel.tp_size), True: geometry(spec, parallel.etp_size)}
+
+
 def export_plan(
     chunks: Sequence[torch.nn.Module],
     spec: HFModelSpec,
@@ -148,41 +162,50 @@ def export_plan(
             ``rollout/weight_sync.py`` sends the embedding under that name).
         dtype: cast every tensor to this dtype; None keeps each parameter's own dtype.
     """
-    geo = geometry(spec, parallel.tp_size)
+    geos = _geometries(spec, parallel)
     refs = local_params(chunks, mapping_for(spec), spec, include_tied_lm_head=include_tied_lm_head)
     mine = []
     for ref in refs:
-        shapes = tuple(ref.rule.layout.hf_shapes(_full_shape(ref, parallel.tp_size), geo))
+        expert = ref.rule.expert
+        size, tp_rank, _ = parallel.split(expert)
+        shapes = tuple(ref.rule.layout.hf_shapes(_full_shape(ref, size), geos[expert]))
+        replica = parallel.edp_rank if expert else parallel.dp_rank
         mine.append(
             (
                 ref.key,
+                replica,
+                tp_rank,
                 ref.hf_names,
                 shapes,
                 dtype or ref.tensor.dtype,
                 tuple(ref.tensor.shape),
                 ref.tensor.dtype,
+                expert,
             )
         )
-    report = (dist.get_rank(), parallel.tp_rank, parallel.dp_rank, mine)
+    report = (dist.get_rank(), parallel.dp_rank, parallel.edp_rank, mine)
     reports: list = [None] * dist.get_world_size()
     dist.all_gather_object(reports, report)
-    by_key: dict[tuple[int, int, int], list] = {}
-    for rank, tp_rank, dp_rank, entries in reports:
-        for key, *entry in entries:
-            by_key.setdefault(key, []).append((dp_rank, tp_rank, rank, *entry))
+    by_key: dict[tuple[int, int, int, int], list] = {}
+    for rank, _, _, entries in reports:
+        for key, replica, tp_rank, *entry in entries:
+            by_key.setdefault(key, []).append((replica, tp_rank, rank, *entry))
     items = []
     for key in sorted(by_key):
         holders = sorted(by_key[key], key=lambda holder: holder[:3])
-        _, _, owner, names, shapes, item_dtype, shard_shape, shard_dtype = holders[0]
+        _, _, owner, names, shapes, item_dtype, shard_shape, shard_dtype, expert = holders[0]
         replicas: dict[int, list[int]] = {}
-        for dp_rank, _, rank, *_ in holders:
-            replicas.setdefault(dp_rank, []).append(rank)
+        for replica, _, rank, *_ in holders:
+            replicas.setdefault(replica, []).append(rank)
         in_order = tuple(tuple(replicas[d]) for d in sorted(replicas))
         items.append(
-            ExportItem(key, names, shapes, item_dtype, owner, in_order[0], shard_shape, shard_dtype, in_order)
+            ExportItem(
+                key, names, shapes, item_dtype, owner, in_order[0], shard_shape, shard_dtype, in_order, expert
+            )
         )
-    replica_of = tuple(dp_rank for _, _, dp_rank, _ in reports)
-    return ExportPlan(tuple(items), replica_of)
+    replica_of = tuple(dp_rank for _, dp_rank, _, _ in reports)
+    expert_replica_of = tuple(edp_rank for _, _, edp_rank, _ in reports)
+    return ExportPlan(tuple(items), replica_of, expert_replica_of)
 
 
 @dataclasses.dataclass
@@ -200,10 +223,11 @@ def _gather_full(ref: ParamRef, parallel: ParallelState, is_owner: bool) -> torc
     """
     local = merged_shard(ref.tensor)  # LoRA: W + (alpha/r) B A on this shard; else the weight
     dim = ref.rule.layout.tp_dim
-    if dim is None or parallel.tp_size == 1:
+    size, _, group = parallel.split(ref.rule.expert)
+    if dim is None or size == 1:
         return local if is_owner else None
-    parts = [torch.empty_like(local) for _ in range(parallel.tp_size)] if is_owner else None
-    dist.gather(local.contiguous(), parts, group=parallel.tp_group, group_dst=0)
+    parts = [torch.empty_like(local) for _ in range(size)] if is_owner else None
+    dist.gather(local.contiguous(), parts, group=group, group_dst=0)
     return torch.cat(parts, dim=dim) if is_owner else None
 
 
@@ -211,10 +235,11 @@ def _all_gather_full(ref: ParamRef, parallel: ParallelState, meter: ExportMeter 
     """The full Megatron tensor of ``ref`` on every rank of its TP group (they all need it)."""
     local = merged_shard(ref.tensor)  # LoRA: W + (alpha/r) B A on this shard; else the weight
     dim = ref.rule.layout.tp_dim
-    if dim is None or parallel.tp_size == 1:
+    size, _, group = parallel.split(ref.rule.expert)
+    if dim is None or size == 1:
         return local
-    parts = [torch.empty_like(local) for _ in range(parallel.tp_size)]
-    dist.all_gather(parts, local.contiguous(), group=parallel.tp_group)
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.contiguous(), group=group)
     full = torch.cat(parts, dim=dim)
     if meter is not None:  # the shards and their concatenation
         meter.gather_peak_bytes = max(meter.gather_peak_bytes, 2 * full.numel() * full.element_size())
@@ -235,7 +260,7 @@ def _receivers(item: ExportItem, plan: ExportPlan, me: int) -> dist.ProcessGroup
     """
     mine = None
     for producers in item.replicas:
-        replica = plan.replica_ranks(producers[0])
+        replica = plan.replica_ranks(producers[0], item.expert)
         members = tuple(sorted({producers[0]} | (set(replica) - set(producers))))
         key = (id(dist.group.WORLD), members)
         if key not in _RECEIVER_GROUPS:
@@ -250,7 +275,7 @@ def _to_every_rank(
     plan: ExportPlan,
     ref: ParamRef | None,
     parallel: ParallelState,
-    geo: Geometry,
+    geos: dict[bool, Geometry],
     meter: ExportMeter | None,
     device: torch.device,
 ) -> list[torch.Tensor]:
@@ -263,7 +288,7 @@ def _to_every_rank(
     tensors: list[torch.Tensor] = []
     if me in producers:
         full = _all_gather_full(ref, parallel, meter)
-        tensors = [t.to(item.dtype).contiguous() for t in ref.rule.layout.to_hf(full, geo)]
+        tensors = [t.to(item.dtype).contiguous() for t in ref.rule.layout.to_hf(full, geos[item.expert])]
         del full
         if me == owner and group is not None:
             for tensor in tensors:
@@ -327,7 +352,7 @@ def _every_rank_shared(
     refs: dict[tuple[int, int, int], ParamRef],
     rules: Sequence[Rule],
     exchange: HostExchange,
-    geo: Geometry,
+    geos: dict[bool, Geometry],
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every item's HF tensors on every rank of one host, through shared memory.
 
@@ -339,7 +364,8 @@ def _every_rank_shared(
     ``publish`` (the generator only gets there after them), as views require.
     """
     me = dist.get_rank()
-    alone = len(plan.replica_ranks(me)) == 1  # nobody reads this rank's shards
+    # nobody reads this rank's shards
+    alone = len(plan.replica_ranks(me)) == 1 and len(plan.replica_ranks(me, expert=True)) == 1
     for batch in _shared_rounds(plan.items, rules, exchange.slot_bytes):
         sources = {item.key: _sources(plan.producers(item, me), layout) for item, layout, _ in batch}
         local = {
@@ -351,6 +377,7 @@ def _every_rank_shared(
             [] if alone else [(offset, local[item.key]) for item, _, offset in batch if item.key in local]
         )
         for item, layout, offset in batch:
+            geo = geos[item.expert]
             if sources[item.key] == (me,):
                 tensors = [t.to(item.dtype).contiguous() for t in layout.to_hf(local[item.key], geo)]
             else:
@@ -403,29 +430,30 @@ def export_hf_weights(
     """
     if plan is None:
         plan = export_plan(chunks, spec, parallel, include_tied_lm_head=include_tied_lm_head, dtype=dtype)
-    geo = geometry(spec, parallel.tp_size)
+    geos = _geometries(spec, parallel)
     me = dist.get_rank()
     # Look parameters up in the superset (tied lm_head included); the plan decides what is sent.
     refs = {ref.key: ref for ref in local_params(chunks, mapping_for(spec), spec, include_tied_lm_head=True)}
     device = next(iter(chunks[0].parameters())).device
     if dst_ranks is None and exchange is not None:
-        yield from _every_rank_shared(plan, refs, mapping_for(spec).rules, exchange, geo)
+        yield from _every_rank_shared(plan, refs, mapping_for(spec).rules, exchange, geos)
         return
     for item in plan.items:
         if dst_ranks is None:
             yield from zip(
-                item.hf_names, _to_every_rank(item, plan, refs.get(item.key), parallel, geo, meter, device)
+                item.hf_names, _to_every_rank(item, plan, refs.get(item.key), parallel, geos, meter, device)
             )
             continue
         tensors: list[torch.Tensor] | None = None
         if me in item.producers:
             full = _gather_full(refs[item.key], parallel, is_owner=me == item.owner)
             if me == item.owner:
-                if meter is not None and parallel.tp_size > 1:
+                if meter is not None and parallel.split(item.expert)[0] > 1:
                     meter.gather_peak_bytes = max(
                         meter.gather_peak_bytes, 2 * full.numel() * full.element_size()
                     )
-                tensors = [t.to(item.dtype).contiguous() for t in refs[item.key].rule.layout.to_hf(full, geo)]
+                layout = refs[item.key].rule.layout
+                tensors = [t.to(item.dtype).contiguous() for t in layout.to_hf(full, geos[item.expert])]
                 for dst in dst_ranks:
                     if dst != me:
                         for tensor in tensors:

@@ -24,17 +24,28 @@ from megaopsd.convert.layouts import GATE_UP, QKV, REPLICATED, ROW, VOCAB, Layou
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """Megatron parameter ``megatron`` is built from HF tensors ``hf`` with ``layout``."""
+    """Megatron parameter ``megatron`` is built from HF tensors ``hf`` with ``layout``.
+
+    An ``expert`` rule holds one parameter per expert: its Megatron name carries ``{j}``, the
+    expert's index among this rank's experts, and its HF names ``{e}``, the global index; its
+    layout splits over the expert-TP group instead of TP.
+    """
 
     megatron: str
     hf: tuple[str, ...]
     layout: Layout
     section: str = "layer"  # first (embedding) | layer | last (final norm, output layer)
     tied_to: str | None = None  # HF tensor this one equals when embeddings are tied
+    expert: bool = False
 
-    def hf_names(self, layer: int | None) -> tuple[str, ...]:
-        """HF names for decoder layer ``layer`` (None for model-level rules)."""
-        return tuple(name.format(i=layer) for name in self.hf)
+    def hf_names(self, layer: int | None, expert: int | None = None) -> tuple[str, ...]:
+        """HF names for decoder layer ``layer`` (None for model-level rules) and, for an
+        expert rule, global expert ``expert``."""
+        return tuple(name.format(i=layer, e=expert) for name in self.hf)
+
+    def megatron_name(self, local_expert: int | None = None) -> str:
+        """The Megatron name; an expert rule's for this rank's ``local_expert``-th expert."""
+        return self.megatron.format(j=local_expert) if self.expert else self.megatron
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +64,17 @@ TE_NAME_ALIASES = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
 }
+
+
+def te_expert_alias(name: str) -> str | None:
+    """The TE spec's grouped-GEMM name of a SequentialMLP expert parameter
+    (``mlp.experts.local_experts.3.linear_fc1.weight`` -> ``mlp.experts.linear_fc1.weight3``)."""
+    prefix = "mlp.experts.local_experts."
+    if not name.startswith(prefix):
+        return None
+    index, _, rest = name.removeprefix(prefix).partition(".")
+    return f"mlp.experts.{rest}{index}"
+
 
 _L = "model.layers.{i}."
 EMBEDDING = Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB, "first")
@@ -104,7 +126,31 @@ QWEN2 = _family(
 # Llama 3 / 3.1: the shared layer as it is (rope scaling lives in the model builder).
 LLAMA = _family("llama")
 
-FAMILIES: dict[str, FamilyMapping] = {m.family: m for m in (QWEN3, QWEN2, LLAMA)}
+# Qwen3-MoE: Qwen3's attention; the MLP is a router over experts, each a SwiGLU MLP
+# (megatron's SequentialMLP: local_experts.{j}; Hugging Face: experts.{e}, e global).
+_E = _L + "mlp.experts.{e}."
+QWEN3_MOE = FamilyMapping(
+    "qwen3_moe",
+    (
+        EMBEDDING,
+        *_ATTENTION_IN,
+        *QWEN3.rules[3:5],  # q_layernorm, k_layernorm
+        _ATTENTION_OUT_AND_MLP[0],  # linear_proj
+        _ATTENTION_OUT_AND_MLP[1],  # pre_mlp_layernorm
+        Rule("mlp.router.weight", (_L + "mlp.gate.weight",), REPLICATED),
+        Rule(
+            "mlp.experts.local_experts.{j}.linear_fc1.weight",
+            (_E + "gate_proj.weight", _E + "up_proj.weight"),
+            GATE_UP,
+            expert=True,
+        ),
+        Rule("mlp.experts.local_experts.{j}.linear_fc2.weight", (_E + "down_proj.weight",), ROW, expert=True),
+        FINAL_NORM,
+        OUTPUT_LAYER,
+    ),
+)
+
+FAMILIES: dict[str, FamilyMapping] = {m.family: m for m in (QWEN3, QWEN2, LLAMA, QWEN3_MOE)}
 
 
 def mapping_for(spec: HFModelSpec) -> FamilyMapping:
@@ -123,9 +169,14 @@ def hf_tensor_names(spec: HFModelSpec, *, include_tied_lm_head: bool = False) ->
     mapping = mapping_for(spec)
     for rule in mapping.section("first"):
         names.extend(rule.hf_names(None))
+    experts = range(spec.moe.num_experts) if spec.moe is not None else ()
     for layer in range(spec.num_layers):
         for rule in mapping.section("layer"):
-            names.extend(rule.hf_names(layer))
+            if rule.expert:
+                for expert in experts:
+                    names.extend(rule.hf_names(layer, expert))
+            else:
+                names.extend(rule.hf_names(layer))
     for rule in mapping.section("last"):
         if rule.tied_to is not None and spec.tie_word_embeddings and not include_tied_lm_head:
             continue

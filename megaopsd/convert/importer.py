@@ -1,13 +1,15 @@
 """Import: Hugging Face safetensors -> this rank's Megatron parameters, at any TP/PP/VPP.
 
-Each rank reads only what it keeps: its pipeline stage's layers, and of each tensor only its
-TP slice (``safe_open(...).get_slice``), so no rank ever materialises the whole model.
+Each rank reads only what it keeps: its pipeline stage's layers, its own experts (expert
+parallelism), and of each tensor only its TP (expert-TP) slice (``safe_open(...).get_slice``),
+so no rank ever materialises the whole model.
 
     load_hf_weights(chunks, spec, hf_dir, runtime.parallel)
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -63,10 +65,13 @@ def load_hf_weights(
             if ref.rule.tied_to is not None and spec.tie_word_embeddings:
                 names = (ref.rule.tied_to,)
             slices = [reader.get_slice(name) for name in names]
-            shard = ref.rule.layout.read_shard(slices, geo, parallel.tp_rank, tuple(ref.tensor.shape))
+            size, rank, _ = parallel.split(ref.rule.expert)  # an expert splits over expert TP
+            shard = ref.rule.layout.read_shard(
+                slices, dataclasses.replace(geo, tp_size=size), rank, tuple(ref.tensor.shape)
+            )
             if tuple(shard.shape) != tuple(ref.tensor.shape):
                 raise ValueError(
-                    f"{', '.join(names)}: the slice for TP rank {parallel.tp_rank} has shape "
+                    f"{', '.join(names)}: the slice for TP rank {rank} has shape "
                     f"{tuple(shard.shape)}, the Megatron parameter {tuple(ref.tensor.shape)}; "
                     "does config.json match the weights?"
                 )

@@ -49,6 +49,8 @@ def default_dtype(config: dict[str, Any]) -> str:
 def saved_layout(parallel: ParallelState) -> dict[str, int]:
     """The layout a checkpoint was written at (informational: it loads at any layout)."""
     layout = {"tp": parallel.tp_size, "pp": parallel.pp_size}
+    if parallel.ep_size > 1:
+        layout["ep"] = parallel.ep_size
     if parallel.num_layers_in_first_pipeline_stage is not None:
         layout["first_stage_layers"] = parallel.num_layers_in_first_pipeline_stage
     if parallel.num_layers_in_last_pipeline_stage is not None:

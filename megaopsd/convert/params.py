@@ -3,7 +3,9 @@
 ``local_params`` walks this rank's model chunks (one per virtual pipeline stage) and returns,
 for every rule the chunks hold, the parameter tensor with its global position. Decoder layers
 are placed by their ``layer_number`` (megatron's global, 1-based index, which already includes
-the PP and VPP offsets), so uneven or interleaved layouts need no arithmetic here.
+the PP and VPP offsets), and experts by the MoE layer's ``local_expert_indices`` (the global
+indices of this rank's experts, which include the EP offset), so uneven, interleaved or
+expert-parallel layouts need no arithmetic here.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from megaopsd.config.hf_spec import HFModelSpec
-from megaopsd.convert.families import TE_NAME_ALIASES, FamilyMapping, Rule
+from megaopsd.convert.families import TE_NAME_ALIASES, FamilyMapping, Rule, te_expert_alias
 from megaopsd.models.builder import unwrap_chunk
 
 _SECTION_ORDER = {"first": 0, "layer": 1, "last": 2}
@@ -28,22 +30,28 @@ class ParamRef:
     position: int  # index of the rule in its family table
     layer: int | None  # global decoder layer index; None for model-level rules
     tensor: torch.Tensor
+    expert: int | None = None  # global expert index of an expert rule's parameter
 
     @property
-    def key(self) -> tuple[int, int, int]:
-        """Global export order (the same on every rank): section, layer, table position."""
-        return (_SECTION_ORDER[self.rule.section], -1 if self.layer is None else self.layer, self.position)
+    def key(self) -> tuple[int, int, int, int]:
+        """Global export order (the same on every rank): section, layer, table position, expert."""
+        return (
+            _SECTION_ORDER[self.rule.section],
+            -1 if self.layer is None else self.layer,
+            self.position,
+            -1 if self.expert is None else self.expert,
+        )
 
     @property
     def hf_names(self) -> tuple[str, ...]:
-        return self.rule.hf_names(self.layer)
+        return self.rule.hf_names(self.layer, self.expert)
 
 
 def _find(params: dict[str, torch.Tensor], prefix: str, name: str) -> torch.Tensor:
     full = prefix + name
     if full in params:
         return params[full]
-    alias = TE_NAME_ALIASES.get(name)
+    alias = TE_NAME_ALIASES.get(name) or te_expert_alias(name)
     if alias is not None and prefix + alias in params:
         return params[prefix + alias]
     raise KeyError(f"model has no parameter {full!r} (nor a Transformer Engine alias); is the family right?")
@@ -124,8 +132,14 @@ def local_params(
         for local_index, layer in enumerate(chunk.decoder.layers):
             prefix = f"decoder.layers.{local_index}."
             for position, rule in enumerate(mapping.rules):
-                if rule.section == "layer":
+                if rule.section != "layer":
+                    continue
+                if not rule.expert:
                     tensor = _find(params, prefix, rule.megatron)
                     refs.append(ParamRef(rule, position, layer.layer_number - 1, tensor))
+                    continue
+                for j, expert in enumerate(layer.mlp.local_expert_indices):
+                    tensor = _find(params, prefix, rule.megatron_name(j))
+                    refs.append(ParamRef(rule, position, layer.layer_number - 1, tensor, expert))
     refs.sort(key=lambda ref: ref.key)
     return refs

@@ -122,8 +122,37 @@ def transformer_config(
         # megatron refuses variable_seq_lengths with the default (allgather) token dispatcher,
         # even for dense models.
         kwargs.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
+    if spec.moe is not None:
+        kwargs.update(moe_config(spec, model_cfg, parallel))
     kwargs.update(overrides or {})
     return TransformerConfig(**kwargs)
+
+
+def moe_config(spec: HFModelSpec, model_cfg: ModelConfig, parallel: ParallelState) -> dict[str, Any]:
+    """TransformerConfig fields of a mixture-of-experts model (Qwen3-MoE routing, see ``MoESpec``).
+
+    Hugging Face takes the softmax over all experts, keeps the top k and (``norm_topk_prob``)
+    renormalises them: that is megatron's softmax over the top-k logits (``pre_softmax``
+    False); without the renormalisation it is megatron's ``pre_softmax``. The router runs in
+    the model's dtype, as in Hugging Face and vLLM. The load-balancing loss is the switch
+    ``aux_loss`` with ``model.moe_aux_loss_coeff`` (None: the model's ``router_aux_loss_coef``).
+    """
+    moe = spec.moe
+    assert moe is not None
+    coeff = model_cfg.moe_aux_loss_coeff
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.experts_per_token,
+        moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not moe.norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=moe.router_aux_loss_coef if coeff is None else coeff,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=model_cfg.transformer_impl == "transformer_engine",
+        expert_model_parallel_size=parallel.ep_size,
+        expert_tensor_parallel_size=parallel.etp_size,
+    )
 
 
 def megatron_overrides(model_cfg: ModelConfig) -> dict[str, Any]:
@@ -157,8 +186,12 @@ def layer_spec(spec: HFModelSpec, transformer_impl: str, attention_backend: str 
     core attention is ``attention_backend`` (``sdpa``: ``SdpaAttention``; ``unfused``: megatron's)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    num_experts = spec.moe.num_experts if spec.moe is not None else None
     if transformer_impl == "local":
-        local = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+        # MoE layers: megatron's SequentialMLP experts (one plain MLP per local expert)
+        local = gpt_layer_specs.get_gpt_layer_local_spec(
+            num_experts=num_experts, qk_layernorm=spec.qk_norm, normalization="RMSNorm"
+        )
         if attention_backend == "sdpa":
             from megaopsd.models.attention import SdpaAttention
 
@@ -174,10 +207,26 @@ def layer_spec(spec: HFModelSpec, transformer_impl: str, attention_backend: str 
                 "model.transformer_impl=transformer_engine needs Transformer Engine "
                 "(pip install 'megaopsd[gpu]' on a CUDA machine); use transformer_impl=local otherwise"
             ) from exc
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=num_experts is not None, qk_layernorm=spec.qk_norm
+        )
     raise ValueError(
         f"model.transformer_impl={transformer_impl!r} is unknown; use local or transformer_engine"
     )
+
+
+def mark_expert_params(model: torch.nn.Module) -> None:
+    """Give the experts megatron's expert-parallel treatment at every EP size, EP1 included.
+
+    Megatron marks expert parameters ``allreduce=False`` only when EP > 1; they then get their
+    own gradient buffers (reduced over the expert-data-parallel group, which is the
+    data-parallel group at EP1) and their own optimizer in a chain after the dense one. Marked
+    at EP1 too, a run's optimizer state has the same structure at every EP, so a checkpoint
+    written at EP2 resumes at EP1 and back.
+    """
+    for name, param in model.named_parameters():
+        if ".experts." in name:
+            param.allreduce = False
 
 
 def unwrap_chunk(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -245,6 +294,8 @@ def build_model_chunks(
         )
         if scaling is not None and not builtin_scaling:
             apply_rope_override(model, spec.head_dim, spec.rope_theta, scaling)
+        if spec.moe is not None:
+            mark_expert_params(model)
         # megatron creates TP-sharded weights on the current GPU, but the torch norms of the local
         # spec on the default (CPU) device: put the whole chunk where the collectives run.
         chunks.append(model.to(collective_device()))

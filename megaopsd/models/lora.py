@@ -256,7 +256,9 @@ def add_lora(chunks: Sequence[torch.nn.Module], cfg: LoraConfig) -> list[LoraAda
     for chunk in map(unwrap_chunk, chunks):
         chunk.requires_grad_(False)
         for layer in chunk.decoder.layers:
-            for name in LINEARS:
+            for name, (_, _, members) in LINEARS.items():
+                if not set(members) & set(cfg.target_modules):
+                    continue  # not targeted (a mixture-of-experts layer has no mlp.linear_fc1)
                 linear = layer.get_submodule(name)
                 adapters = _attach(linear, name, layer.layer_number - 1, cfg, chunk.config)
                 if adapters is not None:

@@ -23,6 +23,7 @@ from megaopsd.config.hf_spec import HFModelSpec
 from megaopsd.convert import export_hf_weights, export_plan
 from megaopsd.convert.export import ExportMeter, ExportPlan
 from megaopsd.rollout.fleet import EngineFleet
+from megaopsd.rollout.weight_sync import complete_modules
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.host_exchange import HostExchange, Unavailable
 from megaopsd.runtime.parallel import ParallelState
@@ -64,7 +65,7 @@ def refit(
         meter=meter,
         exchange=exchange,
     )
-    stats = fleet.update_weights(weights)
+    stats = fleet.update_weights(complete_modules(weights, plan.names))
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:

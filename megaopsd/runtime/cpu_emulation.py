@@ -23,6 +23,11 @@ seen to be needed (the ids S1..S9 are those of docs/cpu-emulation.md, which says
   PP with two stages), gloo matches messages per peer in FIFO order, so the sends are posted
   next-before-prev to meet the peer's receives (otherwise a gradient lands in the activation
   buffer and training silently diverges).
+- S10 Mixture of experts: the router's gating tests an optional Transformer Engine symbol
+  (``te_general_gemm``) that is never defined without TE, so it is set to None; the all-to-all
+  token dispatcher moves its split sizes to the host on a CUDA side stream, so its class-wide
+  stream is a placeholder and the host copy is the same numpy conversion without streams
+  (gloo's all-to-all takes the splits as lists).
 - S12 Activation recompute: the function mode is suspended while it dispatches
   ``torch.autograd.backward``, so the forward that megatron's ``CheckpointFunction`` re-runs
   inside backward would allocate on ``cuda`` (the default causal mask first). Its backward
@@ -92,6 +97,20 @@ def _reorder_same_peer_sends(ops: list[dist.P2POp]) -> list[dist.P2POp]:
     return reordered
 
 
+_MISSING = object()  # a patched attribute the owner did not have (removed again on disable)
+
+
+def _cpu_dtoh_and_synchronize(self, point: str, tokens_per_expert: torch.Tensor | None = None):
+    """S10: the all-to-all dispatcher's device-to-host step on the CPU: the split sizes become
+    numpy arrays at the dispatcher's chosen point, as the CUDA path leaves them; no streams."""
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        for name in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(self, name, None)
+            if torch.is_tensor(value):
+                setattr(self, name, value.numpy())
+    return tokens_per_expert
+
+
 def _sequence_parallel_torch_norm(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
     """S8: ``WrappedTorchNorm.__new__`` without the sequence-parallel refusal."""
     assert not config.layernorm_zero_centered_gamma, "zero_centered_gamma not supported by torch norms"
@@ -128,7 +147,7 @@ class CpuEmulation:
         return self._mode is not None
 
     def _patch(self, owner: Any, name: str, value: Any) -> None:
-        self._originals.append((owner, name, getattr(owner, name)))
+        self._originals.append((owner, name, getattr(owner, name, _MISSING)))
         setattr(owner, name, value)
 
     def install(self) -> None:
@@ -159,6 +178,14 @@ class CpuEmulation:
         self._patch(mcore_random, "_set_cuda_rng_state", set_cpu_rng_state)  # S5
         self._patch(torch_norm.WrappedTorchNorm, "__new__", _sequence_parallel_torch_norm)  # S8
         self._patch(dist, "batch_isend_irecv", batch_isend_irecv)  # S9
+        from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+        if getattr(moe_utils, "te_general_gemm", None) is None:
+            self._patch(moe_utils, "te_general_gemm", None)  # S10
+        dispatcher = token_dispatcher.MoEAlltoAllTokenDispatcher
+        if dispatcher.cuda_dtoh_stream is None:
+            self._patch(dispatcher, "cuda_dtoh_stream", "cpu")  # S10: never used as a stream
+        self._patch(dispatcher, "_maybe_dtoh_and_synchronize", _cpu_dtoh_and_synchronize)  # S10
         original_recompute_backward = mcore_random.CheckpointFunction.backward
 
         def recompute_backward(ctx, *grads):
@@ -180,7 +207,10 @@ class CpuEmulation:
             logging.getLogger(_RNG_LOGGER).removeFilter(self._log_filter)
             self._log_filter = None
         for owner, name, original in reversed(self._originals):
-            setattr(owner, name, original)
+            if original is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
         self._originals.clear()
 
 

@@ -42,6 +42,21 @@ class ParallelState:
     # Uneven pipeline stages (ParallelConfig); None: the layers split evenly.
     num_layers_in_first_pipeline_stage: int | None = None
     num_layers_in_last_pipeline_stage: int | None = None
+    # Mixture-of-experts layers: the experts are dealt over the EP group (this rank holds experts
+    # ep_rank x E / ep_size onwards) and each expert's linears split over the expert-TP group.
+    ep_size: int = 1
+    ep_rank: int = 0
+    etp_size: int = 1
+    etp_rank: int = 0
+    edp_rank: int = 0  # the expert-data-parallel replica: ranks holding the same experts share none
+    ep_group: dist.ProcessGroup | None = None
+    etp_group: dist.ProcessGroup | None = None
+
+    def split(self, expert: bool) -> tuple[int, int, dist.ProcessGroup | None]:
+        """(size, rank, group) of the tensor-parallel split of a dense or an expert parameter."""
+        if expert:
+            return self.etp_size, self.etp_rank, self.etp_group
+        return self.tp_size, self.tp_rank, self.tp_group
 
     @property
     def is_first_stage(self) -> bool:
@@ -65,6 +80,8 @@ def initialize_parallel_state(cfg: ParallelConfig, *, seed: int, gloo_side_group
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=cfg.expert_model_parallel_size,
+        expert_tensor_parallel_size=cfg.expert_tensor_parallel_size,
         create_gloo_process_groups=gloo_side_groups,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -83,6 +100,13 @@ def initialize_parallel_state(cfg: ParallelConfig, *, seed: int, gloo_side_group
         mp_group=mps.get_model_parallel_group(),
         num_layers_in_first_pipeline_stage=cfg.num_layers_in_first_pipeline_stage,
         num_layers_in_last_pipeline_stage=cfg.num_layers_in_last_pipeline_stage,
+        ep_size=mps.get_expert_model_parallel_world_size(),
+        ep_rank=mps.get_expert_model_parallel_rank(),
+        etp_size=mps.get_expert_tensor_parallel_world_size(),
+        etp_rank=mps.get_expert_tensor_parallel_rank(),
+        edp_rank=mps.get_expert_data_parallel_rank(),
+        ep_group=mps.get_expert_model_parallel_group(),
+        etp_group=mps.get_expert_tensor_parallel_group(),
     )
 
 

@@ -211,3 +211,24 @@ def test_uneven_stages_import_and_export_reshard_bit_exact(tiny_qwen3_3layers, t
     written = load_file(str(out / "model.safetensors"))
     assert sorted(written) == sorted(original) and any(".layers.2." in n for n in written)
     assert all(torch.equal(written[name], original[name]) for name in original)
+
+
+def test_moe_import_at_ep2_exports_bit_exact_at_ep1(tiny_qwen3_moe, tmp_path):
+    """The tiny Qwen3-MoE imported at EP2 (each rank reads and saves only its own experts),
+    exported in one process (EP1): every tensor equals the source bit for bit."""
+    from safetensors.torch import load_file
+
+    ckpt, hf = tmp_path / "ep2", tmp_path / "hf"
+    result = run_cli("import-hf", "--hf-dir", str(tiny_qwen3_moe), "--out", str(ckpt), "--ep", "2", nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((ckpt / "megaopsd.json").read_text())["saved_layout"]["ep"] == 2
+    result = run_cli("export-hf", "--ckpt", str(ckpt), "--out", str(hf))
+    assert result.returncode == 0, result.stderr[-3000:]
+    source, exported = (
+        load_file(str(tiny_qwen3_moe / "model.safetensors")),
+        load_file(str(hf / "model.safetensors")),
+    )
+    assert sorted(exported) == sorted(source)
+    assert [n for n, t in source.items() if not torch.equal(exported[n], t)] == []
+    refused = run_cli("import-hf", "--hf-dir", str(tiny_qwen3_moe), "--out", str(tmp_path / "x"), "--ep", "3")
+    assert refused.returncode == 2 and "--ep 3 does not fit the model (num_experts=8)" in refused.stderr

@@ -308,3 +308,52 @@ def test_every_field_is_documented_where_it_is_declared():
         [sys.executable, "-m", "megaopsd.config", "teacher"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0 and "teacher.ema_decay = 0.99\n    ema: teacher <- decay" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("parallel", "world", "message"),
+    [
+        (
+            {"expert_model_parallel_size": 3},
+            3,
+            r"expert_model_parallel_size=3 does not divide num_experts=128",
+        ),
+        (
+            {"expert_model_parallel_size": 8, "pipeline_model_parallel_size": 2},
+            8,
+            r"expert_model_parallel_size=8 x expert_tensor_parallel_size=1 x pipeline_model_parallel_size=2 "
+            r"does not divide the world size 8",
+        ),
+        (
+            {"expert_model_parallel_size": 4, "tensor_model_parallel_size": 2},
+            8,
+            r"parallel\.sequence_parallel=False must be true with tensor_model_parallel_size=2 and "
+            r"expert_model_parallel_size=4 .* set parallel\.sequence_parallel=true",
+        ),
+        (
+            {"expert_tensor_parallel_size": 5},
+            5,
+            r"expert_tensor_parallel_size=5 does not divide moe_intermediate_size=768",
+        ),
+    ],
+)
+def test_expert_parallel_rules_fail_in_one_line_before_any_process_group(parallel, world, message):
+    from tools.make_tiny_model import qwen3_config
+
+    hf = qwen3_config("qwen3_30b_a3b")
+    validate(
+        load_config({"model": {"hf_path": "u"}, "parallel": {"expert_model_parallel_size": 8}}),
+        world_size=8,
+        hf_config=hf,
+    )
+    with pytest.raises(ConfigError, match=message):
+        validate(
+            load_config({"model": {"hf_path": "u"}, "parallel": parallel}), world_size=world, hf_config=hf
+        )
+    dense = qwen3_config("qwen3_1p7b")
+    with pytest.raises(ConfigError, match=r"expert_model_parallel_size=2 needs a mixture-of-experts model"):
+        validate(
+            load_config({"model": {"hf_path": "u"}, "parallel": {"expert_model_parallel_size": 2}}),
+            world_size=2,
+            hf_config=dense,
+        )

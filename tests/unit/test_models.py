@@ -153,3 +153,54 @@ def test_layer_spec_choices(tiny_models):
     except ImportError:
         with pytest.raises(RuntimeError, match="needs Transformer Engine"):
             layer_spec(spec, "transformer_engine")
+
+
+def test_qwen3_moe_parses_both_spellings_of_the_expert_count(tiny_qwen3_moe):
+    from megaopsd.config.hf_spec import MoESpec
+    from tools.make_tiny_model import qwen3_config
+
+    spec = load_hf_config(tiny_qwen3_moe)  # transformers 5 writes num_local_experts
+    assert (spec.family, spec.qk_norm, spec.tie_word_embeddings) == ("qwen3_moe", True, False)
+    assert spec.moe == MoESpec(
+        num_experts=8,
+        experts_per_token=2,
+        expert_ffn_hidden_size=64,
+        norm_topk_prob=True,
+        router_aux_loss_coef=0.001,
+    )
+    released = load_hf_config(qwen3_config("qwen3_30b_a3b"))  # the released config writes num_experts
+    assert (
+        released.moe.num_experts,
+        released.moe.experts_per_token,
+        released.moe.expert_ffn_hidden_size,
+    ) == (
+        128,
+        8,
+        768,
+    )
+    assert load_hf_config(qwen3_config("qwen3_1p7b")).moe is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"decoder_sparse_step": 2}, "decoder_sparse_step=2 is not supported"),
+        ({"mlp_only_layers": [0]}, r"mlp_only_layers=\[0\] is not supported .*dense MLP layers"),
+        ({"shared_expert_intermediate_size": 64}, "shared_expert_intermediate_size=64"),
+        ({"num_experts_per_tok": 9}, "num_experts=8 with num_experts_per_tok=9 is not a mixture"),
+        ({"attention_bias": True}, "attention_bias"),
+    ],
+)
+def test_qwen3_moe_options_megaopsd_does_not_build_are_rejected_by_name(tiny_qwen3_moe, changes, message):
+    raw = json.loads((tiny_qwen3_moe / "config.json").read_text())
+    with pytest.raises(UnsupportedModelError, match=message):
+        load_hf_config({**raw, **changes})
+
+
+def test_moe_layer_spec_uses_sequential_experts(tiny_qwen3_moe):
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    spec = layer_spec(load_hf_config(tiny_qwen3_moe), "local")
+    assert spec.submodules.mlp.module is MoELayer
+    assert spec.submodules.mlp.submodules.experts.module is SequentialMLP

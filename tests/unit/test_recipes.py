@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from megaopsd.config import ConfigError, load_config, validate
 from megaopsd.dry_run import DryRunPlan, describe_layout, dry_run_report, estimate_memory_gib
 from megaopsd.train import build_config
-from tools.make_tiny_model import QWEN3_SHAPES, write_qwen3_config
+from tools.make_tiny_model import QWEN3_MOE_SHAPES, QWEN3_SHAPES, write_qwen3_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,7 +31,7 @@ LAYOUTS = {
 }
 
 
-def qwen3_config_dir(tmp_path: Path, recipe: str) -> Path:
+def qwen3_config_dir(tmp_path: Path, recipe: str) -> Path:  # a dense or MoE shape name
     return write_qwen3_config(recipe, tmp_path / recipe)
 
 
@@ -56,7 +56,7 @@ GPU_RECIPES = sorted(p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml") i
 def test_every_gpu_recipe_fits_its_node(recipe, tmp_path):
     """The dry run's verdict for the node each recipe names (8 GPUs of 80 GB): both phases fit,
     activations of the largest microbatch the recipe allows included."""
-    size = next(name for name in QWEN3 if name.removeprefix("qwen3_") in recipe)
+    size = next(name for name in {**QWEN3, **QWEN3_MOE_SHAPES} if name.removeprefix("qwen3_") in recipe)
     cfg = _config(recipe, qwen3_config_dir(tmp_path, size), dry_run=True)
     assert (cfg.trainer.dry_run_world_size, cfg.trainer.dry_run_gpu_gib) == (8, 80)
     report = dry_run_report(cfg, 8)
@@ -283,6 +283,59 @@ def test_pw_opsd_recipe_is_the_released_run_with_position_weights(tmp_path, monk
         logging=base.logging,
     )
     assert same == base
+
+
+def test_qwen3_30b_a3b_recipe_plans_one_node_and_full_parameters_on_two(tmp_path):
+    """The MoE recipe: EP8 over one node of 80 GB GPUs with attention LoRA fits; full-parameter
+    Adam on one node does not (the verdict says so), on two nodes with EP16 it fits."""
+    hf = qwen3_config_dir(tmp_path, "qwen3_30b_a3b")
+    cfg = _config("qwen3_30b_a3b", hf, dry_run=True)
+    report = dry_run_report(cfg, 8)
+    assert "EP 8 x expert TP 1 x expert DP 1: 16 experts per GPU; 30.5B parameters in all" in report, report
+    assert "generation: fits" in report and "training: fits" in report, report
+    full = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=0))
+    assert "training: does not fit" in dry_run_report(full, 8)
+    two_nodes = dataclasses.replace(
+        full,
+        parallel=dataclasses.replace(cfg.parallel, expert_model_parallel_size=16),
+        teacher=dataclasses.replace(cfg.teacher, mode="current"),
+    )
+    report = dry_run_report(two_nodes, 16)
+    assert "8 experts per GPU" in report and "training: fits" in report, report
+    # the experts' Adam state is not sharded over DP (each expert lives on one GPU): the
+    # optimizer is the experts' 12 bytes a parameter plus the dense part's share
+    estimate = estimate_memory_gib(two_nodes, 16)
+    plan = DryRunPlan.of(two_nodes, 16)
+    experts = plan.stage_expert_params()[0]
+    dense = plan.stage_params()[0] - experts
+    assert estimate["optimizer"] == pytest.approx((experts * 12 + dense * 12 / 16) / 2**30)
+
+
+def test_readme_moe_dry_runs_are_what_the_commands_print(tmp_path):
+    """The README's two Qwen3-30B-A3B printouts (one node, two nodes) are the commands' output."""
+    hf = qwen3_config_dir(tmp_path, "qwen3_30b_a3b")
+    readme = (REPO / "README.md").read_text()
+    blocks = [
+        b for b in readme.split("```") if b.startswith("\n$ python -m megaopsd.train recipe=qwen3_30b_a3b")
+    ]
+    assert len(blocks) == 2
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "SLURM_"))
+    }
+    for block in blocks:
+        lines = block.strip().splitlines()
+        command_lines = [lines[0]] + [line for line in lines[1:] if line.startswith("    ")]
+        command = " ".join(line.strip().rstrip("\\") for line in command_lines).removeprefix("$ ").split()
+        printed = lines[len(command_lines) :]
+        argv = [a.replace("/models/Qwen3-30B-A3B", str(hf)) for a in command[1:]]
+        out = subprocess.run(
+            [sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120, env=env
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        got = [
+            line for line in out.stdout.replace(str(hf), "/models/Qwen3-30B-A3B").splitlines() if line.strip()
+        ]
+        assert len(printed) > 15 and got[-len(printed) :] == printed, "\n".join(got)
 
 
 def test_gpu_recipes_size_the_engine_by_gpu_memory_utilization():

