@@ -105,8 +105,8 @@ class ParallelConfig:
     # Mixture-of-experts models only: EP, the ranks the experts of every layer are dealt over
     # (divides the expert count), and expert TP, the ranks each expert's linears split over
     # (megatron's default would be TP; 1 is what MoE training commonly uses).
-    expert_model_parallel_size: int = 1
-    expert_tensor_parallel_size: int = 1
+    expert_model_parallel_size: int = 1  # EP: ranks each MoE layer's experts are dealt over
+    expert_tensor_parallel_size: int = 1  # expert TP: ranks each expert's linears split over
     use_distributed_optimizer: bool = False  # shard Adam state and fp32 master weights over DP (ZeRO-1)
     overlap_grad_reduce: bool = False  # DP gradient reduce-scatter/all-reduce overlapped with backward
     overlap_param_gather: bool = False  # distributed optimizer: parameter all-gather in bucket order

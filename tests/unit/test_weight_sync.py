@@ -118,8 +118,14 @@ class RecordingLLM:
     def __init__(self):
         self.loaded: list[list[tuple[str, torch.Tensor]]] = []
         self.resets = 0
+        self.calls: list[str] = []
 
-    def collective_rpc(self, method, kwargs):
+    def collective_rpc(self, method, kwargs=None):
+        from megaopsd.rollout.weight_sync import refresh_cpu_moe_experts
+
+        self.calls.append(getattr(method, "__name__", method))
+        if method is refresh_cpu_moe_experts:  # after every reload: the CPU MoE kernels' prepack
+            return [0]
         assert method == "reload_weights"
         if "weights_iterator" in kwargs:
             assert kwargs["is_checkpoint_format"] is True
@@ -141,6 +147,7 @@ def test_in_memory_transport_streams_everything_in_one_call():
     weights = _model(layers=2)
     stats = sync_weights(weights, InMemoryTransport(llm), bucket_bytes=600, tie_word_embeddings=True)
     assert len(llm.loaded) == 1 and llm.resets == 1
+    assert llm.calls == ["reload_weights", "refresh_cpu_moe_experts"]  # the prepack after the load
     names = [n for n, _ in llm.loaded[0]]
     assert names == [weights[0][0], "lm_head.weight"] + [n for n, _ in weights[1:]]
     expected_bytes = sum(t.numel() * t.element_size() for _, t in weights) + weights[0][1].nbytes
@@ -155,6 +162,7 @@ def test_directory_transport_writes_shards_loads_once_and_cleans_up(tmp_path, bu
     weights = _model(layers=2, bias=True)
     stats = sync_weights(weights, transport, bucket_bytes=bucket_bytes, tie_word_embeddings=True)
     assert len(llm.loaded) == 1 and llm.resets == 1
+    assert llm.calls == ["reload_weights", "refresh_cpu_moe_experts"]
     # one shard per bucket; with one big bucket the tied lm_head shares the embedding's file
     assert len(llm.files) == stats.buckets == (1 if bucket_bytes > 1 << 20 else 9)
     received = dict(llm.loaded[0])
@@ -165,3 +173,18 @@ def test_directory_transport_writes_shards_loads_once_and_cleans_up(tmp_path, bu
     assert list(transport.directory.iterdir()) == []  # shards removed after the load
     transport.close()
     assert not transport.directory.exists()
+
+
+def test_complete_modules_hands_every_engine_module_over_whole():
+    """Experts of one layer arriving from two EP ranks in different rounds, interleaved with
+    another module, leave together; a stream in module order passes through unchanged."""
+    from megaopsd.rollout.weight_sync import complete_modules
+
+    t = torch.zeros(1)
+    names = [f"model.layers.0.mlp.experts.{e}.down_proj.weight" for e in range(4)] + ["model.norm.weight"]
+    interleaved = [names[0], names[1], names[4], names[2], names[3]]
+    out = [n for n, _ in complete_modules(((n, t) for n in interleaved), names)]
+    assert out == ["model.norm.weight", *names[:4]]
+    assert [n for n, _ in complete_modules(((n, t) for n in names), names)] == names
+    with pytest.raises(ValueError, match=r"modules incomplete \(model.layers.0.mlp.experts\)"):
+        list(complete_modules(((n, t) for n in names[:2]), names))
