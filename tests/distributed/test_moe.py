@@ -201,3 +201,41 @@ def test_the_teacher_stream_adds_no_load_balancing_loss(tiny_qwen3_moe):
     load-balancing term, token count or router statistic."""
     result = run_ranks(step_worker, world_size=1, args=(str(tiny_qwen3_moe), 1, 1, "current"))[0]
     assert result["aux"] > 0 and result["aux"] == result["student_alone_aux"], result
+
+
+def lora_worker(hf_dir: str, ep: int):
+    """One OPSD step with LoRA on the attention of the MoE model (the recipe's setting)."""
+    from megaopsd.algorithm.step import forward_backward
+    from megaopsd.models.lora import adapters_of
+    from tests.helpers import BUDGET_FOUR, paired_setup
+
+    lora = {"rank": 4, "alpha": 8.0, "target_modules": ("q_proj", "k_proj", "v_proj", "o_proj")}
+    runtime, parts = paired_setup(hf_dir, 1, 1, lora=lora, parallel={"expert_model_parallel_size": ep})
+    mbs = _microbatches(runtime, BUDGET_FOUR)
+    sums, tokens = forward_backward(
+        student=parts.student,
+        teacher=parts.teacher,
+        microbatches=mbs,
+        loss_fn=parts.loss_fn,
+        parallel=runtime.parallel,
+    )
+    chunk = parts.student.chunks[0]
+    trained = sorted(
+        {
+            name.split(".decoder.layers.")[-1].split(".", 1)[1]
+            for name, p in chunk.named_parameters()
+            if p.requires_grad
+        }
+    )
+    adapters = adapters_of(parts.student.chunks)
+    runtime.shutdown()
+    return {"loss": sums["loss_sum"] / tokens, "trained": trained, "adapters": len(adapters)}
+
+
+def test_attention_lora_trains_only_the_attention_adapters_at_ep2(tiny_qwen3_moe):
+    """LoRA on a mixture-of-experts model adapts q/k/v/o only (experts and routers frozen), the
+    fixed teacher is the base with the adapters off, and the step runs at EP2."""
+    results = run_ranks(lora_worker, world_size=2, args=(str(tiny_qwen3_moe), 2))
+    for result in results:
+        assert result["adapters"] == 2 * 4, result  # linear_qkv and linear_proj of 4 layers
+        assert result["loss"] > 0 and all("self_attention" in name for name in result["trained"]), result
