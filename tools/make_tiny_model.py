@@ -127,26 +127,16 @@ QWEN3_MOE_SHAPES = {
 def qwen3_config(name: str) -> dict:
     """The whole config.json of the Qwen3 model ``name`` (a key of ``QWEN3_SHAPES`` or
     ``QWEN3_MOE_SHAPES``)."""
-    if name in QWEN3_MOE_SHAPES:
-        return dict(
-            architectures=["Qwen3MoeForCausalLM"],
-            model_type="qwen3_moe",
-            vocab_size=151936,
-            max_position_embeddings=40960,
-            rms_norm_eps=1e-6,
-            rope_theta=1000000.0,
-            attention_dropout=0.0,
-            **QWEN3_MOE_SHAPES[name],
-        )
+    moe = name in QWEN3_MOE_SHAPES
     return dict(
-        architectures=["Qwen3ForCausalLM"],
-        model_type="qwen3",
+        architectures=["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"],
+        model_type="qwen3_moe" if moe else "qwen3",
         vocab_size=151936,
         max_position_embeddings=40960,
         rms_norm_eps=1e-6,
         rope_theta=1000000.0,
         attention_dropout=0.0,
-        **QWEN3_SHAPES[name],
+        **(QWEN3_MOE_SHAPES if moe else QWEN3_SHAPES)[name],
     )
 
 

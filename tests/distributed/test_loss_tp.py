@@ -211,6 +211,22 @@ def _record_allocations(rank: int) -> dict:
 RLSD_LAMBDA, RLSD_EPS = 0.5, 0.2
 
 
+def _rows_microbatch(sampled, mask, sample, **extra):
+    """A microbatch whose scored rows are the T rows of the test logits, in order."""
+    from megaopsd.algorithm.batch import PairedMicrobatch
+
+    return PairedMicrobatch(
+        student_tokens_BL=torch.zeros(1, T, dtype=torch.long),
+        teacher_tokens_BL=torch.zeros(1, T, dtype=torch.long),
+        student_index_T=torch.arange(T),
+        teacher_index_T=torch.arange(T),
+        target_ids_T=sampled,
+        loss_mask_T=mask,
+        sample_T=sample,
+        **extra,
+    )
+
+
 def _rlsd_reference(student, teacher, mask, sampled, advantage, engine, vocab):
     """RLSD's loss written out in float64 (docs/variants.md), full vocabulary, plain autograd."""
     s = student.clone().requires_grad_()
@@ -228,7 +244,6 @@ def _rlsd_reference(student, teacher, mask, sampled, advantage, engine, vocab):
 
 def _compare_rlsd(rank: int) -> list[dict]:
     """RlsdLoss at TP1 (whole rows) and TP2 (this rank's shard) against the float64 formula."""
-    from megaopsd.algorithm.batch import PairedMicrobatch
     from megaopsd.algorithm.policy_loss import RlsdLoss
     from megaopsd.config import AlgorithmConfig
 
@@ -241,16 +256,8 @@ def _compare_rlsd(rank: int) -> list[dict]:
         full_logp = torch.log_softmax(student[:, :vocab], -1).gather(1, sampled[:, None]).squeeze(1)
         # the engine's logprobs: near the trainer's, so ratios fall inside and outside the clip
         engine = full_logp + 0.3 * torch.randn(T, generator=g, dtype=torch.float64)
-        mb = PairedMicrobatch(
-            student_tokens_BL=torch.zeros(1, T, dtype=torch.long),
-            teacher_tokens_BL=torch.zeros(1, T, dtype=torch.long),
-            student_index_T=torch.arange(T),
-            teacher_index_T=torch.arange(T),
-            target_ids_T=sampled,
-            loss_mask_T=mask,
-            sample_T=torch.zeros(T, dtype=torch.long),
-            engine_logprobs_T=engine,
-            advantage_T=advantage,
+        mb = _rows_microbatch(
+            sampled, mask, torch.zeros(T, dtype=torch.long), engine_logprobs_T=engine, advantage_T=advantage
         )
         ref_loss, ref_grad, ref_weight = _rlsd_reference(
             student, teacher, mask, sampled, advantage, engine, vocab
@@ -306,7 +313,6 @@ def _pw_opsd_reference(student, teacher, mask, vocab, reduction):
 def _compare_pw_opsd(rank: int) -> list[dict]:
     """PositionWeightedDivergence at TP1 and TP2, divided by the step's token count as the
     schedule does, against the float64 formula, for both reductions."""
-    from megaopsd.algorithm.batch import PairedMicrobatch
     from megaopsd.algorithm.loss import PositionWeightedDivergence, make_loss_fn
     from megaopsd.config import AlgorithmConfig, LossConfig
 
@@ -326,15 +332,7 @@ def _compare_pw_opsd(rank: int) -> list[dict]:
         mask[:2] = False  # response 0: its first two tokens left out (trainer.skip_first_tokens)
         mask[7 + 4] = False  # response 1: a token inside it left out
         mask[16:21] = False  # response 2: out of the loss
-        mb = PairedMicrobatch(
-            student_tokens_BL=torch.zeros(1, T, dtype=torch.long),
-            teacher_tokens_BL=torch.zeros(1, T, dtype=torch.long),
-            student_index_T=torch.arange(T),
-            teacher_index_T=torch.arange(T),
-            target_ids_T=sampled,
-            loss_mask_T=mask,
-            sample_T=sample,
-        )
+        mb = _rows_microbatch(sampled, mask, sample)
         ref_loss, ref_grad, ref_weight = _pw_opsd_reference(student, teacher, mask, vocab, reduction)
         cfg = AlgorithmConfig(
             name="pw_opsd",

@@ -132,14 +132,14 @@ def _microbatches(runtime, budget: int):
     )
 
 
-def step_worker(hf_dir: str, tp: int, ep: int, mode: str = "fixed"):
-    """The paired step's loss, load-balancing loss and HF-named gradients at one layout; with
-    ``mode="current"`` also the load-balancing loss of the student's forward alone."""
-    from megaopsd.algorithm.step import forward_backward, moe_aux_loss
-    from tests.helpers import BUDGET_FOUR, export_full, paired_setup
+def _moe_step(hf_dir: str, tp: int, ep: int, **setup):
+    """Build the tiny MoE's components at TP x EP and run one paired forward/backward on the
+    fixed rollouts; returns (runtime, components, microbatches, loss)."""
+    from megaopsd.algorithm.step import forward_backward
+    from tests.helpers import BUDGET_FOUR, paired_setup
 
     runtime, parts = paired_setup(
-        hf_dir, tp, 1, sp=tp > 1, mode=mode, parallel={"expert_model_parallel_size": ep}
+        hf_dir, tp, 1, sp=tp > 1, parallel={"expert_model_parallel_size": ep}, **setup
     )
     mbs = _microbatches(runtime, BUDGET_FOUR)
     sums, tokens = forward_backward(
@@ -149,11 +149,17 @@ def step_worker(hf_dir: str, tp: int, ep: int, mode: str = "fixed"):
         loss_fn=parts.loss_fn,
         parallel=runtime.parallel,
     )
-    out = {
-        "loss": sums["loss_sum"] / tokens,
-        "aux": moe_aux_loss(parts.student, len(mbs)),
-        "num_mb": len(mbs),
-    }
+    return runtime, parts, mbs, sums["loss_sum"] / tokens
+
+
+def step_worker(hf_dir: str, tp: int, ep: int, mode: str = "fixed"):
+    """The paired step's loss, load-balancing loss and HF-named gradients at one layout; with
+    ``mode="current"`` also the load-balancing loss of the student's forward alone."""
+    from megaopsd.algorithm.step import moe_aux_loss
+    from tests.helpers import export_full
+
+    runtime, parts, mbs, loss = _moe_step(hf_dir, tp, ep, mode=mode)
+    out = {"loss": loss, "aux": moe_aux_loss(parts.student, len(mbs)), "num_mb": len(mbs)}
     if mode == "current":  # the student alone, gradients on: what its routers record
         for mb in mbs:
             model = parts.student.chunks[0]
@@ -205,20 +211,10 @@ def test_the_teacher_stream_adds_no_load_balancing_loss(tiny_qwen3_moe):
 
 def lora_worker(hf_dir: str, ep: int):
     """One OPSD step with LoRA on the attention of the MoE model (the recipe's setting)."""
-    from megaopsd.algorithm.step import forward_backward
     from megaopsd.models.lora import adapters_of
-    from tests.helpers import BUDGET_FOUR, paired_setup
 
     lora = {"rank": 4, "alpha": 8.0, "target_modules": ("q_proj", "k_proj", "v_proj", "o_proj")}
-    runtime, parts = paired_setup(hf_dir, 1, 1, lora=lora, parallel={"expert_model_parallel_size": ep})
-    mbs = _microbatches(runtime, BUDGET_FOUR)
-    sums, tokens = forward_backward(
-        student=parts.student,
-        teacher=parts.teacher,
-        microbatches=mbs,
-        loss_fn=parts.loss_fn,
-        parallel=runtime.parallel,
-    )
+    runtime, parts, _, loss = _moe_step(hf_dir, 1, ep, lora=lora)
     chunk = parts.student.chunks[0]
     trained = sorted(
         {
@@ -229,7 +225,7 @@ def lora_worker(hf_dir: str, ep: int):
     )
     adapters = adapters_of(parts.student.chunks)
     runtime.shutdown()
-    return {"loss": sums["loss_sum"] / tokens, "trained": trained, "adapters": len(adapters)}
+    return {"loss": loss, "trained": trained, "adapters": len(adapters)}
 
 
 def test_attention_lora_trains_only_the_attention_adapters_at_ep2(tiny_qwen3_moe):

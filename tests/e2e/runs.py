@@ -99,10 +99,14 @@ def run(
     return out
 
 
-def kill_when(args: list[str], ready, *, timeout: float = 300, poll_s: float = 0.002) -> None:
-    """Start a one-process run and SIGKILL it (its whole session) once ``ready()`` is true."""
+def kill_when(args: list[str], ready, *, timeout: float = 300, poll_s: float = 0.002, nproc: int = 1) -> None:
+    """Start a run of ``nproc`` processes and SIGKILL all of them once ``ready()`` is true: its
+    session, and under torchrun the workers too (the agent starts them in sessions of their
+    own), workers first."""
+    import psutil
+
     proc = subprocess.Popen(
-        command(args, 1),
+        command(args, nproc),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -115,8 +119,12 @@ def kill_when(args: list[str], ready, *, timeout: float = 300, poll_s: float = 0
             assert time.time() < deadline, f"not ready to kill within {timeout} s"
             time.sleep(poll_s)
     finally:
+        family = psutil.Process(proc.pid).children(recursive=True)
+        for child in family:
+            child.send_signal(signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        psutil.wait_procs(family, timeout=30)
 
 
 def assert_logprob_parity(values: dict[str, dict[int, float]], steps: range) -> None:

@@ -9,21 +9,16 @@ previous step, and the engine's logprobs of the sampled tokens equal the trainer
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.e2e.runs import (
-    REPO,
     assert_identical,
     assert_logprob_parity,
-    command,
+    kill_when,
     resume_overrides,
     run,
     scalars,
@@ -37,33 +32,6 @@ EP2 = {
     "checkpoint.save_interval": 1,
     "checkpoint.keep_last": STEPS,
 }
-
-
-def _kill_when(args: list[str], ready, *, nproc: int, timeout: float = 300) -> None:
-    """Start a run of ``nproc`` processes and SIGKILL all of them once ``ready()`` is true: the
-    torchrun agent and its workers (which it starts in sessions of their own), workers first."""
-    import psutil
-
-    proc = subprocess.Popen(
-        command(args, nproc),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + timeout
-    try:
-        while not ready():
-            assert proc.poll() is None, "the run ended before the moment to kill it"
-            assert time.time() < deadline, f"not ready to kill within {timeout} s"
-            time.sleep(0.002)
-    finally:
-        family = psutil.Process(proc.pid).children(recursive=True)
-        for child in family:
-            child.send_signal(signal.SIGKILL)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        psutil.wait_procs(family, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +59,7 @@ def test_sigkill_at_ep2_resumes_bit_identically_and_the_checkpoint_resumes_at_ep
     out = tmp_path / "killed"
     args = resume_overrides(tiny_qwen3_moe, out, fixed_prompts, **EP2)
     ckpt = out / "checkpoints"
-    _kill_when(args, lambda: (ckpt / "iter_0000002.partial").exists(), nproc=2)
+    kill_when(args, lambda: (ckpt / "iter_0000002.partial").exists(), nproc=2)
     assert (ckpt / "latest").read_text().strip() == "iter_0000001"
     resumed = run(args, nproc=2)
     said = resumed.stdout + resumed.stderr
