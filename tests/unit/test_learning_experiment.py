@@ -136,3 +136,21 @@ def test_a_method_that_reads_no_reference_runs_once_for_every_condition(tmp_path
     assert any("train_reversed.jsonl" in o for o in reversed_[1]) and not any(
         "train_reversed" in o for o in own[1]
     )
+
+
+def test_the_readme_reports_the_experiment_run_it_names():
+    """The README's tables are docs/experiment/table.md as the run wrote it, and its wall time,
+    seeds and steps are docs/experiment/summary.json's (both conditions, every method's curves)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    readme = (repo / "README.md").read_text()
+    table = (repo / "docs" / "experiment" / "table.md").read_text().rstrip()
+    summary = json.loads((repo / "docs" / "experiment" / "summary.json").read_text())
+    assert table in readme
+    assert f"{summary['total_wall_s']:.0f} s in all ({summary['total_wall_s'] / 60:.1f} min)" in readme
+    assert summary["total_wall_s"] <= 45 * 60 and summary["seeds"] == [0, 1, 2] and summary["steps"] == 40
+    assert set(summary["conditions"]) == {"forward", "reversed"}
+    for condition in summary["conditions"].values():
+        for method in condition["methods"].values():
+            assert len(method["curves"]) == 3 and all(len(curve) == 5 for curve in method["curves"])
