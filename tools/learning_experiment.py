@@ -412,6 +412,7 @@ def plot(conditions: dict[str, dict], path: Path, k: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(conditions), 2, figsize=(11, 4 * len(conditions)), squeeze=False)
+    colors = {method: f"C{i}" for i, method in enumerate(METHODS)}  # a method's colour in every row
     for row, (style, results) in zip(axes, conditions.items(), strict=True):
         for method, runs in results.items():
             for ax, key in zip(row, ("tokens", "wall_s"), strict=True):
@@ -419,8 +420,8 @@ def plot(conditions: dict[str, dict], path: Path, k: int) -> None:
                 accs = [[100 * run[i]["accuracy"] for run in runs] for i in range(len(runs[0]))]
                 mean = [sum(a) / len(a) for a in accs]
                 lo, hi = [min(a) for a in accs], [max(a) for a in accs]
-                (line,) = ax.plot(xs, mean, marker="o", label=method)
-                ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
+                ax.plot(xs, mean, marker="o", label=method, color=colors.get(method))
+                ax.fill_between(xs, lo, hi, alpha=0.2, color=colors.get(method))
         row[0].set_xlabel("generated tokens (training rollouts)")
         row[0].set_xscale("symlog", linthresh=1000)
         row[1].set_xlabel("training wall time, s (evaluation excluded)")
@@ -428,7 +429,7 @@ def plot(conditions: dict[str, dict], path: Path, k: int) -> None:
             ax.set_ylabel(f"held-out avg@{k}, %")
             ax.set_title(f"{style} references" + (" (the student's own style)" if style == OWN_STYLE else ""))
             ax.grid(alpha=0.3)
-        row[0].legend(title="band: min..max over seeds")
+        row[1].legend(title="band: min..max over seeds", fontsize="small", loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -468,7 +469,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="toy sizes: checks the pipeline, not the science"
     )
+    parser.add_argument(
+        "--plot-only",
+        action="store_true",
+        help="redraw <out>/accuracy.png from <out>/summary.json; run nothing",
+    )
     args = parser.parse_args(argv)
+    if args.plot_only:
+        summary = json.loads((Path(args.out) / "summary.json").read_text())
+        curves = {
+            style: {m: v["curves"] for m, v in condition["methods"].items()}
+            for style, condition in summary["conditions"].items()
+        }
+        plot(curves, Path(args.out) / "accuracy.png", args.k)
+        return 0
     if args.smoke:
         args.seeds, args.steps, args.prompts, args.eval_interval = 1, 2, 4, 1
         args.heldout, args.k, args.warm_steps = 8, 2, 2

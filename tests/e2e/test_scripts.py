@@ -160,6 +160,9 @@ def test_learning_experiment(tmp_path):
         assert [p["step"] for p in opsd["curves"][0]] == [0, 1, 2]  # the seed's own curve
         assert condition["matched"]["methods"]["opsd"]["tokens"] is not None  # the matched-accuracy table
     assert (out / "accuracy.png").stat().st_size > 10_000
+    (out / "accuracy.png").unlink()
+    _python(["tools/learning_experiment.py", "--out", str(out), "--plot-only"])  # from summary.json
+    assert (out / "accuracy.png").stat().st_size > 10_000
     text = (out / "table.md").read_text()
     tables = sum(
         1 + bool(c["matched"]["levels"]) for c in summary["conditions"].values()
