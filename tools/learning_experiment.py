@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(curves, Path(args.out) / "accuracy.png", args.k)
         return 0
     if args.smoke:
-        args.seeds, args.steps, args.prompts, args.eval_interval = 1, 2, 4, 1
+        args.seeds, args.steps, args.prompts, args.eval_interval = 1, 1, 4, 1
         args.heldout, args.k, args.warm_steps = 8, 2, 2
     if args.methods is None:
         args.methods = "opsd,grpo,sft" if args.smoke else ",".join(METHODS)

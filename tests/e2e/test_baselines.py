@@ -227,10 +227,13 @@ def test_rlsd_two_process_run_logs_its_tags(sft_run, tmp_path):
     assert any(gap != 0.0 for gap in values["train/rlsd_logprob_gap"].values())
 
 
-def test_successful_rollout_teacher_two_process_run_logs_its_tags(sft_run, tmp_path):
-    """OPSD with ``teacher.context=successful_rollout`` at DP2 from the SFT checkpoint: the
-    rollouts are graded, a rollout whose prompt has another verified rollout is taught by it,
-    the others stay out of the loss; the run logs the share and trains."""
+def test_successful_rollout_teacher_and_position_weights_two_process_run_logs_their_tags(sft_run, tmp_path):
+    """Two variants in one DP2 run from the SFT checkpoint: position-weighted OPSD
+    (``algorithm.name=pw_opsd``) with the successful-rollout self-teacher
+    (``teacher.context=successful_rollout``). The rollouts are graded, a rollout whose prompt
+    has another verified rollout is taught by it, the others stay out of the loss; the tokens'
+    mean position weight lies between the floor and 1, and the per-response reduction counts
+    exactly the responses in the loss."""
     _root, hf = sft_run
     data = _write(tmp_path / "sdpo.jsonl", _rows(32, seed=7))
     out = tmp_path / "sdpo"
@@ -240,6 +243,7 @@ def test_successful_rollout_teacher_two_process_run_logs_its_tags(sft_run, tmp_p
             out,
             data,
             **{
+                "algorithm.name": "pw_opsd",
                 "teacher.context": "successful_rollout",
                 **TWO_STEPS_OF_GROUPS,
             },
@@ -247,28 +251,23 @@ def test_successful_rollout_teacher_two_process_run_logs_its_tags(sft_run, tmp_p
         nproc=2,
     )
     values = scalars(out / "tensorboard")
-    for tag in ("train/accuracy", "train/teacher_context_fraction", "train/teacher_context_too_long"):
+    tags = (
+        "train/accuracy",
+        "train/teacher_context_fraction",
+        "train/teacher_context_too_long",
+        "train/divergence",
+        "train/position_weight_mean",
+        "train/loss_responses",
+    )
+    for tag in tags:
         assert tag in values and sorted(values[tag]) == [1, 2], tag
-    fractions = values["train/teacher_context_fraction"]
-    print(f"accuracy {values['train/accuracy']}, rollouts with a teacher {fractions}")
+    fractions, weights = values["train/teacher_context_fraction"], values["train/position_weight_mean"]
+    print(
+        f"accuracy {values['train/accuracy']}, rollouts with a teacher {fractions}, position weights {weights}"
+    )
     # the SFT model answers most "Say N." problems: their groups have other successes
     assert all(0.0 < f <= 1.0 for f in fractions.values()), fractions
-    assert "train/divergence" in values and sorted(values["train/divergence"]) == [1, 2]
-
-
-def test_position_weighted_opsd_two_process_run_logs_its_tags(sft_run, tmp_path):
-    """Position-weighted OPSD at DP2 from the SFT checkpoint: the divergence trains, the tokens'
-    mean position weight lies between the floor and 1, and every rollout's response counts once
-    in the per-response reduction."""
-    _root, hf = sft_run
-    data = _write(tmp_path / "pw.jsonl", _rows(32, seed=9))
-    out = tmp_path / "pw"
-    run(_args(hf, out, data, **{"algorithm.name": "pw_opsd", **TWO_STEPS_OF_GROUPS}), nproc=2)
-    values = scalars(out / "tensorboard")
-    for tag in ("train/divergence", "train/position_weight_mean", "train/loss_responses"):
-        assert tag in values and sorted(values[tag]) == [1, 2], tag
-    weights = values["train/position_weight_mean"]
-    print(f"mean position weights {weights}, divergence {values['train/divergence']}")
     assert all(0.25 < w < 1.0 for w in weights.values()), weights
     rollouts = TWO_STEPS_OF_GROUPS["trainer.prompts_per_step"] * TWO_STEPS_OF_GROUPS["rollout.n"]
-    assert values["train/loss_responses"] == {1: rollouts, 2: rollouts}
+    for step in (1, 2):  # the responses the loss averages are the ones with a teacher
+        assert values["train/loss_responses"][step] == round(fractions[step] * rollouts), (step, values)

@@ -154,14 +154,11 @@ def test_learning_experiment(tmp_path):
     for condition in summary["conditions"].values():
         assert set(condition["methods"]) == {"opsd"}
         opsd = condition["methods"]["opsd"]
-        assert opsd["steps"] == [0, 1, 2]
+        assert opsd["steps"] == [0, 1]
         assert 0.0 <= opsd["final_mean"] <= 1.0
         assert opsd["tokens_total"] > 0  # read back from the run's rollout/generated_tokens_total
-        assert [p["step"] for p in opsd["curves"][0]] == [0, 1, 2]  # the seed's own curve
+        assert [p["step"] for p in opsd["curves"][0]] == [0, 1]  # the seed's own curve
         assert condition["matched"]["methods"]["opsd"]["tokens"] is not None  # the matched-accuracy table
-    assert (out / "accuracy.png").stat().st_size > 10_000
-    (out / "accuracy.png").unlink()
-    _python(["tools/learning_experiment.py", "--out", str(out), "--plot-only"])  # from summary.json
     assert (out / "accuracy.png").stat().st_size > 10_000
     text = (out / "table.md").read_text()
     tables = sum(

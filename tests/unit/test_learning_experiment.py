@@ -154,3 +154,14 @@ def test_the_readme_reports_the_experiment_run_it_names():
     for condition in summary["conditions"].values():
         for method in condition["methods"].values():
             assert len(method["curves"]) == 3 and all(len(curve) == 5 for curve in method["curves"])
+
+
+def test_plot_only_redraws_the_plot_from_the_summary(results, tmp_path):
+    from tools.learning_experiment import main
+
+    args = argparse.Namespace(heldout=200, k=4, seeds=2)
+    summary = {"conditions": {"forward": summarize(results, args), "reversed": summarize(results, args)}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert main(["--out", str(tmp_path), "--plot-only"]) == 0
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "runs").exists()  # nothing ran
