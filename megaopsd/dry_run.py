@@ -395,8 +395,9 @@ def trainer_memory_gib(cfg: Config, plan: DryRunPlan) -> dict[str, float]:
     teacher is a float32 average of the adapters. A full-parameter EMA teacher of a bf16 model
     is a bf16 module plus a float32 shadow of every parameter.
     """
-    stage = max(range(plan.pp), key=lambda s: plan.stage_params()[s])
-    params, experts = plan.stage_params()[stage], plan.stage_expert_params()[stage]
+    per_stage = plan.stage_params()
+    params = max(per_stage)
+    experts = plan.stage_expert_params()[per_stage.index(params)]
     weight_bytes = 2 if cfg.model.dtype == "bfloat16" else 4
     adam = 8 + (4 if cfg.model.dtype == "bfloat16" else 0)  # exp_avg + exp_avg_sq (+ fp32 master)
     distributed = cfg.parallel.use_distributed_optimizer
