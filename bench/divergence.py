@@ -3,7 +3,10 @@
 Setup: 2 gloo ranks (spawned here, one CPU thread each), 4096 tokens, vocab 32768 (16384 per
 rank), float32, JSD beta 0.5, temperature 1, forward + backward, every token unmasked.
 
-- ours:  ``megaopsd.loss.vocab_parallel_divergence`` on each rank's [T, V/2] shards.
+- ours:  ``megaopsd.loss.vocab_parallel_divergence`` on each rank's [T, V/2] shards, the torch
+  path (``loss.implementation=torch``, what ``auto`` runs on CPU).
+- compiled: the same call with ``implementation="compiled"``: the fused chunk bodies of
+  ``megaopsd/loss/fused.py`` built by torch.compile (C++ here; the warm-up run compiles).
 - naive: the official OPSD / GKD recipe: all-gather the vocab shards into full-vocab logits
   [batch=1, T, V] (backward: keep this rank's slice, as Megatron's gather does), log_softmax of
   both, mixture log-probs by logsumexp over a stack, two ``kl_div``s, plain autograd backward.
@@ -30,7 +33,8 @@ the comparison is between equal computations.
     .venv/bin/python bench/divergence.py [--tokens 4096 --vocab 32768 --chunk 64 --repeats 3]
 
 The last line is ``RESULT divergence mem_ratio=... time_ratio=... time_ratio_vs_chunked=...
-mem_ratio_vs_chunked=... ours_ms=... chunked_ms=... naive_ms=... ...`` (ratios are ours / baseline).
+mem_ratio_vs_chunked=... ours_ms=... chunked_ms=... naive_ms=... ... compiled_ms=...
+compiled_over_ours=...`` (ratios are ours / baseline; compiled_over_ours: compiled / torch path).
 """
 
 from __future__ import annotations
@@ -140,7 +144,7 @@ def _rank_main(rank: int, port: int, variant: str, args: argparse.Namespace, que
 
     def step() -> float:
         student.grad = None
-        if variant == "ours":
+        if variant in ("ours", "compiled"):
             loss, _ = vocab_parallel_divergence(
                 student,
                 teacher,
@@ -151,6 +155,7 @@ def _rank_main(rank: int, port: int, variant: str, args: argparse.Namespace, que
                 vocab_size=args.vocab,
                 tp_group=group,
                 chunk_tokens=args.chunk,
+                implementation="torch" if variant == "ours" else "compiled",
             )
         elif variant == "chunked":
             partial = chunked_autograd_jsd(student, teacher, mask, group, args.chunk)
@@ -226,7 +231,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=64, help="chunk_tokens of the chunked loss")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--only", choices=["ours", "chunked", "naive"], help="run one variant (tuning); no RESULT line"
+        "--only",
+        choices=["ours", "compiled", "chunked", "naive"],
+        help="run one variant (tuning); no RESULT line",
     )
     args = parser.parse_args()
     print(
@@ -236,12 +243,12 @@ def main() -> None:
     if args.only:
         print(args.only, run_variant(args.only, args))
         return
-    ours, chunked, naive = (run_variant(v, args) for v in ("ours", "chunked", "naive"))
+    ours, compiled, chunked, naive = (run_variant(v, args) for v in ("ours", "compiled", "chunked", "naive"))
     print(
         f"{'variant':<8} {'median ms':>10} {'runs ms':>28} {'peak MB':>9} {'loss':>14} {'grad norm':>12} "
         f"{'faults/run':>11}"
     )
-    for name, r in (("ours", ours), ("chunked", chunked), ("naive", naive)):
+    for name, r in (("ours", ours), ("compiled", compiled), ("chunked", chunked), ("naive", naive)):
         print(
             f"{name:<8} {r['ms']:>10.0f} {r['runs_ms']!s:>28} {r['peak_mb']:>9.0f} {r['loss']:>14.6f} "
             f"{r['grad_norm']:>12.6e} {r['faults_per_run']:>11.0f}"
@@ -261,7 +268,9 @@ def main() -> None:
         f"time_ratio_vs_chunked={ours['ms'] / chunked['ms']:.3f} "
         f"mem_ratio_vs_chunked={ours['peak_mb'] / max(chunked['peak_mb'], 1e-9):.3f} ours_ms={ours['ms']:.0f} "
         f"chunked_ms={chunked['ms']:.0f} naive_ms={naive['ms']:.0f} ours_peak_mb={ours['peak_mb']:.0f} "
-        f"chunked_peak_mb={chunked['peak_mb']:.0f} naive_peak_mb={naive['peak_mb']:.0f}"
+        f"chunked_peak_mb={chunked['peak_mb']:.0f} naive_peak_mb={naive['peak_mb']:.0f} "
+        f"compiled_ms={compiled['ms']:.0f} compiled_over_ours={compiled['ms'] / ours['ms']:.3f} "
+        f"compiled_peak_mb={compiled['peak_mb']:.0f}"
     )
 
 

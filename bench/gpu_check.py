@@ -1,8 +1,11 @@
 """CUDA checks and figures for a lent GPU (one device, NCCL, bf16).
 
 1. The vocab-parallel divergences on CUDA: every kind against a float64 full-vocab autograd
-   reference (float32 and bf16 inputs), then JSD(0.5) at Qwen3's vocabulary (151936) and 4096
-   tokens against the naive full-vocab autograd loss: peak memory and time.
+   reference (float32 and bf16 inputs), through the torch operations and, for the kinds that
+   have it, the compiled chunk bodies (``loss.implementation``); then JSD(0.5) at Qwen3's
+   vocabulary (151936) and 4096 tokens, torch path and compiled path, against the naive
+   full-vocab autograd loss: peak memory and time (the compiled path's first call, which
+   compiles, is not timed).
 2. megatron-core on CUDA through megaopsd's runtime (NCCL, no CPU emulation): the `small`
    Qwen3 built from its HF config matches transformers' logits (float32), and 10 bf16 paired
    OPSD steps (fixed teacher) run with a falling loss.
@@ -67,12 +70,16 @@ def reference_grad(kind: str, beta: float, s: torch.Tensor, t: torch.Tensor, ids
 
 
 def check_divergences(device: torch.device) -> float:
-    from megaopsd.loss import vocab_parallel_divergence
+    from megaopsd.loss import fused, vocab_parallel_divergence
 
     worst = 0.0
     gen = torch.Generator(device="cpu").manual_seed(0)
+    cases = [(kind, beta, "torch") for kind, beta in KINDS]
+    if device.type == "cuda":  # on CPU tests/unit/test_loss_compiled.py checks them (and saves
+        # the seconds of C++ each inductor build costs here); the timed loss below runs it anyway
+        cases += [(kind, beta, "compiled") for kind, beta in KINDS if fused.supports(kind)]
     for dtype in (torch.float32, torch.bfloat16):
-        for kind, beta in KINDS:
+        for kind, beta, implementation in cases:
             s = (3 * torch.randn(257, 1000, generator=gen)).to(device, dtype).requires_grad_(True)
             t = (3 * torch.randn(257, 1000, generator=gen)).to(device, dtype)
             ids = torch.randint(0, 1000, (257,), generator=gen).to(device)
@@ -85,6 +92,7 @@ def check_divergences(device: torch.device) -> float:
                 vocab_size=1000,
                 top_k=8 if kind.startswith("topk") else None,
                 sampled_ids_T=ids if kind == "pg" else None,
+                implementation=implementation,
             )
             loss.backward()
             ref_loss, ref_grad = reference_grad(kind, beta, s.float(), t.float(), ids)
@@ -93,7 +101,7 @@ def check_divergences(device: torch.device) -> float:
                 float((s.grad.double() - ref_grad).norm() / ref_grad.norm()),
             )
             worst = max(worst, err) if dtype == torch.float32 else worst
-            print(f"  {kind:<11} {dtype!s:<15} rel err vs float64 {err:.2e}")
+            print(f"  {kind:<11} {implementation:<9} {dtype!s:<15} rel err vs float64 {err:.2e}")
     return worst
 
 
@@ -122,12 +130,20 @@ def bench_divergence(device: torch.device, tokens: int = 4096, vocab: int = 1519
     s0 = torch.randn(tokens, vocab, device=device, dtype=torch.bfloat16)
     t0 = torch.randn(tokens, vocab, device=device, dtype=torch.bfloat16)
     mask = torch.ones(tokens, device=device)
-    variants = {
-        "ours": lambda s: vocab_parallel_divergence(
-            s, t0, mask, kind="jsd", beta=0.5, vocab_size=vocab, chunk_tokens=1024
-        )[0],
-        "naive": lambda s: naive_jsd(s, t0),
-    }
+
+    def ours(implementation: str):
+        return lambda s: vocab_parallel_divergence(
+            s,
+            t0,
+            mask,
+            kind="jsd",
+            beta=0.5,
+            vocab_size=vocab,
+            chunk_tokens=1024,
+            implementation=implementation,
+        )[0]
+
+    variants = {"torch": ours("torch"), "compiled": ours("compiled"), "naive": lambda s: naive_jsd(s, t0)}
     out = {}
     for name, fn in variants.items():
         times = []
@@ -237,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     worst = check_divergences(device)
     print(f"JSD(0.5), {tokens} tokens x vocab {vocab}, bf16 logits, forward + backward:")
     figures = bench_divergence(device, tokens, vocab, repeats)
-    (ours_ms, ours_mb, ours_loss), (naive_ms, naive_mb, naive_loss) = figures["ours"], figures["naive"]
+    (ours_ms, ours_mb, ours_loss), (naive_ms, naive_mb, naive_loss) = figures["compiled"], figures["naive"]
     print(f"megatron-core on {device.type} through megaopsd's runtime:")
     mc = megatron_on_device(
         args.device, preset="tiny" if args.smoke else "small", steps=3 if args.smoke else 10
@@ -247,8 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     mem_ratio = ours_mb / naive_mb if naive_mb else float("nan")
     print(
         f"RESULT gpu_divergence device={device.type} fp32_worst_rel_err={worst:.2e} mem_ratio={mem_ratio:.3f} "
-        f"time_ratio={ours_ms / naive_ms:.3f} ours_ms={ours_ms:.1f} naive_ms={naive_ms:.1f} "
-        f"ours_peak_mib={ours_mb:.0f} naive_peak_mib={naive_mb:.0f} loss_rel_diff="
+        f"time_ratio={ours_ms / naive_ms:.3f} compiled_ms={ours_ms:.1f} torch_ms={figures['torch'][0]:.1f} "
+        f"naive_ms={naive_ms:.1f} "
+        f"compiled_peak_mib={ours_mb:.0f} torch_peak_mib={figures['torch'][1]:.0f} naive_peak_mib={naive_mb:.0f} loss_rel_diff="
         f"{abs(ours_loss - naive_loss) / abs(naive_loss):.2e}"
     )
     print(

@@ -14,7 +14,8 @@ Each path takes the same rollouts (fixed shuffled lengths) and does one optimize
 MFU counts ``megaopsd.flops.paired_step_flops`` (unpadded work of both streams) against the
 device's dense peak (known for H100/H200, or ``--peak-tflops``); on CPU there is no peak and
 the bench prints the achieved GFLOP/s. Beside the steps: the loss alone (forward + backward at
-``--loss-tokens`` rows of the model's vocabulary), megaopsd's against the naive one.
+``--loss-tokens`` rows of the model's vocabulary), megaopsd's compiled and torch paths against
+the naive one.
 
     python bench/mfu.py --shape qwen3_1p7b                      # on a GPU: the issue's shape, bf16
     python bench/mfu.py --preset small --rollouts 4 --response-max 2048    # CPU, float32
@@ -22,7 +23,8 @@ the bench prints the achieved GFLOP/s. Beside the steps: the loss alone (forward
         --response-min 4 --response-max 12 --microbatch-tokens 64 --repeats 1   # the suite's toy run
 
 Ends with ``RESULT gpu_mfu mfu=... step_s=... unfused_step_s=... hf_step_s=... attention=...
-loss_ms=... naive_loss_ms=...`` (``step_s`` is the SDPA path; ``mfu`` is nan without a peak).
+loss_ms=... torch_loss_ms=... naive_loss_ms=...`` (``step_s`` is the SDPA path; ``mfu`` is nan
+without a peak; ``loss_ms`` is the compiled loss, what ``loss.implementation=auto`` runs on CUDA).
 """
 
 from __future__ import annotations
@@ -269,7 +271,8 @@ def main() -> None:
     print(
         f"RESULT gpu_mfu mfu={mfu:.3f} step_s={sdpa_s:.3f} unfused_step_s={unfused_s:.3f} hf_step_s={hf_s:.3f} "
         f"sdpa_over_unfused={sdpa_s / unfused_s:.3f} over_hf={sdpa_s / hf_s:.3f} attention=sdpa "
-        f"loss_ms={loss['ours'][0]:.1f} naive_loss_ms={loss['naive'][0]:.1f} device={device.type}"
+        f"loss_ms={loss['compiled'][0]:.1f} torch_loss_ms={loss['torch'][0]:.1f} "
+        f"naive_loss_ms={loss['naive'][0]:.1f} device={device.type}"
     )
     runtime.shutdown()
 

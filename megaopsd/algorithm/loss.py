@@ -54,6 +54,7 @@ def make_loss_fn(
             clip_mode=cfg.clip_mode,
             sampled_ids_T=target_N if cfg.kind == "pg" else None,
             chunk_tokens=cfg.chunk_tokens,
+            implementation=cfg.implementation,
         )
         sums = {
             "divergence_sum": metrics.divergence_sum,

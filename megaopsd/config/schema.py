@@ -26,6 +26,9 @@ LoraInit = Literal["kaiming", "gaussian"]
 AlgorithmName = Literal["opsd", "grpo", "sft", "rlsd", "pw_opsd"]
 RecomputeGranularity = Literal["selective", "full"]
 RecomputeMethod = Literal["uniform", "block"]
+# torch: the reference operations (CPU); compiled: fused torch.compile chunk bodies; auto: compiled
+# on CUDA for the kinds that have them (all but topk / topk_tail)
+LossImplementation = Literal["auto", "torch", "compiled"]
 ClipMode = Literal["token", "entry"]  # token: a token's divergence; entry: each vocab entry's term
 PromptStyle = Literal["opsd", "opsd_first_release", "compact", "minimal"]
 ThinkPrefix = Literal["none", "open", "closed"]
@@ -34,6 +37,7 @@ ReasonCache = Literal["regenerate", "per_example"]
 
 LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
 CLIP_MODES: tuple[str, ...] = typing.get_args(ClipMode)
+LOSS_IMPLEMENTATIONS: tuple[str, ...] = typing.get_args(LossImplementation)
 TEACHER_MODES: tuple[str, ...] = typing.get_args(TeacherMode)
 DEVICES: tuple[str, ...] = typing.get_args(Device)
 DTYPES: tuple[str, ...] = typing.get_args(DType)
@@ -134,6 +138,7 @@ class LossConfig:
     # sum over the vocabulary (the official OPSD --jsd_token_clip; the loss can go negative)
     clip_mode: ClipMode = "token"
     chunk_tokens: int = 1024  # tokens per chunk in the vocab-parallel loss
+    implementation: LossImplementation = "auto"  # see LossImplementation
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -227,6 +227,13 @@ def _validate_algorithm(cfg: Config) -> None:
         )
     if loss.chunk_tokens < 1:
         _fail("loss.chunk_tokens", loss.chunk_tokens, "must be >= 1", "use e.g. 1024")
+    if loss.implementation == "compiled" and loss.kind in ("topk", "topk_tail"):
+        _fail(
+            "loss.implementation",
+            "compiled",
+            f"has no path for loss.kind={loss.kind}",
+            "use loss.implementation=auto (compiled where a kind has it) or torch",
+        )
     if teacher.mode == "ema" and not 0.0 <= teacher.ema_decay < 1.0:
         _fail("teacher.ema_decay", teacher.ema_decay, "must be in [0, 1)", "use e.g. 0.99")
     _validate_lora(cfg)

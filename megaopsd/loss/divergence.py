@@ -26,9 +26,10 @@ import torch
 import torch.distributed as dist
 
 from megaopsd.config import CLIP_MODES as CLIP_MODE_CHOICES
-from megaopsd.config import LOSS_KINDS
+from megaopsd.config import LOSS_IMPLEMENTATIONS, LOSS_KINDS
 from megaopsd.loss import divergence_math as dm
 from megaopsd.loss import entry_clip as ec
+from megaopsd.loss import fused
 from megaopsd.loss.sharded import (
     LogSoftmax,
     ReduceOp,
@@ -48,6 +49,7 @@ from megaopsd.loss.sharded import (
 
 KINDS = LOSS_KINDS  # the choices of loss.kind; _PATHS implements each (tests/unit/test_config.py)
 CLIP_MODES = CLIP_MODE_CHOICES  # the choices of loss.clip_mode (entry_clip.py)
+IMPLEMENTATIONS = LOSS_IMPLEMENTATIONS  # the choices of loss.implementation (fused.py)
 _TOPK_KINDS = ("topk", "topk_tail")
 
 
@@ -90,6 +92,7 @@ class _Spec:
     first_id: int  # global id of this rank's first vocab column
     n_cols: int  # valid (unpadded) columns on this rank
     dtype: torch.dtype  # compute dtype: float32, or float64 for float64 inputs
+    compiled: bool  # the chunk bodies of fused.py (else the torch operations below)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -293,6 +296,88 @@ def _pg_backward(load: Loader, saved: dict[str, torch.Tensor], spec: _Spec, scra
     return _put_columns(g_CN, saved["ids"], g_at_y_C1, spec)
 
 
+# ----------------------------------------------------------------------------- compiled (fused.py)
+
+
+def _logits(sources: dict[str, torch.Tensor], spec: _Spec) -> tuple[torch.Tensor, torch.Tensor]:
+    return sources["student"][:, : spec.n_cols], sources["teacher"][:, : spec.n_cols]
+
+
+def _local_ids(ids_C: torch.Tensor, spec: _Spec) -> torch.Tensor:
+    """The sampled ids' columns on this rank, -1 where another rank holds them."""
+    return torch.where(in_shard(ids_C, spec.first_id, spec.n_cols), ids_C - spec.first_id, -1)
+
+
+def _compiled_forward(
+    sources: dict[str, torch.Tensor], rows_C: torch.Tensor, ids_C: torch.Tensor | None, spec: _Spec
+) -> _Chunk:
+    """One chunk's forward through fused.py: what the torch paths return, from fused passes."""
+    student_TN, teacher_TN = _logits(sources, spec)
+    kw = dict(tau=spec.temperature, dtype=spec.dtype)
+    lse = fused.log_normalisers(student_TN, teacher_TN, rows_C, group=spec.group, **kw)
+    saved = {"lse_s": lse[0], "lse_t": lse[1]}
+    if spec.kind == "pg":
+        local_C = _local_ids(ids_C, spec)
+        logp_s_C, logp_t_C, neg_ent_s, neg_ent_t = fused.pg_sums(
+            student_TN, teacher_TN, rows_C, local_C, lse, group=spec.group, **kw
+        )
+        adv_C = logp_t_C - logp_s_C
+        return _Chunk(
+            loss_C=-adv_C * logp_s_C,
+            div_C=-adv_C,
+            student_entropy_C=-neg_ent_s,
+            teacher_entropy_C=-neg_ent_t,
+            topk_mass_C=None,
+            saved={"lse_s": lse[0], "adv": adv_C, "local": local_C},
+        )
+    entry = spec.clip_mode == "entry"
+    sums = fused.kl_sums(
+        student_TN,
+        teacher_TN,
+        rows_C,
+        lse,
+        mode=spec.mode,
+        beta=spec.beta,
+        clip=spec.clip if entry else None,
+        group=spec.group,
+        **kw,
+    )
+    if entry:
+        div_C, loss_C, clipped_C, positive_C, coef_C, neg_ent_s, neg_ent_t = sums
+        saved["coef"], entry_C = coef_C, [clipped_C, positive_C]
+    else:
+        *div_sums, neg_ent_s, neg_ent_t = sums
+        div_C, saved["aux"] = dm.combine(div_sums, spec.mode, spec.beta)
+        loss_C, entry_C = div_C, None
+    return _Chunk(
+        loss_C=loss_C,
+        div_C=div_C,
+        student_entropy_C=-neg_ent_s,
+        teacher_entropy_C=-neg_ent_t,
+        topk_mass_C=None,
+        saved=saved,
+        entry_C=entry_C,
+    )
+
+
+def _compiled_backward(
+    sources: dict[str, torch.Tensor],
+    rows_C: torch.Tensor,
+    saved: dict[str, torch.Tensor],
+    coef_C: torch.Tensor,
+    spec: _Spec,
+) -> torch.Tensor:
+    """The chunk's gradient rows times ``coef_C``, in the logits' dtype."""
+    student_TN, teacher_TN = _logits(sources, spec)
+    kw = dict(tau=spec.temperature, dtype=spec.dtype)
+    if spec.kind == "pg":
+        return fused.pg_grad(student_TN, rows_C, saved["local"], saved, coef_C, **kw)
+    clip = spec.clip if spec.clip_mode == "entry" else None
+    return fused.kl_grad(
+        student_TN, teacher_TN, rows_C, saved, coef_C, mode=spec.mode, beta=spec.beta, clip=clip, **kw
+    )
+
+
 _PATHS = {
     "jsd": (_kl_forward, _kl_backward),
     "forward_kl": (_kl_forward, _kl_backward),
@@ -354,7 +439,10 @@ class _VocabParallelDivergence(torch.autograd.Function):
         chunks = []
         for rows_C in rows_R.split(spec.chunk_tokens):
             ids_C = None if sampled_ids_T is None else sampled_ids_T[rows_C]
-            chunks.append(fwd(_chunk_loader(sources, rows_C, spec, scratch), ids_C, spec, scratch))
+            if spec.compiled:
+                chunks.append(_compiled_forward(sources, rows_C, ids_C, spec))
+            else:
+                chunks.append(fwd(_chunk_loader(sources, rows_C, spec, scratch), ids_C, spec, scratch))
         loss_R, div_R = _cat(chunks, "loss_C", weight_R), _cat(chunks, "div_C", weight_R)
         clipped_R = torch.zeros_like(rows_R, dtype=torch.bool)
         if spec.clip is not None and spec.clip_mode == "token":
@@ -403,9 +491,13 @@ class _VocabParallelDivergence(torch.autograd.Function):
         sources = {"student": student_TW, "teacher": teacher_TW}
         for start in range(0, rows_R.numel(), spec.chunk_tokens):
             part = slice(start, start + spec.chunk_tokens)
-            load = _chunk_loader(sources, rows_R[part], spec, scratch)
-            g_CN = bwd(load, {k: v[part] for k, v in saved_R.items()}, spec, scratch)
-            valid_TN.index_copy_(0, rows_R[part], g_CN.mul_(coef_R[part, None]).to(grad_TW.dtype))
+            saved_C = {k: v[part] for k, v in saved_R.items()}
+            if spec.compiled:
+                g_CN = _compiled_backward(sources, rows_R[part], saved_C, coef_R[part], spec)
+            else:
+                load = _chunk_loader(sources, rows_R[part], spec, scratch)
+                g_CN = bwd(load, saved_C, spec, scratch).mul_(coef_R[part, None]).to(grad_TW.dtype)
+            valid_TN.index_copy_(0, rows_R[part], g_CN)
         return grad_TW, None, None, None, None
 
 
@@ -424,6 +516,7 @@ def _check_args(
     clip_mode: str,
     sampled_ids_T: torch.Tensor | None,
     chunk_tokens: int,
+    implementation: str,
 ) -> None:
     """Raise ValueError naming the argument and the fix for anything out of range."""
 
@@ -452,6 +545,12 @@ def _check_args(
         fail(f"clip_mode={clip_mode!r} is unknown; use one of {', '.join(CLIP_MODES)}")
     if chunk_tokens < 1:
         fail(f"chunk_tokens={chunk_tokens} must be >= 1")
+    if implementation not in IMPLEMENTATIONS:
+        fail(f"implementation={implementation!r} is unknown; use one of {', '.join(IMPLEMENTATIONS)}")
+    if implementation == "compiled" and not fused.supports(kind):
+        fail(
+            f"kind={kind!r} has no compiled path; use implementation='auto' (compiled where it exists) or 'torch'"
+        )
     if kind == "pg":
         if sampled_ids_T is None or sampled_ids_T.shape != mask_T.shape:
             fail("kind='pg' needs sampled_ids_T, one global token id per token")
@@ -475,6 +574,7 @@ def vocab_parallel_divergence(
     clip_mode: str = "token",
     sampled_ids_T: torch.Tensor | None = None,
     chunk_tokens: int = 1024,
+    implementation: str = "auto",
 ) -> tuple[torch.Tensor, DivergenceMetrics]:
     """Masked sum over tokens of an OPSD divergence between teacher and student logits.
 
@@ -498,6 +598,10 @@ def vocab_parallel_divergence(
         clip_mode: ``token`` or ``entry``; only used when ``clip`` is set.
         sampled_ids_T: [tokens] global ids of the sampled tokens (kind ``pg`` only).
         chunk_tokens: tokens per chunk; extra memory is a few [chunk_tokens, shard] buffers.
+        implementation: ``torch`` (the operations of this module: the CPU path and the
+            reference), ``compiled`` (the fused chunk bodies of ``fused.py`` through
+            ``torch.compile``) or ``auto``: compiled for CUDA logits where the kind has a compiled
+            path (not the top-k kinds), torch otherwise.
 
     Returns:
         (loss_sum, metrics): loss_sum is a 0-dim tensor (float32, or float64 for float64 inputs)
@@ -521,6 +625,7 @@ def vocab_parallel_divergence(
         clip_mode=clip_mode,
         sampled_ids_T=sampled_ids_T,
         chunk_tokens=chunk_tokens,
+        implementation=implementation,
     )
     first_id, n_cols = valid_columns(student_logits_TW.shape[1], vocab_size, group_rank(tp_group))
     dtype = torch.promote_types(
@@ -540,6 +645,8 @@ def vocab_parallel_divergence(
         first_id=first_id,
         n_cols=n_cols,
         dtype=dtype,
+        compiled=implementation == "compiled"
+        or (implementation == "auto" and student_logits_TW.is_cuda and fused.supports(kind)),
     )
     loss_sum, m = _VocabParallelDivergence.apply(
         student_logits_TW, teacher_logits_TW.detach(), mask_T, sampled_ids_T, spec

@@ -1,6 +1,8 @@
 """megaopsd.loss at TP2 (two gloo processes) against TP1, and no full-vocab tensor on any rank.
 
 One spawn of two ranks runs every case; the test functions assert on what the ranks returned.
+The compiled path (megaopsd/loss/fused.py, traced with dynamo's eager backend as in
+tests/unit/test_loss_compiled.py) runs every TP2 case of the kinds it covers as well.
 
     .venv/bin/python -m pytest tests/distributed/test_loss_tp.py -q
 
@@ -17,7 +19,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from megaopsd.loss import KINDS, vocab_parallel_divergence
+from megaopsd.loss import KINDS, fused, vocab_parallel_divergence
 from tests.dist_harness import run_ranks
 
 TP, T, F, TOP_K, CHUNK = 2, 29, 256, 6, 8
@@ -85,6 +87,15 @@ def _compare_tp1_tp2(rank: int) -> list[dict]:
             )
             # numpy, not tensors: torch would pass tensors through shared memory that dies with the rank
             arrays = dict(vals1=vals1, vals2=vals2, grad1=grad1[:, shard], grad2=grad2)
+            if fused.supports(kind):
+                arrays["vals2c"], arrays["grad2c"] = _loss_and_grad(
+                    student[:, shard].contiguous(),
+                    teacher[:, shard].contiguous(),
+                    dist.group.WORLD,
+                    mask_T=mask,
+                    implementation="compiled",
+                    **kw,
+                )
             out.append(
                 dict(case=f"{kind} V={vocab} beta={beta} tau={tau} clip={clip} ties={ties}")
                 | {k: v.numpy() for k, v in arrays.items()}
@@ -117,6 +128,14 @@ def _compare_entry_clip(rank: int) -> list[dict]:
             )
             ref_vals = torch.stack([ref_loss.detach(), *ref_metrics.values()])
             arrays = dict(vals1=vals1, vals2=vals2, grad1=grad1[:, shard], grad2=grad2)
+            if fused.supports(kind):
+                arrays["vals2c"], arrays["grad2c"] = _loss_and_grad(
+                    student[:, shard].contiguous(),
+                    teacher[:, shard].contiguous(),
+                    dist.group.WORLD,
+                    implementation="compiled",
+                    **kw,
+                )
             arrays |= dict(ref_vals=ref_vals, ref_grad=s_ref.grad[:, shard])
             out.append(
                 dict(
@@ -361,6 +380,7 @@ def _compare_pw_opsd(rank: int) -> list[dict]:
 
 def _worker() -> dict:
     torch.set_num_threads(1)
+    fused.BACKEND = "eager"
     dist.init_process_group("gloo")
     try:
         rank = dist.get_rank()
@@ -392,14 +412,17 @@ def test_tp2_equals_tp1_values_grads_and_metrics(rank_results):
         for r in result["compare"]:
             r = {k: torch.from_numpy(v) if k != "case" else v for k, v in r.items()}
             assert r["vals1"][0].item() != 0.0, r["case"]
-            for i, (a, b) in enumerate(zip(r["vals2"], r["vals1"])):
-                assert abs(a - b).item() <= FP64_TOL * max(abs(b).item(), 1e-12), (
-                    f"rank {rank} {r['case']} value {i}"
-                )
-            if r["grad1"].abs().max() > 0:
-                assert _rel_err(r["grad2"], r["grad1"]) <= FP64_TOL, f"rank {rank} {r['case']} grad"
-            else:  # rank 1 with an all-padding shard: nothing to learn there
-                assert torch.count_nonzero(r["grad2"]) == 0, f"rank {rank} {r['case']} grad"
+            assert ("vals2c" in r) == fused.supports(r["case"].split()[0]), r["case"]
+            for tag in ("2", "2c") if "vals2c" in r else ("2",):
+                for i, (a, b) in enumerate(zip(r["vals" + tag], r["vals1"])):
+                    assert abs(a - b).item() <= FP64_TOL * max(abs(b).item(), 1e-12), (
+                        f"rank {rank} {r['case']} vals{tag} value {i}"
+                    )
+                grad = r["grad" + tag]
+                if r["grad1"].abs().max() > 0:
+                    assert _rel_err(grad, r["grad1"]) <= FP64_TOL, f"rank {rank} {r['case']} grad{tag}"
+                else:  # rank 1 with an all-padding shard: nothing to learn there
+                    assert torch.count_nonzero(grad) == 0, f"rank {rank} {r['case']} grad{tag}"
 
 
 def test_no_full_vocab_tensor_on_any_rank(rank_results):
@@ -441,14 +464,16 @@ def test_entry_clip_equals_the_official_formula_at_tp1_and_tp2(rank_results):
             ref = dict(zip(["loss", *r["names"]], torch.from_numpy(r["ref_vals"])))
             assert ref["clipped_entry_count"] > 0, case
             # vals: loss, divergence, entropies, (top-k mass), clipped, tokens, entry metrics
-            for tag in ("vals1", "vals2"):
+            compiled = ("vals2c",) if "vals2c" in r else ()
+            assert bool(compiled) == fused.supports(case.split()[1]), case
+            for tag in ("vals1", "vals2", *compiled):
                 vals = torch.from_numpy(r[tag])
                 got = dict(zip(["loss", *_METRIC_ORDER], [vals[0], *vals[1:4], *vals[-6:]]))
                 for name, want in ref.items():
                     tol = 1e-6 * max(abs(want).item(), 1e-12)
                     assert abs(got[name] - want).item() <= tol, f"rank {rank} {case} {tag} {name}"
             ref_grad = torch.from_numpy(r["ref_grad"])
-            for tag in ("grad1", "grad2"):
+            for tag in ("grad1", "grad2", *(("grad2c",) if compiled else ())):
                 grad = torch.from_numpy(r[tag])
                 if ref_grad.abs().max() > 0:
                     assert _rel_err(grad, ref_grad) <= 1e-6, f"rank {rank} {case} {tag}"

@@ -118,6 +118,7 @@ def run_both(student, teacher, mask, sampled, **kw):
     loss, metrics = vocab_parallel_divergence(s_ours, teacher, mask, sampled_ids_T=sampled, **kw)
     loss.backward()
     kw.pop("chunk_tokens", None)
+    kw.pop("implementation", None)  # the reference has one
     s_ref = student.detach().to(torch.float64, copy=True).requires_grad_()
     ref_loss, ref_div, ref_metrics = reference(s_ref, teacher, mask, sampled_ids_T=sampled, **kw)
     ref_loss.backward()

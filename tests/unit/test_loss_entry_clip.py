@@ -72,10 +72,17 @@ def entry_reference(
     return (w * clipped.sum(-1)).sum(), terms.detach(), metrics
 
 
-def both(student, teacher, mask, *, chunk=CHUNK, **kw):
+def both(student, teacher, mask, *, chunk=CHUNK, implementation="auto", **kw):
     s_ours = student.detach().clone().requires_grad_()
     loss, metrics = vocab_parallel_divergence(
-        s_ours, teacher, mask, clip_mode="entry", top_k=TOP_K, chunk_tokens=chunk, **kw
+        s_ours,
+        teacher,
+        mask,
+        clip_mode="entry",
+        top_k=TOP_K,
+        chunk_tokens=chunk,
+        implementation=implementation,
+        **kw,
     )
     loss.backward()
     s_ref = student.detach().to(torch.float64, copy=True).requires_grad_()
