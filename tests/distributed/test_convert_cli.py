@@ -48,7 +48,7 @@ def run_cli(*args: str, nproc: int = 1, timeout: float = 300) -> subprocess.Comp
     """Run the converter (under torchrun when ``nproc`` > 1) and check nothing is left running."""
     marker = uuid.uuid4().hex
     if nproc > 1:
-        cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(nproc), str(SCRIPT), *args]
+        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(nproc), str(SCRIPT), *args]
     else:
         cmd = [sys.executable, str(SCRIPT), *args]
     result = subprocess.run(

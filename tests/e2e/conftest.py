@@ -1,4 +1,5 @@
-"""The end-to-end runs that several test modules read: each is launched once per session.
+"""The end-to-end runs that several test modules read: each is launched once per session, by
+whichever pytest-xdist worker needs it first (``made_once`` in tests/conftest.py).
 
 - ``pp2_run``: ``make demo`` (the README's command: a tiny model, 2 processes, PP2, a colocated
   vLLM engine in each, checkpoints, the Hugging Face export) on the 8 fixed prompts for 10
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import made_once
 from tests.e2e.runs import REPO, resume_overrides, run
 
 PP2_STEPS = 10
@@ -36,30 +38,41 @@ class Pp2Run:
 
 @pytest.fixture(scope="session")
 def pp2_run(fixed_prompts, tmp_path_factory) -> Pp2Run:
-    root, data = tmp_path_factory.mktemp("pp2_run"), fixed_prompts
-    out, model = root / "demo", root / "tiny-qwen3"
-    settings = {
-        "data.train_files": f"[{data}]",
-        "trainer.max_steps": PP2_STEPS,
-        "checkpoint.save_interval": 4,
-        "rollout.max_new_tokens": 24,
-    }
-    demo_overrides = " ".join(f"{k}={v}" for k, v in settings.items())
-    done = subprocess.run(
-        ["make", "demo", f"DEMO={out}", f"TINY={model}", f"DEMO_OVERRIDES={demo_overrides}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    def make(root: Path) -> None:
+        settings = {
+            "data.train_files": f"[{fixed_prompts}]",
+            "trainer.max_steps": PP2_STEPS,
+            "checkpoint.save_interval": 4,
+            "rollout.max_new_tokens": 24,
+        }
+        demo_overrides = " ".join(f"{k}={v}" for k, v in settings.items())
+        done = subprocess.run(
+            [
+                *("make", "demo", f"DEMO={root / 'demo'}", f"TINY={root / 'tiny-qwen3'}"),
+                f"DEMO_OVERRIDES={demo_overrides}",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        (root / "stdout.txt").write_text(done.stdout)
+
+    root = made_once(tmp_path_factory, "pp2_run", make)
+    return Pp2Run(
+        out=root / "demo",
+        model=root / "tiny-qwen3",
+        data=fixed_prompts,
+        stdout=(root / "stdout.txt").read_text(),
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return Pp2Run(out=out, model=model, data=data, stdout=done.stdout)
 
 
 @pytest.fixture(scope="session")
 def straight_run(tiny_qwen3_dropout, fixed_prompts, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("straight")
-    every_step = {"checkpoint.save_interval": 1, "checkpoint.keep_last": STRAIGHT_STEPS}
-    run(resume_overrides(tiny_qwen3_dropout, out, fixed_prompts, **every_step), nproc=1)
-    assert (out / "checkpoints" / "latest").read_text().strip() == f"iter_{STRAIGHT_STEPS:07d}"
-    return out
+    def make(out: Path) -> None:
+        every_step = {"checkpoint.save_interval": 1, "checkpoint.keep_last": STRAIGHT_STEPS}
+        run(resume_overrides(tiny_qwen3_dropout, out, fixed_prompts, **every_step), nproc=1)
+        assert (out / "checkpoints" / "latest").read_text().strip() == f"iter_{STRAIGHT_STEPS:07d}"
+
+    return made_once(tmp_path_factory, "straight_run", make)

@@ -81,7 +81,8 @@ def command(args: list[str], nproc: int, *, rng_restore: bool = True) -> list[st
         entry = ["-m", "megaopsd.train"] if rng_restore else ["-c", WITHOUT_RNG_RESTORE]
         return [sys.executable, *entry, *args, "parallel.pipeline_model_parallel_size=1"]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    return [torchrun, "--nproc-per-node", str(nproc), "-m", "megaopsd.train", *args]
+    # --standalone: a free rendezvous port, so runs of parallel test workers never share one.
+    return [torchrun, "--standalone", "--nproc-per-node", str(nproc), "-m", "megaopsd.train", *args]
 
 
 def run(
