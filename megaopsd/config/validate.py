@@ -443,13 +443,7 @@ def _validate_lengths_and_eval(cfg: Config) -> None:
             "raise it or shorten prompts/responses (vLLM would cut responses silently)",
         )
     teacher = cfg.teacher
-    if teacher.context != "solution" and cfg.algorithm.name not in ("opsd", "pw_opsd"):
-        _fail(
-            "teacher.context",
-            teacher.context,
-            f"applies to algorithm.name=opsd or pw_opsd, not {cfg.algorithm.name}",
-            "use teacher.context=solution",
-        )
+    # which methods read teacher.context is theirs to say: Algorithm.check_config
     if teacher.context != "solution" and teacher.reason_first:
         _fail(
             "teacher.reason_first",

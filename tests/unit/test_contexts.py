@@ -142,11 +142,14 @@ def test_the_successful_rollout_context_needs_groups_on_each_replica():
 
 def test_the_context_is_opsds_and_excludes_reason_first(tiny_qwen3):
     model = ModelConfig(hf_path=str(tiny_qwen3))
-    with pytest.raises(
-        ConfigError,
-        match=r"teacher\.context='successful_rollout' applies to algorithm\.name=opsd or pw_opsd, not grpo",
-    ):
-        validate(_cfg(model=model, algorithm=AlgorithmConfig(name="grpo")), world_size=1)
+    for name in ("grpo", "sft", "rlsd"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"teacher\.context='successful_rollout' applies to algorithm\.name=opsd or pw_opsd, not {name}",
+        ):
+            algorithm_class(name).check_config(_cfg(algorithm=AlgorithmConfig(name=name)), dp_size=1)
+    for name in ("opsd", "pw_opsd"):
+        algorithm_class(name).check_config(_cfg(algorithm=AlgorithmConfig(name=name)), dp_size=1)
     both = TeacherConfig(context="successful_rollout", reason_first=True)
     with pytest.raises(ConfigError, match=r"teacher\.reason_first=True rationalises the reference solution"):
         validate(_cfg(model=model, teacher=both), world_size=1)

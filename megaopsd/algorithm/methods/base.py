@@ -64,7 +64,8 @@ class Algorithm:
         teacher_reads_student_prompt: whether the second stream scores the response after the
             student's own prompt (GRPO's frozen KL reference) instead of the teacher prompt.
         divergence_loss: whether the loss is the teacher-student divergence of ``loss.*``
-            (OPSD and its variants) rather than a policy or cross-entropy loss.
+            (OPSD and its variants) rather than a policy or cross-entropy loss; only these
+            methods read ``teacher.context`` (``check_config`` refuses it for the others).
     """
 
     name: ClassVar[str]
@@ -80,6 +81,14 @@ class Algorithm:
     @classmethod
     def check_config(cls, cfg: Config, *, dp_size: int) -> None:
         """The method's own config rules, after ``megaopsd.config.validate`` (raise ``ConfigError``)."""
+        if cfg.teacher.context != "solution" and not cls.divergence_loss:
+            from megaopsd.algorithm.methods import ALGORITHMS  # the registry imports this module
+
+            readers = " or ".join(name for name, method in ALGORITHMS.items() if method.divergence_loss)
+            raise ConfigError(
+                f"config: teacher.context={cfg.teacher.context!r} applies to algorithm.name={readers}, "
+                f"not {cls.name} (it picks the divergence teacher's context); use teacher.context=solution"
+            )
         tr = cfg.trainer
         if cls.whole_prompts and tr.prompts_per_step % dp_size:
             raise ConfigError(
