@@ -197,9 +197,7 @@ def _validate_parallel(cfg: Config, world_size: int, spec: HFModelSpec) -> None:
     if cfg.model.dtype == "bfloat16" and not par.use_distributed_optimizer:
         # megatron-core 0.16.1's Float16OptimizerWithFloat16Params maps only its bfloat16
         # parameters to checkpoint tensors; the model's float32 ones make the save fail
-        # ("Param id N does not match"). The distributed optimizer saves both. (The float32 ones
-        # were the local spec's norms, which build_model_chunks now casts to the model's dtype;
-        # the rule stays until a test shows the plain optimizer saving and resuming bf16.)
+        # ("Param id N does not match"). The distributed optimizer saves both.
         _fail(
             "parallel.use_distributed_optimizer",
             False,

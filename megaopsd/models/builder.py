@@ -298,21 +298,5 @@ def build_model_chunks(
             mark_expert_params(model)
         # megatron creates TP-sharded weights on the current GPU, but the torch norms of the local
         # spec on the default (CPU) device: put the whole chunk where the collectives run.
-        chunks.append(norms_in_params_dtype(model.to(collective_device()), config.params_dtype))
+        chunks.append(model.to(collective_device()))
     return chunks
-
-
-def norms_in_params_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Give the local spec's torch norms the model's parameter dtype (in place; returns ``model``).
-
-    megatron builds them (``WrappedTorchNorm``: ``torch.nn.RMSNorm``) in float32 whatever
-    ``params_dtype`` says. With bf16 activations torch then cannot take its fused norm kernel
-    ("Mismatch dtype between input and weight") and runs the composite one: upcast copies, five
-    elementwise kernels forward and more backward, for each of a layer's four norms. Hugging Face
-    and vLLM keep norm weights in the model's dtype as well; Qwen3's are stored in bf16, so the
-    cast loses nothing of an imported model.
-    """
-    for module in model.modules():
-        if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
-            module.to(dtype)
-    return model

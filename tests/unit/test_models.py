@@ -204,31 +204,3 @@ def test_moe_layer_spec_uses_sequential_experts(tiny_qwen3_moe):
     spec = layer_spec(load_hf_config(tiny_qwen3_moe), "local")
     assert spec.submodules.mlp.module is MoELayer
     assert spec.submodules.mlp.submodules.experts.module is SequentialMLP
-
-
-def test_bf16_chunks_hold_every_weight_in_bf16_and_run_no_dtype_mismatched_norm(tiny_qwen3):
-    """megatron's local spec builds its torch norms in float32 whatever params_dtype says; beside
-    bf16 activations torch then warns "Mismatch dtype between input and weight" and runs its
-    composite norm instead of the fused kernel. The builder gives them the model's dtype."""
-    import warnings
-
-    from megaopsd.config import ModelConfig, ParallelConfig, RuntimeConfig
-    from megaopsd.models import build_model_chunks
-    from megaopsd.runtime import Runtime
-
-    runtime = Runtime.start(ParallelConfig(), RuntimeConfig(device="cpu", cpu_threads=0))
-    try:
-        model_cfg = ModelConfig(hf_path=str(tiny_qwen3), dtype="bfloat16")
-        model = build_model_chunks(load_hf_config(tiny_qwen3), model_cfg, runtime.parallel)[0]
-        dtypes = {name: p.dtype for name, p in model.named_parameters()}
-        assert sum("layernorm" in name for name in dtypes) > 4  # input, pre-MLP, q, k norms, final
-        assert set(dtypes.values()) == {torch.bfloat16}, {
-            n: d for n, d in dtypes.items() if d != torch.bfloat16
-        }
-        tokens = torch.randint(0, 100, (1, 16))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model(tokens, torch.arange(16)[None], None).float().sum().backward()
-        assert not [w for w in caught if "Mismatch dtype" in str(w.message)]
-    finally:
-        runtime.shutdown()
