@@ -66,6 +66,7 @@ def first_token_sums(
         tp_group=tp_group,
         top_k=top_k,
         sampled_ids_T=target_N.index_select(0, rows_R) if kind == "pg" else None,
+        implementation="torch",  # a metric over a few rows: not worth a compiled graph of its own
     )
     first_id, n_cols = valid_columns(teacher_RW.shape[1], vocab_size, group_rank(tp_group))
     _, top1_R1 = global_topk(teacher_RW[:, :n_cols].float(), 1, first_id, tp_group)

@@ -64,8 +64,17 @@ def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return torch.tensor(value, dtype=dtype, device=device)
 
 
+# Graphs one function may get: a run needs a few (mode, dtype, a chunk of one row...); a process
+# that runs many configs (a test worker, a bench) more. Past dynamo's limit (8 in torch 2.13) a
+# fullgraph function is an error, not a fallback, so the limit is raised to this at first use.
+RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def _compile(fn: Callable, backend: str) -> Callable:
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     # dynamic: the chunk's token count varies (the last chunk, the mask); one graph serves all.
     # fullgraph: a graph break would split the pass into several kernels again; it is an error.
     return torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)

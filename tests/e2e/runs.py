@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -153,10 +154,12 @@ def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a distributed checkpoint (model, optimizer, teacher), without a process group."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    target = path.parent / f"{path.name}.pt"
-    dcp_to_torch_save(str(path), str(target))
-    state = torch.load(target, weights_only=False)
-    target.unlink()
+    # A directory of its own: checkpoints shared by both test workers (straight_run) are read by
+    # two tests at once, and a file beside the checkpoint would be one worker's to delete.
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "state.pt"
+        dcp_to_torch_save(str(path), str(target))
+        state = torch.load(target, weights_only=False)
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 

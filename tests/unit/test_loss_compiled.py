@@ -170,3 +170,17 @@ def test_inductor_kernels_equal_the_torch_path_in_processes_sharing_a_cache(tmp_
     assert set(first) | set(second) == {"jsd clip=0.05", "jsd clip=0.02", "pg clip=None"}
     for case, errors in (first | second).items():
         assert max(errors) <= 1e-5, (case, errors)  # float32 math, other summation order
+
+
+def test_more_configs_in_one_process_than_dynamos_default_recompile_limit():
+    """Nine variants of one graph (three modes x three logit dtypes): past dynamo's default of 8 a
+    fullgraph function raises instead of falling back; fused.py raises the limit."""
+    student, teacher, mask, _ = make_inputs(torch.float64, seed=6)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        for kind, beta in (("jsd", 0.5), ("forward_kl", 0.5), ("reverse_kl", 0.5)):
+            s = student.to(dtype, copy=True).requires_grad_()
+            loss, _ = vocab_parallel_divergence(
+                s, teacher.to(dtype), mask, kind=kind, beta=beta, vocab_size=V, implementation="compiled"
+            )
+            loss.backward()
+            assert torch.isfinite(loss) and s.grad.dtype == dtype
