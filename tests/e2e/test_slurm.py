@@ -190,3 +190,21 @@ def test_script_rejects_missing_settings(slurm, tmp_path):
     )
     assert wait_done(env, job, timeout=120) == "FAILED"
     assert "no python at MEGAOPSD_PYTHON" in (state / f"job-{job}.out").read_text()
+
+
+def test_the_argument_checks_read_every_argument_without_a_pipe(tmp_path):
+    """The script's own checks, run by bash outside Slurm (a job id in the environment is all
+    they need): a recipe first, then thousands of overrides, then a forbidden output_dir. The
+    old check (``printf | grep -q`` under pipefail) lost printf to SIGPIPE when grep left at the
+    first match, reported "no recipe given" at random, and once failed a requeued job's restart."""
+    args = ["recipe=tiny_cpu", *(f"+filler{i}=1" for i in range(5000)), f"output_dir={tmp_path}"]
+    env = {**os.environ, "SLURM_JOB_ID": "7", "MEGAOPSD_DIR": str(REPO)}
+    for _ in range(3):
+        out = subprocess.run(
+            ["bash", str(REPO / "slurm" / "train.sbatch"), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 2 and "do not set output_dir" in out.stderr, out.stderr[-500:]
