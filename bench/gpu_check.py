@@ -253,20 +253,23 @@ def main(argv: list[str] | None = None) -> None:
     worst = check_divergences(device)
     print(f"JSD(0.5), {tokens} tokens x vocab {vocab}, bf16 logits, forward + backward:")
     figures = bench_divergence(device, tokens, vocab, repeats)
-    (ours_ms, ours_mb, ours_loss), (naive_ms, naive_mb, naive_loss) = figures["compiled"], figures["naive"]
+    (compiled_ms, compiled_mb, compiled_loss), (naive_ms, naive_mb, naive_loss) = (
+        figures["compiled"],
+        figures["naive"],
+    )
     print(f"megatron-core on {device.type} through megaopsd's runtime:")
     mc = megatron_on_device(
         args.device, preset="tiny" if args.smoke else "small", steps=3 if args.smoke else 10
     )
     for key, value in mc.items():
         print(f"  {key:<28} {value:.6g}")
-    mem_ratio = ours_mb / naive_mb if naive_mb else float("nan")
+    mem_ratio = compiled_mb / naive_mb if naive_mb else float("nan")
     print(
         f"RESULT gpu_divergence device={device.type} fp32_worst_rel_err={worst:.2e} mem_ratio={mem_ratio:.3f} "
-        f"time_ratio={ours_ms / naive_ms:.3f} compiled_ms={ours_ms:.1f} torch_ms={figures['torch'][0]:.1f} "
+        f"time_ratio={compiled_ms / naive_ms:.3f} compiled_ms={compiled_ms:.1f} torch_ms={figures['torch'][0]:.1f} "
         f"naive_ms={naive_ms:.1f} "
-        f"compiled_peak_mib={ours_mb:.0f} torch_peak_mib={figures['torch'][1]:.0f} naive_peak_mib={naive_mb:.0f} loss_rel_diff="
-        f"{abs(ours_loss - naive_loss) / abs(naive_loss):.2e}"
+        f"compiled_peak_mib={compiled_mb:.0f} torch_peak_mib={figures['torch'][1]:.0f} naive_peak_mib={naive_mb:.0f} loss_rel_diff="
+        f"{abs(compiled_loss - naive_loss) / abs(naive_loss):.2e}"
     )
     print(
         f"RESULT gpu_megatron device={device.type} logits_max_abs_diff_fp32={mc['logits_max_abs_diff_fp32']:.2e} "

@@ -42,21 +42,26 @@ def pytest_collection_modifyitems(config, items) -> None:
     ``TIER_ORDER``) and, under pytest-xdist, make each file one unit of work: its module-scoped
     fixtures then run once."""
 
+    def relative(item) -> tuple[str, ...]:
+        return Path(item.path).resolve().relative_to(TESTS).parts
+
     def order(item) -> tuple[int, int]:
-        parts = Path(item.path).resolve().relative_to(TESTS).parts
-        tier = TIER_ORDER.index(parts[0]) if len(parts) > 1 and parts[0] in TIER_ORDER else len(TIER_ORDER)
+        tier = relative(item)[0]
         name = item.path.name
-        return tier, LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+        return (
+            TIER_ORDER.index(tier) if tier in TIER_ORDER else len(TIER_ORDER),
+            LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES),
+        )
 
     items.sort(key=order)  # stable: a file's tests keep their order
     xdist = config.pluginmanager.hasplugin("xdist")
     for item in items:
-        parts = Path(item.path).resolve().relative_to(TESTS).parts
+        parts = relative(item)
         marker = MARKERS_BY_DIRECTORY.get(parts[0]) if len(parts) > 1 else None
         if marker is not None:
             item.add_marker(marker)
         if xdist:
-            item.add_marker(pytest.mark.xdist_group(str(item.path.relative_to(TESTS))))
+            item.add_marker(pytest.mark.xdist_group("/".join(parts)))
 
 
 def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:

@@ -14,6 +14,7 @@ from megaopsd.config.load import default_tree, load_config
 from megaopsd.config.schema import (
     ADD_A_MODEL,
     CLIP_MODES,
+    COMPILED_LOSS_KINDS,
     DEVICES,
     DTYPES,
     LORA_TARGETS,
@@ -45,6 +46,7 @@ from megaopsd.config.validate import data_parallel_size, read_hf_config, validat
 __all__ = [
     "ADD_A_MODEL",
     "CLIP_MODES",
+    "COMPILED_LOSS_KINDS",
     "DEVICES",
     "DTYPES",
     "LORA_TARGETS",

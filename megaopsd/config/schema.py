@@ -38,6 +38,8 @@ ReasonCache = Literal["regenerate", "per_example"]
 LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
 CLIP_MODES: tuple[str, ...] = typing.get_args(ClipMode)
 LOSS_IMPLEMENTATIONS: tuple[str, ...] = typing.get_args(LossImplementation)
+# the kinds megaopsd/loss/fused.py has compiled chunk bodies for (the top-k kinds have none)
+COMPILED_LOSS_KINDS: tuple[str, ...] = ("jsd", "forward_kl", "reverse_kl", "pg")
 TEACHER_MODES: tuple[str, ...] = typing.get_args(TeacherMode)
 DEVICES: tuple[str, ...] = typing.get_args(Device)
 DTYPES: tuple[str, ...] = typing.get_args(DType)

@@ -23,6 +23,7 @@ from megaopsd.config.hf_spec import (
 )
 from megaopsd.config.schema import (
     ADD_A_MODEL,
+    COMPILED_LOSS_KINDS,
     LORA_TARGETS,
     Config,
     ConfigError,
@@ -227,7 +228,7 @@ def _validate_algorithm(cfg: Config) -> None:
         )
     if loss.chunk_tokens < 1:
         _fail("loss.chunk_tokens", loss.chunk_tokens, "must be >= 1", "use e.g. 1024")
-    if loss.implementation == "compiled" and loss.kind in ("topk", "topk_tail"):
+    if loss.implementation == "compiled" and loss.kind not in COMPILED_LOSS_KINDS:
         _fail(
             "loss.implementation",
             "compiled",

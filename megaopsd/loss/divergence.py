@@ -145,15 +145,29 @@ def _kl_forward(load: Loader, _ids_C, spec: _Spec, scratch: Scratch) -> _Chunk:
     student, teacher = sharded_log_softmax([load("student"), load("teacher")], spec.group, scratch)
     neg_entropies = _entropy_sums(student, teacher, scratch)  # before local_sums consumes the log-probs
     sums = dm.local_sums(student, teacher, spec.mode, spec.beta, scratch) + neg_entropies
-    *div_sums, neg_ent_s, neg_ent_t = all_reduce_rows(sums, ReduceOp.SUM, spec.group)
-    div_C, aux_C = dm.combine(div_sums, spec.mode, spec.beta)
+    sums = all_reduce_rows(sums, ReduceOp.SUM, spec.group)
+    return _kl_chunk(sums, spec, saved={"lse_s": student.lse_C, "lse_t": teacher.lse_C})
+
+
+def _kl_chunk(sums: list[torch.Tensor], spec: _Spec, saved: dict[str, torch.Tensor]) -> _Chunk:
+    """A full-vocab chunk from its all-reduced per-token sums: ``divergence_math.local_sums`` (or,
+    entry clip, ``entry_clip.SUM_NAMES``) followed by -H(student), -H(teacher). ``saved`` gets
+    what backward needs beside the log-normalisers ("aux", or "coef" with entry clip)."""
+    if spec.clip_mode == "entry":
+        div_C, loss_C, clipped_C, positive_C, coef_C, neg_ent_s, neg_ent_t = sums
+        saved, entry_C = saved | {"coef": coef_C}, [clipped_C, positive_C]
+    else:
+        *div_sums, neg_ent_s, neg_ent_t = sums
+        div_C, aux_C = dm.combine(div_sums, spec.mode, spec.beta)
+        saved, loss_C, entry_C = saved | {"aux": aux_C}, div_C, None
     return _Chunk(
-        loss_C=div_C,
+        loss_C=loss_C,
         div_C=div_C,
         student_entropy_C=-neg_ent_s,
         teacher_entropy_C=-neg_ent_t,
         topk_mass_C=None,
-        saved={"lse_s": student.lse_C, "lse_t": teacher.lse_C, "aux": aux_C},
+        saved=saved,
+        entry_C=entry_C,
     )
 
 
@@ -175,18 +189,8 @@ def _kl_entry_forward(load: Loader, _ids_C, spec: _Spec, scratch: Scratch) -> _C
     neg_entropies = _entropy_sums(student, teacher, scratch)
     term_CN, coef_CN = ec.terms_and_coef(student, teacher, spec.mode, spec.beta, scratch)
     sums = ec.clip_sums(term_CN, coef_CN, spec.clip, scratch) + neg_entropies
-    div_C, loss_C, clipped_C, positive_C, coef_C, neg_ent_s, neg_ent_t = all_reduce_rows(
-        sums, ReduceOp.SUM, spec.group
-    )
-    return _Chunk(
-        loss_C=loss_C,
-        div_C=div_C,
-        student_entropy_C=-neg_ent_s,
-        teacher_entropy_C=-neg_ent_t,
-        topk_mass_C=None,
-        saved={"lse_s": student.lse_C, "lse_t": teacher.lse_C, "coef": coef_C},
-        entry_C=[clipped_C, positive_C],
-    )
+    sums = all_reduce_rows(sums, ReduceOp.SUM, spec.group)
+    return _kl_chunk(sums, spec, saved={"lse_s": student.lse_C, "lse_t": teacher.lse_C})
 
 
 # ----------------------------------------------------------------------------- teacher top-k
@@ -320,12 +324,10 @@ def _compiled_forward(
     student_TN, teacher_TN = _logits(sources, spec)
     kw = dict(tau=spec.temperature, dtype=spec.dtype)
     lse = fused.log_normalisers(student_TN, teacher_TN, rows_C, group=spec.group, **kw)
-    saved = {"lse_s": lse[0], "lse_t": lse[1]}
     if spec.kind == "pg":
         local_C = _local_ids(ids_C, spec)
         sums = fused.pg_sums(student_TN, teacher_TN, rows_C, local_C, lse, group=spec.group, **kw)
         return _pg_chunk(*sums, saved={"lse_s": lse[0], "local": local_C})
-    entry = spec.clip_mode == "entry"
     sums = fused.kl_sums(
         student_TN,
         teacher_TN,
@@ -333,26 +335,11 @@ def _compiled_forward(
         lse,
         mode=spec.mode,
         beta=spec.beta,
-        clip=spec.clip if entry else None,
+        clip=spec.clip if spec.clip_mode == "entry" else None,
         group=spec.group,
         **kw,
     )
-    if entry:
-        div_C, loss_C, clipped_C, positive_C, coef_C, neg_ent_s, neg_ent_t = sums
-        saved["coef"], entry_C = coef_C, [clipped_C, positive_C]
-    else:
-        *div_sums, neg_ent_s, neg_ent_t = sums
-        div_C, saved["aux"] = dm.combine(div_sums, spec.mode, spec.beta)
-        loss_C, entry_C = div_C, None
-    return _Chunk(
-        loss_C=loss_C,
-        div_C=div_C,
-        student_entropy_C=-neg_ent_s,
-        teacher_entropy_C=-neg_ent_t,
-        topk_mass_C=None,
-        saved=saved,
-        entry_C=entry_C,
-    )
+    return _kl_chunk(sums, spec, saved={"lse_s": lse[0], "lse_t": lse[1]})
 
 
 def _compiled_backward(
@@ -366,7 +353,7 @@ def _compiled_backward(
     student_TN, teacher_TN = _logits(sources, spec)
     kw = dict(tau=spec.temperature, dtype=spec.dtype)
     if spec.kind == "pg":
-        return fused.pg_grad(student_TN, rows_C, saved["local"], saved, coef_C, **kw)
+        return fused.pg_grad(student_TN, rows_C, saved, coef_C, **kw)
     clip = spec.clip if spec.clip_mode == "entry" else None
     return fused.kl_grad(
         student_TN, teacher_TN, rows_C, saved, coef_C, mode=spec.mode, beta=spec.beta, clip=clip, **kw

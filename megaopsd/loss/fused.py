@@ -32,15 +32,13 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from megaopsd.config import COMPILED_LOSS_KINDS
 from megaopsd.loss.sharded import ReduceOp, all_reduce_rows
-
-KL_KINDS = ("jsd", "forward_kl", "reverse_kl")
-FUSED_KINDS = (*KL_KINDS, "pg")
 
 
 def supports(kind: str) -> bool:
     """Whether ``kind`` has a compiled path (the top-k kinds keep the reference path)."""
-    return kind in FUSED_KINDS
+    return kind in COMPILED_LOSS_KINDS
 
 
 # torch.compile's backend: inductor generates the kernels (Triton on CUDA, C++ on CPU). The CPU
@@ -130,17 +128,14 @@ def log_normalisers(
     group: dist.ProcessGroup | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The full-vocab log-normalisers of the chunk's scaled student and teacher rows."""
-    dev = rows_C.device
+    tau_ = _scalar(tau, dtype, rows_C.device)
     if group is None:
-        return _compiled(_lse_pair)(student_TN, teacher_TN, rows_C, _scalar(tau, dtype, dev), dtype)
+        return _compiled(_lse_pair)(student_TN, teacher_TN, rows_C, tau_, dtype)
     if student_TN.shape[1] == 0:  # a shard of padding only: no mass here, the other ranks' sums
         max_s_C = max_t_C = torch.full(rows_C.shape, float("-inf"), dtype=dtype, device=rows_C.device)
     else:
-        max_s_C, max_t_C = _compiled(_max_pair)(
-            student_TN, teacher_TN, rows_C, _scalar(tau, dtype, dev), dtype
-        )
+        max_s_C, max_t_C = _compiled(_max_pair)(student_TN, teacher_TN, rows_C, tau_, dtype)
     max_s_C, max_t_C = all_reduce_rows([max_s_C, max_t_C], ReduceOp.MAX, group)
-    tau_ = _scalar(tau, dtype, dev)
     sums = _compiled(_sumexp_pair)(student_TN, teacher_TN, rows_C, max_s_C, max_t_C, tau_, dtype)
     sum_s_C, sum_t_C = all_reduce_rows(list(sums), ReduceOp.SUM, group)
     return max_s_C + sum_s_C.log(), max_t_C + sum_t_C.log()
@@ -357,13 +352,15 @@ def _pg_grad(s_TN, rows_C, local_C, lse_s_C, adv_C, coef_C, tau: torch.Tensor, d
 def pg_grad(
     student_TN: torch.Tensor,
     rows_C: torch.Tensor,
-    local_C: torch.Tensor,
     saved: dict[str, torch.Tensor],
     coef_C: torch.Tensor,
     *,
     tau: float,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """d loss / d logits = adv (p_S - onehot(y)) per row, times ``coef_C``, in the logits' dtype."""
+    """d loss / d logits = adv (p_S - onehot(y)) per row, times ``coef_C``, in the logits' dtype.
+    ``saved``: "lse_s", "adv" and "local" (y's column on this rank, -1 on the others)."""
     tau_ = _scalar(tau, dtype, rows_C.device)
-    return _compiled(_pg_grad)(student_TN, rows_C, local_C, saved["lse_s"], saved["adv"], coef_C, tau_, dtype)
+    return _compiled(_pg_grad)(
+        student_TN, rows_C, saved["local"], saved["lse_s"], saved["adv"], coef_C, tau_, dtype
+    )
