@@ -14,7 +14,6 @@ from megaopsd.config.load import default_tree, load_config
 from megaopsd.config.schema import (
     ADD_A_MODEL,
     CLIP_MODES,
-    COMPILED_LOSS_KINDS,
     DEVICES,
     DTYPES,
     LORA_TARGETS,
@@ -46,7 +45,6 @@ from megaopsd.config.validate import data_parallel_size, read_hf_config, validat
 __all__ = [
     "ADD_A_MODEL",
     "CLIP_MODES",
-    "COMPILED_LOSS_KINDS",
     "DEVICES",
     "DTYPES",
     "LORA_TARGETS",

@@ -27,7 +27,7 @@ AlgorithmName = Literal["opsd", "grpo", "sft", "rlsd", "pw_opsd"]
 RecomputeGranularity = Literal["selective", "full"]
 RecomputeMethod = Literal["uniform", "block"]
 # torch: the reference operations (CPU); compiled: fused torch.compile chunk bodies; auto: compiled
-# on CUDA for the kinds that have them (all but topk / topk_tail)
+# on CUDA, torch otherwise
 LossImplementation = Literal["auto", "torch", "compiled"]
 ClipMode = Literal["token", "entry"]  # token: a token's divergence; entry: each vocab entry's term
 PromptStyle = Literal["opsd", "opsd_first_release", "compact", "minimal"]
@@ -38,8 +38,6 @@ ReasonCache = Literal["regenerate", "per_example"]
 LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
 CLIP_MODES: tuple[str, ...] = typing.get_args(ClipMode)
 LOSS_IMPLEMENTATIONS: tuple[str, ...] = typing.get_args(LossImplementation)
-# the kinds megaopsd/loss/fused.py has compiled chunk bodies for (the top-k kinds have none)
-COMPILED_LOSS_KINDS: tuple[str, ...] = ("jsd", "forward_kl", "reverse_kl", "pg")
 TEACHER_MODES: tuple[str, ...] = typing.get_args(TeacherMode)
 DEVICES: tuple[str, ...] = typing.get_args(Device)
 DTYPES: tuple[str, ...] = typing.get_args(DType)

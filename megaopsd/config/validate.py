@@ -23,7 +23,6 @@ from megaopsd.config.hf_spec import (
 )
 from megaopsd.config.schema import (
     ADD_A_MODEL,
-    COMPILED_LOSS_KINDS,
     LORA_TARGETS,
     Config,
     ConfigError,
@@ -228,13 +227,6 @@ def _validate_algorithm(cfg: Config) -> None:
         )
     if loss.chunk_tokens < 1:
         _fail("loss.chunk_tokens", loss.chunk_tokens, "must be >= 1", "use e.g. 1024")
-    if loss.implementation == "compiled" and loss.kind not in COMPILED_LOSS_KINDS:
-        _fail(
-            "loss.implementation",
-            "compiled",
-            f"has no path for loss.kind={loss.kind}",
-            "use loss.implementation=auto (compiled where a kind has it) or torch",
-        )
     if teacher.mode == "ema" and not 0.0 <= teacher.ema_decay < 1.0:
         _fail("teacher.ema_decay", teacher.ema_decay, "must be in [0, 1)", "use e.g. 0.99")
     _validate_lora(cfg)

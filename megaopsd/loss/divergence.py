@@ -44,6 +44,7 @@ from megaopsd.loss.sharded import (
     log_softmax_from_lse,
     row_dot,
     sharded_log_softmax,
+    spare_column_index,
     valid_columns,
 )
 
@@ -197,7 +198,32 @@ def _kl_entry_forward(load: Loader, _ids_C, spec: _Spec, scratch: Scratch) -> _C
 
 
 def _topk_forward(load: Loader, _ids_C, spec: _Spec, scratch: Scratch) -> _Chunk:
-    """Divergence on the teacher's global top-k (plus a tail outcome for ``topk_tail``).
+    """Divergence on the teacher's global top-k (plus a tail outcome for ``topk_tail``)."""
+    teacher_CN = load("teacher")
+    # Chosen on the scaled logits, whose order is the log-probs' (one shift per row): the
+    # compiled path chooses on the same values, before any normaliser exists.
+    top_CK, ids_CK = global_topk(teacher_CN, spec.top_k, spec.first_id, spec.group)
+    student, teacher = sharded_log_softmax([load("student"), teacher_CN], spec.group, scratch)
+    vals_s_CK = gather_global_columns(student.logp_CN, ids_CK, spec.first_id, spec.group)
+    rows = _entropy_sums(student, teacher, scratch)
+    if spec.kind == "topk_tail":
+        # Summing the mass outside the top-k directly (not 1 - top-k mass) keeps a small tail exact.
+        outside_CN = (~columns_mask(ids_CK, spec.first_id, spec.n_cols)).to(spec.dtype)
+        rows += [row_dot(student.p_CN, outside_CN, scratch), row_dot(teacher.p_CN, outside_CN, scratch)]
+    rows = all_reduce_rows(rows, ReduceOp.SUM, spec.group)
+    return _topk_chunk(vals_s_CK, top_CK - teacher.lse_C[:, None], ids_CK, rows, student.lse_C, spec)
+
+
+def _topk_chunk(
+    vals_s_CK: torch.Tensor,
+    vals_t_CK: torch.Tensor,
+    ids_CK: torch.Tensor,
+    rows: list[torch.Tensor],
+    lse_s_C: torch.Tensor,
+    spec: _Spec,
+) -> _Chunk:
+    """A top-k chunk from the full-vocab log-probs at the teacher's top-k ids and the all-reduced
+    rows [-H(student), -H(teacher)] (+ [tail_S, tail_T] for ``topk_tail``).
 
     The k(+1)-way distributions are softmaxes of "reduced logits": the full-vocab log-probs at
     the top-k ids (renormalised by the softmax for ``topk``) and, for the tail, the log of the
@@ -205,15 +231,6 @@ def _topk_forward(load: Loader, _ids_C, spec: _Spec, scratch: Scratch) -> _Chunk
     column gets G_j, a tail column i gets G_tail * p_S,i / tail_S (d log tail_S / d s_i).
     """
     k, tail = spec.top_k, spec.kind == "topk_tail"
-    student, teacher = sharded_log_softmax([load("student"), load("teacher")], spec.group, scratch)
-    vals_t_CK, ids_CK = global_topk(teacher.logp_CN, k, spec.first_id, spec.group)
-    vals_s_CK = gather_global_columns(student.logp_CN, ids_CK, spec.first_id, spec.group)
-    rows = _entropy_sums(student, teacher, scratch)
-    if tail:
-        # Summing the mass outside the top-k directly (not 1 - top-k mass) keeps a small tail exact.
-        outside_CN = (~columns_mask(ids_CK, spec.first_id, spec.n_cols)).to(spec.dtype)
-        rows += [row_dot(student.p_CN, outside_CN, scratch), row_dot(teacher.p_CN, outside_CN, scratch)]
-    rows = all_reduce_rows(rows, ReduceOp.SUM, spec.group)
     topk_mass_C = vals_t_CK.exp().sum(dim=1)
     if tail:
         # An empty or underflowed tail becomes a tiny mass; terms weighted by it stay ~0, not nan.
@@ -232,7 +249,7 @@ def _topk_forward(load: Loader, _ids_C, spec: _Spec, scratch: Scratch) -> _Chunk
         div_C, g_CK = dm.dense_divergence_and_grad(ks, kt, spec.mode, spec.beta)
     saved = {"ids": ids_CK, "g_top": g_CK[:, :k].contiguous()}
     if tail:
-        saved |= {"lse_s": student.lse_C, "tail_coef": g_CK[:, k] / tail_s_C}
+        saved |= {"lse_s": lse_s_C, "tail_coef": g_CK[:, k] / tail_s_C}
     return _Chunk(
         loss_C=div_C if loss_C is None else loss_C,
         div_C=div_C,
@@ -324,6 +341,18 @@ def _compiled_forward(
     student_TN, teacher_TN = _logits(sources, spec)
     kw = dict(tau=spec.temperature, dtype=spec.dtype)
     lse = fused.log_normalisers(student_TN, teacher_TN, rows_C, group=spec.group, **kw)
+    if spec.kind in _TOPK_KINDS:
+        teacher_CN = fused.scaled_rows(teacher_TN, rows_C, **kw)
+        top_CK, ids_CK = global_topk(teacher_CN, spec.top_k, spec.first_id, spec.group)
+        del teacher_CN
+        picked_CK = gather_global_columns(student_TN, ids_CK, spec.first_id, spec.group, rows_C=rows_C)
+        vals_s_CK = picked_CK.to(spec.dtype) / spec.temperature - lse[0][:, None]
+        cols_CK = spare_column_index(ids_CK, spec.first_id, spec.n_cols)
+        tail = spec.kind == "topk_tail"
+        rows = fused.topk_sums(
+            student_TN, teacher_TN, rows_C, cols_CK, lse, tail=tail, group=spec.group, **kw
+        )
+        return _topk_chunk(vals_s_CK, top_CK - lse[1][:, None], ids_CK, rows, lse[0], spec)
     if spec.kind == "pg":
         local_C = _local_ids(ids_C, spec)
         sums = fused.pg_sums(student_TN, teacher_TN, rows_C, local_C, lse, group=spec.group, **kw)
@@ -354,6 +383,9 @@ def _compiled_backward(
     kw = dict(tau=spec.temperature, dtype=spec.dtype)
     if spec.kind == "pg":
         return fused.pg_grad(student_TN, rows_C, saved, coef_C, **kw)
+    if spec.kind in _TOPK_KINDS:
+        cols_CK = spare_column_index(saved["ids"], spec.first_id, spec.n_cols)
+        return fused.topk_grad(student_TN, rows_C, cols_CK, saved, coef_C, **kw)
     clip = spec.clip if spec.clip_mode == "entry" else None
     return fused.kl_grad(
         student_TN, teacher_TN, rows_C, saved, coef_C, mode=spec.mode, beta=spec.beta, clip=clip, **kw
@@ -529,10 +561,6 @@ def _check_args(
         fail(f"chunk_tokens={chunk_tokens} must be >= 1")
     if implementation not in IMPLEMENTATIONS:
         fail(f"implementation={implementation!r} is unknown; use one of {', '.join(IMPLEMENTATIONS)}")
-    if implementation == "compiled" and not fused.supports(kind):
-        fail(
-            f"kind={kind!r} has no compiled path; use implementation='auto' (compiled where it exists) or 'torch'"
-        )
     if kind == "pg":
         if sampled_ids_T is None or sampled_ids_T.shape != mask_T.shape:
             fail("kind='pg' needs sampled_ids_T, one global token id per token")
@@ -582,8 +610,7 @@ def vocab_parallel_divergence(
         chunk_tokens: tokens per chunk; extra memory is a few [chunk_tokens, shard] buffers.
         implementation: ``torch`` (the operations of this module: the CPU path and the
             reference), ``compiled`` (the fused chunk bodies of ``fused.py`` through
-            ``torch.compile``) or ``auto``: compiled for CUDA logits where the kind has a compiled
-            path (not the top-k kinds), torch otherwise.
+            ``torch.compile``) or ``auto``: compiled for CUDA logits, torch otherwise.
 
     Returns:
         (loss_sum, metrics): loss_sum is a 0-dim tensor (float32, or float64 for float64 inputs)
@@ -627,8 +654,7 @@ def vocab_parallel_divergence(
         first_id=first_id,
         n_cols=n_cols,
         dtype=dtype,
-        compiled=implementation == "compiled"
-        or (implementation == "auto" and student_logits_TW.is_cuda and fused.supports(kind)),
+        compiled=implementation == "compiled" or (implementation == "auto" and student_logits_TW.is_cuda),
     )
     loss_sum, m = _VocabParallelDivergence.apply(
         student_logits_TW, teacher_logits_TW.detach(), mask_T, sampled_ids_T, spec

@@ -15,11 +15,13 @@ Passes, per chunk (P = TP size, each collective is one all-reduce of per-token r
 - backward: one pass that rebuilds the probabilities from the saved log-normalisers and writes
   the gradient, already scaled by each token's coefficient, in the logits' dtype.
 
-Covered: the KL family (jsd, forward_kl, reverse_kl) with no clip, token clip and entry clip,
-and the sampled-token ``pg`` loss. The top-k kinds select ids across the TP group between
-passes and keep the reference path (``supports`` says which). Formulas: divergence_math and
-entry_clip; the results equal the reference path's to float32 rounding (the tests hold both to
-the float64 reference).
+Every kind: the KL family (jsd, forward_kl, reverse_kl) with no clip, token clip and entry clip,
+the sampled-token ``pg`` loss, and the teacher top-k kinds. For those the full-vocab passes are
+fused here (scaled teacher rows for the selection, the entropies and the tail masses, the
+gradient), while the selection itself (``sharded.global_topk``: torch.topk, one all-gather) and
+the k(+1)-way math on [C, K] stay torch operations in ``divergence.py``. Formulas:
+divergence_math and entry_clip; the results equal the reference path's to float32 rounding (the
+tests hold both to the float64 reference).
 
 Legend: T = tokens, C = tokens in a chunk, N = valid vocab columns on this rank.
 """
@@ -32,14 +34,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from megaopsd.config import COMPILED_LOSS_KINDS
 from megaopsd.loss.sharded import ReduceOp, all_reduce_rows
-
-
-def supports(kind: str) -> bool:
-    """Whether ``kind`` has a compiled path (the top-k kinds keep the reference path)."""
-    return kind in COMPILED_LOSS_KINDS
-
 
 # torch.compile's backend: inductor generates the kernels (Triton on CUDA, C++ on CPU). The CPU
 # tests trace the same graphs with "eager" (each inductor build costs seconds of C++ compiling)
@@ -363,4 +358,91 @@ def pg_grad(
     tau_ = _scalar(tau, dtype, rows_C.device)
     return _compiled(_pg_grad)(
         student_TN, rows_C, saved["local"], saved["lse_s"], saved["adv"], coef_C, tau_, dtype
+    )
+
+
+# ----------------------------------------------------------------------------- teacher top-k
+
+
+def _scaled_rows(src_TN, rows_C, tau: torch.Tensor, dtype: torch.dtype):
+    return _scaled(src_TN, rows_C, tau, dtype)
+
+
+def scaled_rows(
+    src_TN: torch.Tensor, rows_C: torch.Tensor, *, tau: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """The chunk's rows of ``src_TN`` / tau in ``dtype`` ([C, N]): what the top-k is chosen on."""
+    return _compiled(_scaled_rows)(src_TN, rows_C, _scalar(tau, dtype, rows_C.device), dtype)
+
+
+def _named_columns(cols_CK: torch.Tensor, n: int) -> torch.Tensor:
+    """[C, n] bool, True at the columns ``cols_CK`` names (``sharded.spare_column_index``)."""
+    hit = torch.zeros(cols_CK.shape[0], n + 1, dtype=torch.bool, device=cols_CK.device)
+    return hit.scatter(1, cols_CK, True)[:, :n]
+
+
+def _topk_sums(
+    s_TN, t_TN, rows_C, lse_s_C, lse_t_C, cols_CK, tau: torch.Tensor, dtype: torch.dtype, tail: bool
+):
+    """[-H(student), -H(teacher)], and with ``tail`` the masses outside the top-k columns."""
+    ls, lt, ps, pt = _pair(s_TN, t_TN, rows_C, lse_s_C, lse_t_C, tau, dtype)
+    sums = [(ps * ls).sum(dim=1), (pt * lt).sum(dim=1)]
+    if tail:
+        # Summed outside the top-k directly (not 1 - top-k mass), which keeps a small tail exact.
+        top = _named_columns(cols_CK, ls.shape[1])
+        sums += [torch.where(top, 0.0, ps).sum(dim=1), torch.where(top, 0.0, pt).sum(dim=1)]
+    return sums
+
+
+def topk_sums(
+    student_TN: torch.Tensor,
+    teacher_TN: torch.Tensor,
+    rows_C: torch.Tensor,
+    cols_CK: torch.Tensor,
+    lse: tuple[torch.Tensor, torch.Tensor],
+    *,
+    tau: float,
+    dtype: torch.dtype,
+    tail: bool,
+    group: dist.ProcessGroup | None,
+) -> list[torch.Tensor]:
+    """All-reduced [-H(student), -H(teacher)] (+ [tail_S, tail_T] with ``tail``); ``cols_CK``:
+    the top-k ids' columns on this rank (``sharded.spare_column_index``)."""
+    tau_ = _scalar(tau, dtype, rows_C.device)
+    sums = _compiled(_topk_sums)(student_TN, teacher_TN, rows_C, *lse, cols_CK, tau_, dtype, tail)
+    return all_reduce_rows(list(sums), ReduceOp.SUM, group)
+
+
+def _topk_grad(s_TN, rows_C, lse_s_C, tail_coef_C, cols_CK, g_top_CK, coef_C, tau, dtype: torch.dtype):
+    n = s_TN.shape[1]
+    g = torch.zeros(rows_C.shape[0], n + 1, dtype=dtype, device=s_TN.device)
+    g = g.scatter(1, cols_CK, g_top_CK)[:, :n]
+    if tail_coef_C is not None:  # a tail column i gets G_tail * p_S,i / tail_S
+        p_tail = _logp(s_TN, rows_C, lse_s_C, tau, dtype).exp() * tail_coef_C[:, None]
+        g = torch.where(_named_columns(cols_CK, n), g, p_tail)
+    return (g * coef_C[:, None]).to(s_TN.dtype)
+
+
+def topk_grad(
+    student_TN: torch.Tensor,
+    rows_C: torch.Tensor,
+    cols_CK: torch.Tensor,
+    saved: dict[str, torch.Tensor],
+    coef_C: torch.Tensor,
+    *,
+    tau: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """d loss / d logits of a top-k chunk times ``coef_C``, in the logits' dtype: "g_top" at the
+    top-k columns and, for topk_tail ("tail_coef" and "lse_s" saved), the tail's share elsewhere."""
+    return _compiled(_topk_grad)(
+        student_TN,
+        rows_C,
+        saved.get("lse_s"),
+        saved.get("tail_coef"),
+        cols_CK,
+        saved["g_top"],
+        coef_C,
+        _scalar(tau, dtype, rows_C.device),
+        dtype,
     )

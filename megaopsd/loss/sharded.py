@@ -212,27 +212,39 @@ def in_shard(ids_CK: torch.Tensor, first_id: int, n_cols: int) -> torch.Tensor:
 
 
 def gather_global_columns(
-    x_CN: torch.Tensor, ids_CK: torch.Tensor, first_id: int, group: dist.ProcessGroup | None
+    x_CN: torch.Tensor,
+    ids_CK: torch.Tensor,
+    first_id: int,
+    group: dist.ProcessGroup | None,
+    rows_C: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x[c, ids[c, j]] for global ids that may live on any rank (one all-reduce of [C, K]).
 
-    The owner rank contributes the value, the others contribute 0, so the sum is exact.
+    The owner rank contributes the value, the others contribute 0, so the sum is exact. With
+    ``rows_C``, ``x`` is a whole [T, N] shard and row c is read from its row ``rows_C[c]``
+    (nothing but the picked entries is read).
     """
     n_cols = x_CN.shape[1]
     inside_CK = in_shard(ids_CK, first_id, n_cols)
     if n_cols == 0:
         picked_CK = x_CN.new_zeros(ids_CK.shape)
     else:
-        picked_CK = x_CN.gather(1, (ids_CK - first_id).clamp(0, n_cols - 1))
+        cols_CK = (ids_CK - first_id).clamp(0, n_cols - 1)
+        picked_CK = x_CN.gather(1, cols_CK) if rows_C is None else x_CN[rows_C[:, None], cols_CK]
         picked_CK = torch.where(inside_CK, picked_CK, 0.0)
     if group_size(group) > 1:
         dist.all_reduce(picked_CK, op=ReduceOp.SUM, group=group)
     return picked_CK
 
 
+def spare_column_index(ids_CK: torch.Tensor, first_id: int, n_cols: int) -> torch.Tensor:
+    """Local columns of global ``ids_CK``, ids owned by other ranks routed to a spare column N:
+    scattered into [C, N + 1] and cut back to [C, N], they touch this rank's columns only."""
+    return torch.where(in_shard(ids_CK, first_id, n_cols), ids_CK - first_id, n_cols)
+
+
 def columns_mask(ids_CK: torch.Tensor, first_id: int, n_cols: int) -> torch.Tensor:
     """Boolean [C, N] mask of the local columns named by global ``ids_CK`` (others ignored)."""
-    # Ids owned by other ranks are routed to a spare column N that is then cut off.
-    idx_CK = torch.where(in_shard(ids_CK, first_id, n_cols), ids_CK - first_id, n_cols)
+    idx_CK = spare_column_index(ids_CK, first_id, n_cols)
     mask = torch.zeros(ids_CK.shape[0], n_cols + 1, dtype=torch.bool, device=ids_CK.device)
     return mask.scatter_(1, idx_CK, True)[:, :n_cols]

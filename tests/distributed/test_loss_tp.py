@@ -2,7 +2,7 @@
 
 One spawn of two ranks runs every case; the test functions assert on what the ranks returned.
 The compiled path (megaopsd/loss/fused.py, traced with dynamo's eager backend as in
-tests/unit/test_loss_compiled.py) runs every TP2 case of the kinds it covers as well.
+tests/unit/test_loss_compiled.py) runs every TP2 case as well.
 
     .venv/bin/python -m pytest tests/distributed/test_loss_tp.py -q
 
@@ -87,15 +87,14 @@ def _compare_tp1_tp2(rank: int) -> list[dict]:
             )
             # numpy, not tensors: torch would pass tensors through shared memory that dies with the rank
             arrays = dict(vals1=vals1, vals2=vals2, grad1=grad1[:, shard], grad2=grad2)
-            if fused.supports(kind):
-                arrays["vals2c"], arrays["grad2c"] = _loss_and_grad(
-                    student[:, shard].contiguous(),
-                    teacher[:, shard].contiguous(),
-                    dist.group.WORLD,
-                    mask_T=mask,
-                    implementation="compiled",
-                    **kw,
-                )
+            arrays["vals2c"], arrays["grad2c"] = _loss_and_grad(
+                student[:, shard].contiguous(),
+                teacher[:, shard].contiguous(),
+                dist.group.WORLD,
+                mask_T=mask,
+                implementation="compiled",
+                **kw,
+            )
             out.append(
                 dict(case=f"{kind} V={vocab} beta={beta} tau={tau} clip={clip} ties={ties}")
                 | {k: v.numpy() for k, v in arrays.items()}
@@ -128,14 +127,13 @@ def _compare_entry_clip(rank: int) -> list[dict]:
             )
             ref_vals = torch.stack([ref_loss.detach(), *ref_metrics.values()])
             arrays = dict(vals1=vals1, vals2=vals2, grad1=grad1[:, shard], grad2=grad2)
-            if fused.supports(kind):
-                arrays["vals2c"], arrays["grad2c"] = _loss_and_grad(
-                    student[:, shard].contiguous(),
-                    teacher[:, shard].contiguous(),
-                    dist.group.WORLD,
-                    implementation="compiled",
-                    **kw,
-                )
+            arrays["vals2c"], arrays["grad2c"] = _loss_and_grad(
+                student[:, shard].contiguous(),
+                teacher[:, shard].contiguous(),
+                dist.group.WORLD,
+                implementation="compiled",
+                **kw,
+            )
             arrays |= dict(ref_vals=ref_vals, ref_grad=s_ref.grad[:, shard])
             out.append(
                 dict(
@@ -412,8 +410,7 @@ def test_tp2_equals_tp1_values_grads_and_metrics(rank_results):
         for r in result["compare"]:
             r = {k: torch.from_numpy(v) if k != "case" else v for k, v in r.items()}
             assert r["vals1"][0].item() != 0.0, r["case"]
-            assert ("vals2c" in r) == fused.supports(r["case"].split()[0]), r["case"]
-            for tag in ("2", "2c") if "vals2c" in r else ("2",):
+            for tag in ("2", "2c"):
                 for i, (a, b) in enumerate(zip(r["vals" + tag], r["vals1"])):
                     assert abs(a - b).item() <= FP64_TOL * max(abs(b).item(), 1e-12), (
                         f"rank {rank} {r['case']} vals{tag} value {i}"
@@ -464,16 +461,14 @@ def test_entry_clip_equals_the_official_formula_at_tp1_and_tp2(rank_results):
             ref = dict(zip(["loss", *r["names"]], torch.from_numpy(r["ref_vals"])))
             assert ref["clipped_entry_count"] > 0, case
             # vals: loss, divergence, entropies, (top-k mass), clipped, tokens, entry metrics
-            compiled = ("vals2c",) if "vals2c" in r else ()
-            assert bool(compiled) == fused.supports(case.split()[1]), case
-            for tag in ("vals1", "vals2", *compiled):
+            for tag in ("vals1", "vals2", "vals2c"):
                 vals = torch.from_numpy(r[tag])
                 got = dict(zip(["loss", *_METRIC_ORDER], [vals[0], *vals[1:4], *vals[-6:]]))
                 for name, want in ref.items():
                     tol = 1e-6 * max(abs(want).item(), 1e-12)
                     assert abs(got[name] - want).item() <= tol, f"rank {rank} {case} {tag} {name}"
             ref_grad = torch.from_numpy(r["ref_grad"])
-            for tag in ("grad1", "grad2", *(("grad2c",) if compiled else ())):
+            for tag in ("grad1", "grad2", "grad2c"):
                 grad = torch.from_numpy(r[tag])
                 if ref_grad.abs().max() > 0:
                     assert _rel_err(grad, ref_grad) <= 1e-6, f"rank {rank} {case} {tag}"

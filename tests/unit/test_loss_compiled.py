@@ -1,13 +1,13 @@
 """The compiled loss (``implementation="compiled"``, megaopsd/loss/fused.py) on CPU against the
 float64 references of test_loss.py and test_loss_entry_clip.py.
 
-What is checked is the math of the fused chunk bodies, every kind that has one (jsd at beta 0,
-0.5 and 1, forward_kl, reverse_kl, pg) with no clip, token clip and entry clip, float64, float32
-and bfloat16 logits, chunks that do not divide the token count, padded vocab columns, float
-masks. Those graphs are captured by dynamo whole (``fullgraph``: a break is an error) and run by
+What is checked is the math of the fused chunk bodies, every kind (jsd at beta 0, 0.5 and 1,
+forward_kl, reverse_kl, pg, topk and topk_tail at beta 0.5) with no clip, token clip and entry
+clip, float64, float32 and bfloat16 logits, chunks that do not divide the token count, padded
+vocab columns, float masks, ties at the teacher's k-th value. Those graphs are captured by dynamo whole (``fullgraph``: a break is an error) and run by
 its "eager" backend: inductor would generate C++ for each of them, seconds apiece on 2 cores.
 ``test_inductor_kernels_equal_the_torch_path_in_processes_sharing_a_cache`` builds the passes of
-two kinds with inductor, the backend ``auto`` uses on CUDA (where it emits Triton instead).
+three kinds with inductor, the backend ``auto`` uses on CUDA (where it emits Triton instead).
 
     .venv/bin/python -m pytest tests/unit/test_loss_compiled.py -q
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megaopsd.config import ConfigError, load_config, validate
+from megaopsd.config import ConfigError, load_config
 from megaopsd.loss import fused, vocab_parallel_divergence
 from tests.unit.test_loss import CHUNK, TOL, TOP_K, V, assert_matches, make_inputs, reference, run_both
 from tests.unit.test_loss_entry_clip import both, check, middle_positive_clip
@@ -28,11 +28,22 @@ def traced_not_generated(monkeypatch):
     monkeypatch.setattr(fused, "BACKEND", "eager")
 
 
-CASES = [("jsd", 0.0), ("jsd", 0.5), ("jsd", 1.0), ("forward_kl", 0.5), ("reverse_kl", 0.5), ("pg", 0.5)]
+CASES = [
+    ("jsd", 0.0),
+    ("jsd", 0.5),
+    ("jsd", 1.0),
+    ("forward_kl", 0.5),
+    ("reverse_kl", 0.5),
+    ("pg", 0.5),
+    ("topk", 0.5),
+    ("topk_tail", 0.5),
+]
 # Every case in float64 (held to 1e-12 of the float64 reference: a float32 intermediate would
 # show), float32 for the production loss; bfloat16 in the test below. Each (kind, dtype) is a
 # compilation of its own, a second or more on CPU, so the grid is not the full product.
-GRID = [(*case, torch.float64) for case in CASES] + [("jsd", 0.5, torch.float32), ("pg", 0.5, torch.float32)]
+GRID = [(*case, torch.float64) for case in CASES] + [
+    (kind, 0.5, torch.float32) for kind in ("jsd", "pg", "topk_tail")
+]
 
 
 @pytest.mark.parametrize(("kind", "beta", "dtype"), GRID)
@@ -92,7 +103,7 @@ def test_chunks_float_masks_and_an_empty_mask(kind):
     assert loss.item() == 0.0 and metrics.token_count.item() == 0 and torch.count_nonzero(s.grad) == 0
 
 
-@pytest.mark.parametrize("kind", ["jsd", "reverse_kl", "pg"])
+@pytest.mark.parametrize("kind", ["jsd", "reverse_kl", "pg", "topk_tail"])
 def test_bfloat16_logits_give_the_torch_paths_loss_and_a_bfloat16_gradient(kind):
     student, teacher, mask, sampled = make_inputs(torch.float32, seed=3)
     student, teacher = student.bfloat16(), teacher.bfloat16()
@@ -100,7 +111,14 @@ def test_bfloat16_logits_give_the_torch_paths_loss_and_a_bfloat16_gradient(kind)
     for implementation in ("torch", "compiled"):
         s = student.clone().requires_grad_()
         loss, metrics = vocab_parallel_divergence(
-            s, teacher, mask, kind=kind, vocab_size=V, sampled_ids_T=sampled, implementation=implementation
+            s,
+            teacher,
+            mask,
+            kind=kind,
+            vocab_size=V,
+            top_k=TOP_K,
+            sampled_ids_T=sampled,
+            implementation=implementation,
         )
         loss.backward()
         assert loss.dtype == torch.float32 and s.grad.dtype == torch.bfloat16
@@ -109,23 +127,27 @@ def test_bfloat16_logits_give_the_torch_paths_loss_and_a_bfloat16_gradient(kind)
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()  # float32 math on the same inputs
 
 
-def test_auto_compiles_only_on_cuda_and_compiled_refuses_the_topk_kinds():
+def test_auto_compiles_only_on_cuda_and_an_unknown_implementation_is_named():
     student, teacher, mask, _ = make_inputs(torch.float32, seed=4)
     before = fused._compile.cache_info().currsize
-    vocab_parallel_divergence(student, teacher, mask, kind="jsd", vocab_size=V, chunk_tokens=64)
+    for kind in ("jsd", "topk_tail"):
+        vocab_parallel_divergence(student, teacher, mask, kind=kind, top_k=3, vocab_size=V, chunk_tokens=64)
     assert fused._compile.cache_info().currsize == before  # CPU logits: the torch path
-    assert fused.supports("pg") and not fused.supports("topk")
-    with pytest.raises(ValueError, match=r"kind='topk' has no compiled path; use implementation='auto'"):
-        vocab_parallel_divergence(
-            student, teacher, mask, kind="topk", top_k=3, vocab_size=V, implementation="compiled"
-        )
     with pytest.raises(ValueError, match="implementation='triton' is unknown"):
         vocab_parallel_divergence(student, teacher, mask, kind="jsd", vocab_size=V, implementation="triton")
-    cfg = load_config({"model": {"hf_path": "u"}, "loss": {"kind": "topk", "implementation": "compiled"}})
-    hf = {"architectures": ["Qwen3ForCausalLM"], "num_attention_heads": 4, "num_key_value_heads": 2}
-    hf |= {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "vocab_size": 256}
-    with pytest.raises(ConfigError, match=r"loss.implementation.*has no path for loss.kind=topk"):
-        validate(cfg, world_size=1, hf_config=hf)
+    with pytest.raises(ConfigError, match=r"loss.implementation='triton' is unknown; use one of auto"):
+        load_config({"model": {"hf_path": "u"}, "loss": {"kind": "topk", "implementation": "triton"}})
+
+
+@pytest.mark.parametrize("kind", ["topk", "topk_tail"])
+def test_compiled_topk_ties_go_to_the_lowest_token_id_like_the_torch_path(kind):
+    """Whole-number teacher logits tie at the k-th value: both paths keep the lowest ids."""
+    student, teacher, mask, sampled = make_inputs(seed=11)
+    teacher = teacher.round()
+    for k in (1, 7, 20):
+        kw = dict(kind=kind, beta=0.5, temperature=1.0, vocab_size=V, top_k=k, chunk_tokens=CHUNK)
+        ours, ref = run_both(student, teacher, mask, sampled, implementation="compiled", **kw)
+        assert_matches(ours, ref, TOL[torch.float64])
 
 
 def inductor_job(job: dict) -> dict:
@@ -144,6 +166,7 @@ def inductor_job(job: dict) -> dict:
                 mask,
                 kind=kind,
                 vocab_size=V,
+                top_k=TOP_K,
                 clip=clip,
                 clip_mode="entry" if clip is not None else "token",
                 sampled_ids_T=sampled,
@@ -166,8 +189,15 @@ def test_inductor_kernels_equal_the_torch_path_in_processes_sharing_a_cache(tmp_
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     first = run_job(inductor_job, {"cases": [("jsd", 0.05)]}, tmp_path, name="first")
-    second = run_job(inductor_job, {"cases": [("jsd", 0.02), ("pg", None)]}, tmp_path, name="second")
-    assert set(first) | set(second) == {"jsd clip=0.05", "jsd clip=0.02", "pg clip=None"}
+    second = run_job(
+        inductor_job, {"cases": [("jsd", 0.02), ("pg", None), ("topk_tail", None)]}, tmp_path, name="second"
+    )
+    assert set(first) | set(second) == {
+        "jsd clip=0.05",
+        "jsd clip=0.02",
+        "pg clip=None",
+        "topk_tail clip=None",
+    }
     for case, errors in (first | second).items():
         assert max(errors) <= 1e-5, (case, errors)  # float32 math, other summation order
 
