@@ -1,12 +1,16 @@
-"""One paired OPSD step as users run it: megaopsd with megatron's unfused attention (the old
-path) and with SDPA (the new default), beside the plain-transformers step a user would otherwise
-run; model FLOP utilisation on GPUs.
+"""One paired OPSD step as users run it: megaopsd's old path (megatron's unfused attention,
+float32-weight norms), SDPA with the old norms, and the new default (SDPA, norms in the
+activations' dtype), beside the plain-transformers step a user would otherwise run; model FLOP
+utilisation on GPUs.
 
 Each path takes the same rollouts (fixed shuffled lengths) and does one optimizer step:
 - megaopsd: ``build_components`` + ``train_step`` (fixed teacher, JSD(0.5), response-only
   logits, length-aware microbatches of ``--microbatch-tokens`` student + teacher tokens, the
   vocab-parallel loss, megatron's Adam with fp32 master weights), ``model.attention_backend``
-  unfused, then sdpa;
+  unfused, then sdpa; in bf16 the old path's norms are rebuilt for comparison (megatron's torch
+  RMSNorm with its float32 weight against bf16 activations, torch's composite norm; the default
+  hands the fused norm the weight in bf16, ``megaopsd/models/norm.py``). A float32 model has
+  nothing to cast: there the two norm variants are one and the middle row is skipped;
 - plain transformers (the official OPSD stack's way): ``Qwen3ForCausalLM`` with SDPA attention,
   a frozen deep copy as teacher, full-vocab logits, the naive full-vocab JSD(0.5) in float32 on
   the response positions, torch's AdamW (fused on CUDA) on the model's own weights;
@@ -22,9 +26,12 @@ the naive one.
     python bench/mfu.py --preset tiny --rollouts 4 --prompt 8 --teacher-prompt 16 \
         --response-min 4 --response-max 12 --microbatch-tokens 64 --repeats 1   # the suite's toy run
 
-Ends with ``RESULT gpu_mfu mfu=... step_s=... unfused_step_s=... hf_step_s=... attention=...
-loss_ms=... torch_loss_ms=... naive_loss_ms=...`` (``step_s`` is the SDPA path; ``mfu`` is nan
-without a peak; ``loss_ms`` is the compiled loss, what ``loss.implementation=auto`` runs on CUDA).
+Ends with ``RESULT gpu_mfu mfu=... step_s=... unfused_step_s=... fp32_norm_step_s=... hf_step_s=...
+attention=... loss_ms=... torch_loss_ms=... naive_loss_ms=...`` (``step_s`` is the default path;
+``unfused_step_s`` the old path, ``sdpa_over_unfused`` their ratio; ``fp32_norm_step_s`` SDPA with
+the old norms, nan in float32;
+``mfu`` is nan without a peak; ``loss_ms`` is the compiled loss, what
+``loss.implementation=auto`` runs on CUDA).
 """
 
 from __future__ import annotations
@@ -92,8 +99,21 @@ def _median_step(step, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def megaopsd_step_s(hf_dir: Path, samples, args, runtime, attention: str) -> tuple[float, list[float]]:
-    """Seconds per ``train_step`` with ``model.attention_backend=attention``, and the losses."""
+def _float32_weight_norms(chunks) -> None:
+    """Put back megatron's plain torch RMSNorm (the old path): float32 weight, bf16 input."""
+    from megaopsd.models.norm import ActivationDtypeRMSNorm
+
+    for chunk in chunks:
+        for module in chunk.modules():
+            if type(module) is ActivationDtypeRMSNorm:
+                module.__class__ = torch.nn.RMSNorm
+
+
+def megaopsd_step_s(
+    hf_dir: Path, samples, args, runtime, attention: str, old_norms: bool = False
+) -> tuple[float, list[float]]:
+    """Seconds per ``train_step`` with ``model.attention_backend=attention`` (and the old norms
+    when ``old_norms``), and the losses."""
     from megaopsd.algorithm.batch import build_microbatches
     from megaopsd.algorithm.step import train_step
     from megaopsd.components import build_components
@@ -111,6 +131,9 @@ def megaopsd_step_s(hf_dir: Path, samples, args, runtime, attention: str) -> tup
     )
     torch.manual_seed(0)
     parts = build_components(cfg, runtime)
+    if old_norms:
+        teacher_chunks = [parts.teacher.chunk(i) for i in range(len(parts.student.chunks))]
+        _float32_weight_norms([*parts.student.chunks, *teacher_chunks])
     mbs = build_microbatches(samples, max_tokens=args.microbatch_tokens, pad_id=0)
     losses = []
 
@@ -247,29 +270,37 @@ def main() -> None:
             f"prompt {args.prompt}, teacher prompt {args.teacher_prompt}, responses {args.response_min}-"
             f"{args.response_max}; {args.microbatch_tokens} tokens per microbatch; {flops / 1e12:.2f} TFLOP per step"
         )
-        unfused_s, unfused_losses = megaopsd_step_s(hf_dir, samples, args, runtime, "unfused")
+        unfused_s, unfused_losses = megaopsd_step_s(hf_dir, samples, args, runtime, "unfused", old_norms=True)
+        fp32_norm_s = float("nan")
+        if args.dtype != "float32":
+            fp32_norm_s, _ = megaopsd_step_s(hf_dir, samples, args, runtime, "sdpa", old_norms=True)
         sdpa_s, sdpa_losses = megaopsd_step_s(hf_dir, samples, args, runtime, "sdpa")
         hf_s = hf_step_s(hf_dir, samples, args, device)
     peak = peak_tflops(machine, args.dtype, args.peak_tflops) if device.type == "cuda" else args.peak_tflops
     rows = [
-        ("megaopsd, unfused attention", unfused_s),
-        ("megaopsd, SDPA attention", sdpa_s),
+        ("megaopsd, old path: unfused attention, fp32-weight norms", unfused_s),
+        ("megaopsd, SDPA, fp32-weight norms", fp32_norm_s),
+        ("megaopsd, SDPA, norms in the activation dtype", sdpa_s),
         ("plain transformers", hf_s),
     ]
-    print(f"{'path':<30}{'s/step':>10}{'GFLOP/s':>12}{'MFU':>8}")
+    print(f"{'path':<58}{'s/step':>10}{'GFLOP/s':>12}{'MFU':>8}")
     for name, seconds in rows:
+        if seconds != seconds:  # nan: not run (float32)
+            continue
         mfu = flops / seconds / (peak * 1e12) if peak else float("nan")
-        print(f"{name:<30}{seconds:>10.3f}{flops / seconds / 1e9:>12.1f}{mfu:>8.1%}")
-    print(f"first step loss: unfused {unfused_losses[0]:.6f}, sdpa {sdpa_losses[0]:.6f}")
+        print(f"{name:<58}{seconds:>10.3f}{flops / seconds / 1e9:>12.1f}{mfu:>8.1%}")
+    print(f"first step loss: old path {unfused_losses[0]:.6f}, default {sdpa_losses[0]:.6f}")
     print(
-        f"sdpa / unfused step time {sdpa_s / unfused_s:.3f}; megaopsd (sdpa) / plain transformers {sdpa_s / hf_s:.3f}"
+        f"default / old path step time {sdpa_s / unfused_s:.3f}; megaopsd (default) / plain transformers "
+        f"{sdpa_s / hf_s:.3f}"
     )
     loss_tokens = args.loss_tokens or (4096 if device.type == "cuda" else 256)
     print(f"the loss alone, JSD(0.5) at {loss_tokens} x {spec.vocab_size}, bf16 logits, forward + backward:")
     loss = bench_divergence(device, loss_tokens, spec.vocab_size, repeats=max(args.repeats, 1))
     mfu = flops / sdpa_s / (peak * 1e12) if peak else float("nan")
     print(
-        f"RESULT gpu_mfu mfu={mfu:.3f} step_s={sdpa_s:.3f} unfused_step_s={unfused_s:.3f} hf_step_s={hf_s:.3f} "
+        f"RESULT gpu_mfu mfu={mfu:.3f} step_s={sdpa_s:.3f} unfused_step_s={unfused_s:.3f} "
+        f"fp32_norm_step_s={fp32_norm_s:.3f} hf_step_s={hf_s:.3f} "
         f"sdpa_over_unfused={sdpa_s / unfused_s:.3f} over_hf={sdpa_s / hf_s:.3f} attention=sdpa "
         f"loss_ms={loss['compiled'][0]:.1f} torch_loss_ms={loss['torch'][0]:.1f} "
         f"naive_loss_ms={loss['naive'][0]:.1f} device={device.type}"

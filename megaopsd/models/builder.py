@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from megaopsd.config import ModelConfig
 from megaopsd.config.hf_spec import HFModelSpec, check_tensor_parallel
+from megaopsd.models.norm import fuse_norms
 from megaopsd.models.rope import apply_rope_override, megatron_handles_scaling
 from megaopsd.runtime.distributed import collective_device
 from megaopsd.runtime.parallel import ParallelState
@@ -296,6 +297,8 @@ def build_model_chunks(
             apply_rope_override(model, spec.head_dim, spec.rope_theta, scaling)
         if spec.moe is not None:
             mark_expert_params(model)
+        if model_cfg.transformer_impl == "local":
+            fuse_norms(model)
         # megatron creates TP-sharded weights on the current GPU, but the torch norms of the local
         # spec on the default (CPU) device: put the whole chunk where the collectives run.
         chunks.append(model.to(collective_device()))

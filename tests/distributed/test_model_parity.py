@@ -148,3 +148,69 @@ def test_logits_match_transformers(parity_cases, tp, pp, vpp):
     cases = {k: v for k, v in parity_cases.items() if tp * pp == 1 or k != "llama-custom-rope"}
     results = run_ranks(parity_worker, world_size=tp * pp, args=(tp, pp, vpp, cases))
     _check(results, cases)
+
+
+class _NormCalls(torch.overrides.TorchFunctionMode):
+    """(input dtype, weight dtype) of every RMSNorm torch is asked for."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[torch.dtype, torch.dtype]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.rms_norm, torch.nn.functional.rms_norm):
+            weight = args[2] if len(args) > 2 else kwargs.get("weight")
+            self.calls.append((args[0].dtype, weight.dtype))
+        return func(*args, **kwargs)
+
+
+def bf16_norm_worker(model_dir: Path) -> dict:
+    """A bf16 qwen3 at TP2: its norms, the dtypes each RMSNorm call sees, the norms' gradients."""
+    from megaopsd.config import ModelConfig, ParallelConfig, RuntimeConfig
+    from megaopsd.convert import load_hf_weights
+    from megaopsd.models import build_model_chunks, load_hf_config
+    from megaopsd.models.norm import ActivationDtypeRMSNorm
+    from megaopsd.runtime import Runtime
+
+    runtime = Runtime.start(ParallelConfig(tensor_model_parallel_size=2), RuntimeConfig())
+    try:
+        spec = load_hf_config(model_dir)
+        chunks = build_model_chunks(
+            spec, ModelConfig(hf_path=str(model_dir), dtype="bfloat16"), runtime.parallel
+        )
+        load_hf_weights(chunks, spec, model_dir, runtime.parallel)
+        norms = {name: m for name, m in chunks[0].named_modules() if isinstance(m, torch.nn.RMSNorm)}
+        with _NormCalls() as recorder:
+            ids_BS = make_batch(spec.vocab_size)
+            logits = chunks[0](ids_BS, torch.arange(SEQ)[None], None)
+            logits.float().square().mean().backward()
+        return {
+            "layers": spec.num_layers,
+            "classes": {type(m).__name__ for m in norms.values()},
+            "norms": sorted(norms),
+            "weight_dtypes": {str(m.weight.dtype) for m in norms.values()},
+            "logits_dtype": str(logits.dtype),
+            "calls": [(str(i), str(w)) for i, w in recorder.calls],
+            "grad_dtypes": {str(m.weight.grad.dtype) for m in norms.values() if m.weight.grad is not None},
+            "grads_nonzero": sum(bool(m.weight.grad.abs().max() > 0) for m in norms.values()),
+            "fused_class": ActivationDtypeRMSNorm.__name__,
+        }
+    finally:
+        runtime.shutdown()
+
+
+def test_bf16_norms_meet_their_input_in_bf16_and_keep_float32_weights(tiny_qwen3):
+    """torch's fused RMSNorm (CUDA) needs input and weight in one dtype; megatron's local spec
+    keeps norm weights in float32 under bf16 activations, which sends every norm to the composite
+    path. Every call must see bf16 / bf16 while the parameters (what checkpoints, EMA shadows and
+    the optimizer hold) stay float32 and receive their gradients."""
+    results = run_ranks(bf16_norm_worker, world_size=2, args=(tiny_qwen3,))
+    for rank, r in enumerate(results):
+        # input and pre-MLP norms, query and key norms per layer, the final norm
+        assert len(r["norms"]) == 4 * r["layers"] + 1, (rank, r["norms"])
+        assert r["classes"] == {r["fused_class"]}, rank
+        assert r["weight_dtypes"] == {"torch.float32"} and r["logits_dtype"] == "torch.bfloat16", rank
+        assert len(r["calls"]) == len(r["norms"]), rank  # one call per norm (backward makes none)
+        assert set(r["calls"]) == {("torch.bfloat16", "torch.bfloat16")}, (rank, set(r["calls"]))
+        assert r["grad_dtypes"] == {"torch.float32"} and r["grads_nonzero"] == len(r["norms"]), (rank, r)

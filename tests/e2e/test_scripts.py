@@ -24,7 +24,7 @@ BENCHES = {
     "gpu_check": ("--device cpu --smoke", ["gpu_divergence", "gpu_megatron"]),
     "mfu": (
         "--preset tiny --rollouts 4 --prompt 8 --teacher-prompt 16 --response-min 4 --response-max 12 "
-        "--microbatch-tokens 64 --repeats 1",
+        "--microbatch-tokens 64 --repeats 1 --dtype bfloat16",
         ["gpu_mfu"],
     ),
     "lora_memory": ("--preset tiny --rank 4 --alpha 8", ["lora_memory"]),
