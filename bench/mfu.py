@@ -1,16 +1,18 @@
-"""One paired OPSD step as users run it: megaopsd's old path (megatron's unfused attention,
-float32-weight norms), SDPA with the old norms, and the new default (SDPA, norms in the
-activations' dtype), beside the plain-transformers step a user would otherwise run; model FLOP
-utilisation on GPUs.
+"""One paired OPSD step as users run it: megaopsd's old path and each of issue 27's changes
+added in turn up to the default, beside the plain-transformers step a user would otherwise run;
+model FLOP utilisation on GPUs.
 
 Each path takes the same rollouts (fixed shuffled lengths) and does one optimizer step:
 - megaopsd: ``build_components`` + ``train_step`` (fixed teacher, JSD(0.5), response-only
   logits, length-aware microbatches of ``--microbatch-tokens`` student + teacher tokens, the
-  vocab-parallel loss, megatron's Adam with fp32 master weights), ``model.attention_backend``
-  unfused, then sdpa; in bf16 the old path's norms are rebuilt for comparison (megatron's torch
-  RMSNorm with its float32 weight against bf16 activations, torch's composite norm; the default
-  hands the fused norm the weight in bf16, ``megaopsd/models/norm.py``). A float32 model has
-  nothing to cast: there the two norm variants are one and the middle row is skipped;
+  vocab-parallel loss, megatron's Adam with fp32 master weights), as a ladder:
+  1. the old path: megatron's unfused attention, its torch RMSNorms with float32 weights against
+     the activations (in bf16, torch's composite norm), megatron's unfused SwiGLU;
+  2. + SDPA attention (``model.attention_backend=sdpa``);
+  3. + norms in the activations' dtype (``megaopsd/models/norm.py``; the fused norm);
+  4. + megatron's fused SwiGLU (``bias_activation_fusion``, on by default on GPUs): the default.
+  A rung that changes nothing on this run (3 in float32: nothing to cast; 4 on CPU: the fusion
+  is off there) is not run and its figure is nan;
 - plain transformers (the official OPSD stack's way): ``Qwen3ForCausalLM`` with SDPA attention,
   a frozen deep copy as teacher, full-vocab logits, the naive full-vocab JSD(0.5) in float32 on
   the response positions, torch's AdamW (fused on CUDA) on the model's own weights;
@@ -26,12 +28,12 @@ the naive one.
     python bench/mfu.py --preset tiny --rollouts 4 --prompt 8 --teacher-prompt 16 \
         --response-min 4 --response-max 12 --microbatch-tokens 64 --repeats 1   # the suite's toy run
 
-Ends with ``RESULT gpu_mfu mfu=... step_s=... unfused_step_s=... fp32_norm_step_s=... hf_step_s=...
-attention=... loss_ms=... torch_loss_ms=... naive_loss_ms=...`` (``step_s`` is the default path;
-``unfused_step_s`` the old path, ``sdpa_over_unfused`` their ratio; ``fp32_norm_step_s`` SDPA with
-the old norms, nan in float32;
-``mfu`` is nan without a peak; ``loss_ms`` is the compiled loss, what
-``loss.implementation=auto`` runs on CUDA).
+Ends with ``RESULT gpu_mfu mfu=... step_s=... unfused_step_s=... sdpa_step_s=... norms_step_s=...
+hf_step_s=... sdpa_over_unfused=... over_hf=... loss_ms=... torch_loss_ms=... naive_loss_ms=...``:
+``step_s`` is the default (the last rung run), ``unfused_step_s`` the old path, ``sdpa_step_s``
+and ``norms_step_s`` rungs 2 and 3 (nan when that rung is the default or changes nothing),
+``sdpa_over_unfused`` default / old path; ``mfu`` (of the default) is nan without a peak;
+``loss_ms`` is the compiled loss, what ``loss.implementation=auto`` runs on CUDA.
 """
 
 from __future__ import annotations
@@ -109,11 +111,31 @@ def _float32_weight_norms(chunks) -> None:
                 module.__class__ = torch.nn.RMSNorm
 
 
+# The ladder: (row, attention backend, old norms, fused SwiGLU; None: the default for the device)
+RUNGS = [
+    ("old path: unfused attention, fp32-weight norms, unfused SwiGLU", "unfused", True, False),
+    ("+ SDPA attention", "sdpa", True, False),
+    ("+ norms in the activation dtype", "sdpa", False, False),
+    ("the default (+ fused SwiGLU on GPUs)", "sdpa", False, None),
+]
+
+
+def effective(rung: tuple, args, device: torch.device) -> tuple:
+    """What a rung runs on this device and dtype (rungs with equal values are one path)."""
+    _, attention, old_norms, swiglu = rung
+    return (
+        attention,
+        old_norms and args.dtype != "float32",
+        device.type == "cuda" if swiglu is None else swiglu,
+    )
+
+
 def megaopsd_step_s(
-    hf_dir: Path, samples, args, runtime, attention: str, old_norms: bool = False
+    hf_dir: Path, samples, args, runtime, attention: str, old_norms: bool, swiglu: bool | None
 ) -> tuple[float, list[float]]:
-    """Seconds per ``train_step`` with ``model.attention_backend=attention`` (and the old norms
-    when ``old_norms``), and the losses."""
+    """Seconds per ``train_step`` with ``model.attention_backend=attention``, the old norms when
+    ``old_norms``, megatron's fused SwiGLU per ``swiglu`` (None: the device's default), and the
+    losses."""
     from megaopsd.algorithm.batch import build_microbatches
     from megaopsd.algorithm.step import train_step
     from megaopsd.components import build_components
@@ -121,7 +143,12 @@ def megaopsd_step_s(
 
     cfg = load_config(
         dict(
-            model=dict(hf_path=str(hf_dir), dtype=args.dtype, attention_backend=attention),
+            model=dict(
+                hf_path=str(hf_dir),
+                dtype=args.dtype,
+                attention_backend=attention,
+                transformer_overrides={} if swiglu is None else {"bias_activation_fusion": swiglu},
+            ),
             parallel=dict(use_distributed_optimizer=True),
             teacher=dict(mode="fixed"),
             loss=dict(kind="jsd", beta=0.5, chunk_tokens=1024),
@@ -270,38 +297,37 @@ def main() -> None:
             f"prompt {args.prompt}, teacher prompt {args.teacher_prompt}, responses {args.response_min}-"
             f"{args.response_max}; {args.microbatch_tokens} tokens per microbatch; {flops / 1e12:.2f} TFLOP per step"
         )
-        unfused_s, unfused_losses = megaopsd_step_s(hf_dir, samples, args, runtime, "unfused", old_norms=True)
-        fp32_norm_s = float("nan")
-        if args.dtype != "float32":
-            fp32_norm_s, _ = megaopsd_step_s(hf_dir, samples, args, runtime, "sdpa", old_norms=True)
-        sdpa_s, sdpa_losses = megaopsd_step_s(hf_dir, samples, args, runtime, "sdpa")
+        # each distinct path once; a rung equal to the next one is that one (the last is the default)
+        keys = [effective(rung, args, device) for rung in RUNGS]
+        runs = {}
+        for rung, key in zip(RUNGS, keys):
+            if key not in runs:
+                runs[key] = megaopsd_step_s(hf_dir, samples, args, runtime, *rung[1:])
         hf_s = hf_step_s(hf_dir, samples, args, device)
     peak = peak_tflops(machine, args.dtype, args.peak_tflops) if device.type == "cuda" else args.peak_tflops
-    rows = [
-        ("megaopsd, old path: unfused attention, fp32-weight norms", unfused_s),
-        ("megaopsd, SDPA, fp32-weight norms", fp32_norm_s),
-        ("megaopsd, SDPA, norms in the activation dtype", sdpa_s),
-        ("plain transformers", hf_s),
-    ]
-    print(f"{'path':<58}{'s/step':>10}{'GFLOP/s':>12}{'MFU':>8}")
-    for name, seconds in rows:
-        if seconds != seconds:  # nan: not run (float32)
+    seconds = [runs[key][0] if key not in keys[i + 1 :] else float("nan") for i, key in enumerate(keys)]
+    unfused_s, default_s = runs[keys[0]][0], runs[keys[-1]][0]
+    print(f"{'path':<74}{'s/step':>10}{'GFLOP/s':>12}{'MFU':>8}")
+    for (name, *_), s in [*zip(RUNGS, seconds), (("plain transformers",), hf_s)]:
+        if s != s:  # nan: this rung changes nothing here
+            print(f"{'megaopsd, ' + name:<74}  (same path as the next rung here)")
             continue
-        mfu = flops / seconds / (peak * 1e12) if peak else float("nan")
-        print(f"{name:<58}{seconds:>10.3f}{flops / seconds / 1e9:>12.1f}{mfu:>8.1%}")
-    print(f"first step loss: old path {unfused_losses[0]:.6f}, default {sdpa_losses[0]:.6f}")
+        mfu = flops / s / (peak * 1e12) if peak else float("nan")
+        label = name if name == "plain transformers" else f"megaopsd, {name}"
+        print(f"{label:<74}{s:>10.3f}{flops / s / 1e9:>12.1f}{mfu:>8.1%}")
+    print(f"first step loss: old path {runs[keys[0]][1][0]:.6f}, default {runs[keys[-1]][1][0]:.6f}")
     print(
-        f"default / old path step time {sdpa_s / unfused_s:.3f}; megaopsd (default) / plain transformers "
-        f"{sdpa_s / hf_s:.3f}"
+        f"default / old path step time {default_s / unfused_s:.3f}; megaopsd (default) / plain transformers "
+        f"{default_s / hf_s:.3f}"
     )
     loss_tokens = args.loss_tokens or (4096 if device.type == "cuda" else 256)
     print(f"the loss alone, JSD(0.5) at {loss_tokens} x {spec.vocab_size}, bf16 logits, forward + backward:")
     loss = bench_divergence(device, loss_tokens, spec.vocab_size, repeats=max(args.repeats, 1))
-    mfu = flops / sdpa_s / (peak * 1e12) if peak else float("nan")
+    mfu = flops / default_s / (peak * 1e12) if peak else float("nan")
     print(
-        f"RESULT gpu_mfu mfu={mfu:.3f} step_s={sdpa_s:.3f} unfused_step_s={unfused_s:.3f} "
-        f"fp32_norm_step_s={fp32_norm_s:.3f} hf_step_s={hf_s:.3f} "
-        f"sdpa_over_unfused={sdpa_s / unfused_s:.3f} over_hf={sdpa_s / hf_s:.3f} attention=sdpa "
+        f"RESULT gpu_mfu mfu={mfu:.3f} step_s={default_s:.3f} unfused_step_s={unfused_s:.3f} "
+        f"sdpa_step_s={seconds[1]:.3f} norms_step_s={seconds[2]:.3f} hf_step_s={hf_s:.3f} "
+        f"sdpa_over_unfused={default_s / unfused_s:.3f} over_hf={default_s / hf_s:.3f} attention=sdpa "
         f"loss_ms={loss['compiled'][0]:.1f} torch_loss_ms={loss['torch'][0]:.1f} "
         f"naive_loss_ms={loss['naive'][0]:.1f} device={device.type}"
     )

@@ -199,6 +199,7 @@ def layer_activation_bytes(
     recompute: str | None,
     fused_norm: bool,
     attention: str = "unfused",
+    fused_swiglu: bool = False,
 ) -> float:
     """Bytes autograd keeps per token for one decoder layer, per TP rank.
 
@@ -208,6 +209,7 @@ def layer_activation_bytes(
 
         linear inputs  (2 h + q + f) x act     of QKV, FC1 (h / TP with sequence parallel), proj, FC2
         SwiGLU         4 f x act               FC1's output, SiLU's output, the second half
+                       fused: 2 f x act        FC1's output only (megatron's SwiGLUFunction)
         attention      unfused: (q + 2 q) x act + heads x s x (4 + act, or 4 in float32)
                          the query after rope, the keys and values repeated to every head,
                          the softmax output in float32 and its copy in the activation dtype
@@ -227,7 +229,7 @@ def layer_activation_bytes(
     f = mlp_width(plan)
     h = spec.hidden_size / tp if sequence_parallel else spec.hidden_size
     linear_inputs = (2 * h + q + f) * act_bytes + moe_dispatch_bytes(plan, act_bytes)
-    swiglu = 4 * f * act_bytes
+    swiglu = (2 if fused_swiglu else 4) * f * act_bytes
     # the value is a view of the QKV output: it keeps the whole output alive unless the norms do
     qkv_output = 0 if _keeps_qkv_output(act_bytes, fused_norm) else (q + 2 * kv) * act_bytes
     if recompute == "selective":
@@ -316,6 +318,7 @@ def stage_activation_gib(
         sequence_parallel=par.sequence_parallel,
         fused_norm=cfg.runtime.device != "cpu",
         attention=attention,
+        fused_swiglu=mc.swiglu_fusion(on_gpu=cfg.runtime.device != "cpu"),
     )
     layer = layer_activation_bytes(plan, seq_len=shape.student_len, recompute=None, **common) * tokens
     recomputed = 0.0

@@ -94,6 +94,14 @@ class ModelConfig:
     # Further megatron TransformerConfig fields, applied last (e.g. {cross_entropy_loss_fusion: true}).
     transformer_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    def swiglu_fusion(self, on_gpu: bool) -> bool:
+        """Whether megatron's fused SwiGLU runs (``bias_activation_fusion``: one torch.compile'd
+        kernel each way, FC1's output the only tensor kept for backward): on GPUs and with TE,
+        unless ``transformer_overrides`` sets ``bias_activation_fusion``. Off on CPU by default,
+        where each new shape would cost seconds of C++ compiling."""
+        default = on_gpu or self.transformer_impl == "transformer_engine"
+        return bool(self.transformer_overrides.get("bias_activation_fusion", default))
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ParallelConfig:

@@ -77,8 +77,8 @@ def transformer_config(
 
     check_tensor_parallel(spec, parallel.tp_size)
     dtype = params_dtype(model_cfg)
-    # Fused kernels need CUDA (and mostly TE); the local spec runs unfused, which is what the
-    # CPU test suite exercises.
+    # Most fused kernels need TE or apex; the local spec runs them unfused. The SwiGLU fusion is
+    # megatron's own (torch.compile): on GPUs (``ModelConfig.swiglu_fusion``).
     fused = model_cfg.transformer_impl == "transformer_engine"
     kwargs: dict[str, Any] = dict(
         num_layers=spec.num_layers,
@@ -111,7 +111,7 @@ def transformer_config(
         num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
         num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
         sequence_parallel=parallel.sequence_parallel,
-        bias_activation_fusion=fused,
+        bias_activation_fusion=model_cfg.swiglu_fusion(on_gpu=collective_device().type == "cuda"),
         masked_softmax_fusion=fused,
         bias_dropout_fusion=fused,
         apply_rope_fusion=fused,

@@ -214,3 +214,45 @@ def test_bf16_norms_meet_their_input_in_bf16_and_keep_float32_weights(tiny_qwen3
         assert len(r["calls"]) == len(r["norms"]), rank  # one call per norm (backward makes none)
         assert set(r["calls"]) == {("torch.bfloat16", "torch.bfloat16")}, (rank, set(r["calls"]))
         assert r["grad_dtypes"] == {"torch.float32"} and r["grads_nonzero"] == len(r["norms"]), (rank, r)
+
+
+def swiglu_fusion_worker(model_dir: Path) -> dict:
+    """Logits and every weight gradient of one forward + backward, megatron's fused SwiGLU
+    (what GPUs run by default) against the unfused one, float32 at TP2."""
+    from megaopsd.config import ModelConfig, ParallelConfig, RuntimeConfig
+    from megaopsd.convert import load_hf_weights
+    from megaopsd.models import build_model_chunks, load_hf_config
+    from megaopsd.runtime import Runtime
+
+    runtime = Runtime.start(ParallelConfig(tensor_model_parallel_size=2), RuntimeConfig())
+    try:
+        spec = load_hf_config(model_dir)
+        out = {}
+        for fused in (False, True):
+            model_cfg = ModelConfig(
+                hf_path=str(model_dir), transformer_overrides={"bias_activation_fusion": fused}
+            )
+            assert model_cfg.swiglu_fusion(on_gpu=False) == fused
+            chunk = build_model_chunks(spec, model_cfg, runtime.parallel)[0]
+            assert chunk.config.bias_activation_fusion == fused
+            load_hf_weights([chunk], spec, model_dir, runtime.parallel)
+            logits = chunk(make_batch(spec.vocab_size), torch.arange(SEQ)[None], None)
+            logits.square().mean().backward()
+            out[fused] = [logits.detach()] + [p.grad for _, p in sorted(chunk.named_parameters())]
+        return {
+            "tensors": len(out[True]),
+            "rel_errors": [
+                ((a - b).abs().max() / b.abs().max()).item()
+                for a, b in zip(out[True], out[False], strict=True)
+            ],
+        }
+    finally:
+        runtime.shutdown()
+
+
+def test_fused_swiglu_equals_the_unfused_one(tiny_qwen3):
+    """GPUs run megatron's fused SwiGLU (``ModelConfig.swiglu_fusion``); its torch.compile'd
+    kernels are built here as C++ and must give the unfused layer's logits and gradients."""
+    for rank, r in enumerate(run_ranks(swiglu_fusion_worker, world_size=2, args=(tiny_qwen3,))):
+        assert r["tensors"] > 10, rank
+        assert max(r["rel_errors"]) <= 1e-5, (rank, r["rel_errors"])

@@ -80,6 +80,25 @@ def test_bench(name, tmp_path):
         assert float(values[key]) <= bound, done.stdout[-2000:]
 
 
+def test_mfu_ladder_runs_each_change_where_it_changes_something():
+    """bench/mfu.py's rungs on the issue's GPU run (bf16, CUDA) are four paths; on the suite's
+    CPU run in float32 the norm cast and the SwiGLU fusion change nothing and are not run."""
+    import argparse
+
+    import torch
+
+    from bench.mfu import RUNGS, effective
+
+    def distinct(dtype: str, device: str) -> int:
+        args = argparse.Namespace(dtype=dtype)
+        return len({effective(rung, args, torch.device(device)) for rung in RUNGS})
+
+    assert distinct("bfloat16", "cuda") == 4
+    assert distinct("bfloat16", "cpu") == 3  # the fusion is off on CPU
+    assert distinct("float32", "cpu") == 2  # and a float32 model has nothing to cast
+    assert effective(RUNGS[-1], argparse.Namespace(dtype="bfloat16"), torch.device("cuda"))[2] is True
+
+
 def test_make_tiny_model(tmp_path):
     _python(["tools/make_tiny_model.py", "--family", "llama", "--out", str(tmp_path / "m"), "--layers", "1"])
     config = json.loads((tmp_path / "m" / "config.json").read_text())
