@@ -248,7 +248,10 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     tokens, vocab, repeats = (64, 1024, 1) if args.smoke else (4096, 151936, 5)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    from megaopsd.runtime.kernels import compiles_kernels_for
+
     print(f"device: {name}  torch {torch.__version__}")
+    print(f"compiled kernels (Triton) for the loss and the fused SwiGLU: {compiles_kernels_for(device)}")
     print(f"divergences vs float64 reference ({device.type}):")
     worst = check_divergences(device)
     print(f"JSD(0.5), {tokens} tokens x vocab {vocab}, bf16 logits, forward + backward:")

@@ -47,6 +47,7 @@ from megaopsd.loss.sharded import (
     spare_column_index,
     valid_columns,
 )
+from megaopsd.runtime.kernels import compiles_kernels_for
 
 KINDS = LOSS_KINDS  # the choices of loss.kind; _PATHS implements each (tests/unit/test_config.py)
 CLIP_MODES = CLIP_MODE_CHOICES  # the choices of loss.clip_mode (entry_clip.py)
@@ -610,7 +611,8 @@ def vocab_parallel_divergence(
         chunk_tokens: tokens per chunk; extra memory is a few [chunk_tokens, shard] buffers.
         implementation: ``torch`` (the operations of this module: the CPU path and the
             reference), ``compiled`` (the fused chunk bodies of ``fused.py`` through
-            ``torch.compile``) or ``auto``: compiled for CUDA logits, torch otherwise.
+            ``torch.compile``) or ``auto``: compiled for CUDA logits where Triton is usable
+            (``runtime.kernels``), torch otherwise.
 
     Returns:
         (loss_sum, metrics): loss_sum is a 0-dim tensor (float32, or float64 for float64 inputs)
@@ -654,7 +656,8 @@ def vocab_parallel_divergence(
         first_id=first_id,
         n_cols=n_cols,
         dtype=dtype,
-        compiled=implementation == "compiled" or (implementation == "auto" and student_logits_TW.is_cuda),
+        compiled=implementation == "compiled"
+        or (implementation == "auto" and compiles_kernels_for(student_logits_TW.device)),
     )
     loss_sum, m = _VocabParallelDivergence.apply(
         student_logits_TW, teacher_logits_TW.detach(), mask_T, sampled_ids_T, spec

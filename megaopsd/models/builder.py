@@ -24,6 +24,7 @@ from megaopsd.config.hf_spec import HFModelSpec, check_tensor_parallel
 from megaopsd.models.norm import fuse_norms
 from megaopsd.models.rope import apply_rope_override, megatron_handles_scaling
 from megaopsd.runtime.distributed import collective_device
+from megaopsd.runtime.kernels import compiles_kernels_for
 from megaopsd.runtime.parallel import ParallelState
 
 if TYPE_CHECKING:  # megatron imports stay lazy: importing megatron.core costs seconds
@@ -111,7 +112,7 @@ def transformer_config(
         num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
         num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
         sequence_parallel=parallel.sequence_parallel,
-        bias_activation_fusion=model_cfg.swiglu_fusion(on_gpu=collective_device().type == "cuda"),
+        bias_activation_fusion=model_cfg.swiglu_fusion(on_gpu=compiles_kernels_for(collective_device())),
         masked_softmax_fusion=fused,
         bias_dropout_fusion=fused,
         apply_rope_fusion=fused,

@@ -176,3 +176,22 @@ def test_recompute_in_backward_runs_under_the_emulation():
     finally:
         cpu_emulation.disable()
     assert mcore_random.CheckpointFunction.backward is original
+
+
+def test_compiled_kernels_only_on_cuda_with_triton_and_one_warning_without(monkeypatch):
+    """The compiled loss and the fused SwiGLU ask ``compiles_kernels_for`` first. No CUDA here:
+    the CUDA answers come from a stand-in for the Triton probe (``has_triton``)."""
+    import warnings
+
+    from megaopsd.runtime import kernels
+
+    assert kernels.compiles_kernels_for(torch.device("cpu")) is False
+    monkeypatch.setattr(kernels, "_triton_usable", lambda: True)
+    assert kernels.compiles_kernels_for(torch.device("cuda", 0)) is True
+    monkeypatch.setattr(kernels, "_triton_usable", lambda: False)
+    kernels._warn_once.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [kernels.compiles_kernels_for(torch.device("cuda")) for _ in range(3)] == [False] * 3
+    assert len(caught) == 1 and "Triton is not usable" in str(caught[0].message)
+    assert "install the triton that matches your torch" in str(caught[0].message)
