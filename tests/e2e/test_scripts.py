@@ -8,6 +8,7 @@ The figures mean nothing at these sizes: bench/RESULTS.md holds the real ones.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,24 @@ def test_mfu_ladder_runs_each_change_where_it_changes_something():
     assert distinct("bfloat16", "cpu") == 3  # the fusion is off on CPU
     assert distinct("float32", "cpu") == 2  # and a float32 model has nothing to cast
     assert effective(RUNGS[-1], argparse.Namespace(dtype="bfloat16"), torch.device("cuda"))[2] is True
+
+
+def test_gpu_session_script_runs_both_benches_and_collects_their_results(tmp_path):
+    """bench/gpu_session.sh, the one command a lent GPU machine runs, with the CPU toy arguments
+    of the two benches it runs (their own smoke cases above)."""
+    env = os.environ | {
+        "OUT": str(tmp_path / "out"),
+        "PYTHON": sys.executable,
+        "GPU_CHECK_ARGS": BENCHES["gpu_check"][0],
+        "MFU_ARGS": BENCHES["mfu"][0].replace("--dtype bfloat16", "--dtype float32"),
+    }
+    done = subprocess.run(
+        ["bash", "bench/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = done.stdout.split("--- RESULT lines")[1].split()
+    assert {"gpu_divergence", "gpu_megatron", "gpu_mfu"} <= set(results)
+    assert (tmp_path / "out" / "machine.txt").read_text().count("megatron-core 0.16.1") == 1
 
 
 def test_make_tiny_model(tmp_path):
