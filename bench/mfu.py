@@ -11,8 +11,8 @@ Each path takes the same rollouts (fixed shuffled lengths) and does one optimize
   2. + SDPA attention (``model.attention_backend=sdpa``);
   3. + norms in the activations' dtype (``megaopsd/models/norm.py``; the fused norm);
   4. + megatron's fused SwiGLU (``bias_activation_fusion``, on by default on GPUs): the default.
-  A rung that changes nothing on this run (3 in float32: nothing to cast; 4 on CPU: the fusion
-  is off there) is not run and its figure is nan;
+  A rung that changes nothing on this run (3 in float32: nothing to cast; 4 on CPU, or without
+  Triton: the fusion is off there) is not run again and has no figure of its own (nan);
 - plain transformers (the official OPSD stack's way): ``Qwen3ForCausalLM`` with SDPA attention,
   a frozen deep copy as teacher, full-vocab logits, the naive full-vocab JSD(0.5) in float32 on
   the response positions, torch's AdamW (fused on CUDA) on the model's own weights;
@@ -30,8 +30,8 @@ the naive one.
 
 Ends with ``RESULT gpu_mfu mfu=... step_s=... unfused_step_s=... sdpa_step_s=... norms_step_s=...
 hf_step_s=... sdpa_over_unfused=... over_hf=... loss_ms=... torch_loss_ms=... naive_loss_ms=...``:
-``step_s`` is the default (the last rung run), ``unfused_step_s`` the old path, ``sdpa_step_s``
-and ``norms_step_s`` rungs 2 and 3 (nan when that rung is the default or changes nothing),
+``step_s`` is the default (the last rung), ``unfused_step_s`` the old path, ``sdpa_step_s``
+and ``norms_step_s`` rungs 2 and 3 (``norms_step_s`` nan when the norm cast changes nothing),
 ``sdpa_over_unfused`` default / old path; ``mfu`` (of the default) is nan without a peak;
 ``loss_ms`` is the compiled loss, what ``loss.implementation=auto`` runs on CUDA.
 """
@@ -122,12 +122,19 @@ RUNGS = [
 
 def effective(rung: tuple, args, device: torch.device) -> tuple:
     """What a rung runs on this device and dtype (rungs with equal values are one path)."""
+    from megaopsd.runtime.kernels import compiles_kernels_for
+
     _, attention, old_norms, swiglu = rung
     return (
         attention,
         old_norms and args.dtype != "float32",
-        device.type == "cuda" if swiglu is None else swiglu,
+        compiles_kernels_for(device) if swiglu is None else swiglu,  # what ModelConfig.swiglu_fusion picks
     )
+
+
+def changes(keys: list[tuple]) -> list[bool]:
+    """Whether each rung runs another path than the rung before it (the first always does)."""
+    return [i == 0 or key != keys[i - 1] for i, key in enumerate(keys)]
 
 
 def megaopsd_step_s(
@@ -297,20 +304,24 @@ def main() -> None:
             f"prompt {args.prompt}, teacher prompt {args.teacher_prompt}, responses {args.response_min}-"
             f"{args.response_max}; {args.microbatch_tokens} tokens per microbatch; {flops / 1e12:.2f} TFLOP per step"
         )
-        # each distinct path once; a rung equal to the next one is that one (the last is the default)
+        # each distinct path once, printed as it finishes (a run cut short keeps what it measured)
         keys = [effective(rung, args, device) for rung in RUNGS]
         runs = {}
         for rung, key in zip(RUNGS, keys):
             if key not in runs:
                 runs[key] = megaopsd_step_s(hf_dir, samples, args, runtime, *rung[1:])
+                print(f"  measured: {rung[0]}: {runs[key][0]:.3f} s/step", flush=True)
         hf_s = hf_step_s(hf_dir, samples, args, device)
     peak = peak_tflops(machine, args.dtype, args.peak_tflops) if device.type == "cuda" else args.peak_tflops
-    seconds = [runs[key][0] if key not in keys[i + 1 :] else float("nan") for i, key in enumerate(keys)]
+    # a rung that changes nothing on this run has no figure of its own (the default always has one)
+    last = len(RUNGS) - 1
+    changed = changes(keys)
+    seconds = [runs[key][0] if changed[i] or i == last else float("nan") for i, key in enumerate(keys)]
     unfused_s, default_s = runs[keys[0]][0], runs[keys[-1]][0]
     print(f"{'path':<74}{'s/step':>10}{'GFLOP/s':>12}{'MFU':>8}")
     for (name, *_), s in [*zip(RUNGS, seconds), (("plain transformers",), hf_s)]:
         if s != s:  # nan: this rung changes nothing here
-            print(f"{'megaopsd, ' + name:<74}  (same path as the next rung here)")
+            print(f"{'megaopsd, ' + name:<74}  (changes nothing here: the rung above)")
             continue
         mfu = flops / s / (peak * 1e12) if peak else float("nan")
         label = name if name == "plain transformers" else f"megaopsd, {name}"

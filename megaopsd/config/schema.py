@@ -27,7 +27,7 @@ AlgorithmName = Literal["opsd", "grpo", "sft", "rlsd", "pw_opsd"]
 RecomputeGranularity = Literal["selective", "full"]
 RecomputeMethod = Literal["uniform", "block"]
 # torch: the reference operations (CPU); compiled: fused torch.compile chunk bodies; auto: compiled
-# on CUDA, torch otherwise
+# on CUDA where Triton is usable (megaopsd/runtime/kernels.py), torch otherwise
 LossImplementation = Literal["auto", "torch", "compiled"]
 ClipMode = Literal["token", "entry"]  # token: a token's divergence; entry: each vocab entry's term
 PromptStyle = Literal["opsd", "opsd_first_release", "compact", "minimal"]

@@ -5,13 +5,14 @@ with a dozen separate torch operations, each reading and writing a [C, N] float3
 GPU that is an order of magnitude more memory traffic than the loss needs. Here the same math is
 written as pure functions of the raw logits (gather of the chunk's rows, upcast, temperature,
 softmax statistics and the per-token sums or the gradient) and handed to ``torch.compile``,
-which generates one fused kernel per pass; the logits are read in their own dtype and never
-copied to float32.
+which generates one fused kernel per pass; the logits are read in their own dtype, and the only
+float32 [C, N] copy is the top-k kinds' scaled teacher rows, which the selection reads.
 
 Passes, per chunk (P = TP size, each collective is one all-reduce of per-token rows):
 
 - forward: row max (P > 1 only) -> sum of exp -> the kind's per-token sums; without TP the first
-  two are one ``logsumexp``. Every pass reads both logit chunks once.
+  two are one ``logsumexp``. Every pass reads both logit chunks once; the top-k kinds add one
+  pass over the teacher's (the scaled rows) and gather the student's values at the chosen ids.
 - backward: one pass that rebuilds the probabilities from the saved log-normalisers and writes
   the gradient, already scaled by each token's coefficient, in the logits' dtype.
 
@@ -34,7 +35,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from megaopsd.loss.sharded import ReduceOp, all_reduce_rows
+from megaopsd.loss.sharded import ReduceOp, all_reduce_rows, named_columns
 
 # torch.compile's backend: inductor generates the kernels (Triton on CUDA, C++ on CPU). The CPU
 # tests trace the same graphs with "eager" (each inductor build costs seconds of C++ compiling)
@@ -364,21 +365,11 @@ def pg_grad(
 # ----------------------------------------------------------------------------- teacher top-k
 
 
-def _scaled_rows(src_TN, rows_C, tau: torch.Tensor, dtype: torch.dtype):
-    return _scaled(src_TN, rows_C, tau, dtype)
-
-
 def scaled_rows(
     src_TN: torch.Tensor, rows_C: torch.Tensor, *, tau: float, dtype: torch.dtype
 ) -> torch.Tensor:
     """The chunk's rows of ``src_TN`` / tau in ``dtype`` ([C, N]): what the top-k is chosen on."""
-    return _compiled(_scaled_rows)(src_TN, rows_C, _scalar(tau, dtype, rows_C.device), dtype)
-
-
-def _named_columns(cols_CK: torch.Tensor, n: int) -> torch.Tensor:
-    """[C, n] bool, True at the columns ``cols_CK`` names (``sharded.spare_column_index``)."""
-    hit = torch.zeros(cols_CK.shape[0], n + 1, dtype=torch.bool, device=cols_CK.device)
-    return hit.scatter(1, cols_CK, True)[:, :n]
+    return _compiled(_scaled)(src_TN, rows_C, _scalar(tau, dtype, rows_C.device), dtype)
 
 
 def _topk_sums(
@@ -389,7 +380,7 @@ def _topk_sums(
     sums = [(ps * ls).sum(dim=1), (pt * lt).sum(dim=1)]
     if tail:
         # Summed outside the top-k directly (not 1 - top-k mass), which keeps a small tail exact.
-        top = _named_columns(cols_CK, ls.shape[1])
+        top = named_columns(cols_CK, ls.shape[1])
         sums += [torch.where(top, 0.0, ps).sum(dim=1), torch.where(top, 0.0, pt).sum(dim=1)]
     return sums
 
@@ -419,7 +410,7 @@ def _topk_grad(s_TN, rows_C, lse_s_C, tail_coef_C, cols_CK, g_top_CK, coef_C, ta
     g = g.scatter(1, cols_CK, g_top_CK)[:, :n]
     if tail_coef_C is not None:  # a tail column i gets G_tail * p_S,i / tail_S
         p_tail = _logp(s_TN, rows_C, lse_s_C, tau, dtype).exp() * tail_coef_C[:, None]
-        g = torch.where(_named_columns(cols_CK, n), g, p_tail)
+        g = torch.where(named_columns(cols_CK, n), g, p_tail)
     return (g * coef_C[:, None]).to(s_TN.dtype)
 
 

@@ -243,8 +243,13 @@ def spare_column_index(ids_CK: torch.Tensor, first_id: int, n_cols: int) -> torc
     return torch.where(in_shard(ids_CK, first_id, n_cols), ids_CK - first_id, n_cols)
 
 
+def named_columns(cols_CK: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """Boolean [C, N], True at the columns ``cols_CK`` names (``spare_column_index``'s output;
+    pure, so the compiled passes use it too)."""
+    mask = torch.zeros(cols_CK.shape[0], n_cols + 1, dtype=torch.bool, device=cols_CK.device)
+    return mask.scatter(1, cols_CK, True)[:, :n_cols]
+
+
 def columns_mask(ids_CK: torch.Tensor, first_id: int, n_cols: int) -> torch.Tensor:
     """Boolean [C, N] mask of the local columns named by global ``ids_CK`` (others ignored)."""
-    idx_CK = spare_column_index(ids_CK, first_id, n_cols)
-    mask = torch.zeros(ids_CK.shape[0], n_cols + 1, dtype=torch.bool, device=ids_CK.device)
-    return mask.scatter_(1, idx_CK, True)[:, :n_cols]
+    return named_columns(spare_column_index(ids_CK, first_id, n_cols), n_cols)

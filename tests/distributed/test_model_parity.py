@@ -232,7 +232,6 @@ def swiglu_fusion_worker(model_dir: Path) -> dict:
             model_cfg = ModelConfig(
                 hf_path=str(model_dir), transformer_overrides={"bias_activation_fusion": fused}
             )
-            assert model_cfg.swiglu_fusion(on_gpu=False) == fused
             chunk = build_model_chunks(spec, model_cfg, runtime.parallel)[0]
             assert chunk.config.bias_activation_fusion == fused
             load_hf_weights([chunk], spec, model_dir, runtime.parallel)

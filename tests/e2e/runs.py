@@ -4,6 +4,7 @@ checkpoints. Not a test module; the shared runs built with them are in tests/e2e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -177,3 +178,34 @@ def assert_identical(a: Path, b: Path) -> None:
 
 def mean_over(values: dict[int, float], steps: range) -> float:
     return sum(values[s] for s in steps) / len(steps)
+
+
+def _held_by_a_process(paths: set[Path]) -> set[Path]:
+    """Which of ``paths`` a live process has open or mapped (its /proc fds and maps)."""
+    names, held = {str(p): p for p in paths}, set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            targets = {line.split(maxsplit=5)[-1] for line in (proc / "maps").read_text().splitlines()}
+            fds = list((proc / "fd").iterdir())
+        except OSError:  # the process left, or is not ours to read
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):  # closed since the listing (the listing's own fd among them)
+                targets.add(os.readlink(fd))
+        held |= {names[t] for t in targets if t in names}
+    return held
+
+
+def leaked_shared_memory(before: set[Path], settle_s: float = 10.0) -> set[Path]:
+    """Entries of /dev/shm that appeared since ``before`` and that no live process holds, once
+    they have stayed so for ``settle_s``: a run's leaks, not the segments of a test that the
+    other suite worker is running at the same time (those are held, or unlinked when it ends)."""
+    deadline = time.time() + settle_s
+    while True:
+        new = set(Path("/dev/shm").iterdir()) - before
+        unheld = new - _held_by_a_process(new)
+        if not unheld or time.time() > deadline:
+            return unheld
+        time.sleep(0.5)
