@@ -376,6 +376,35 @@ def _compare_pw_opsd(rank: int) -> list[dict]:
     return out
 
 
+def _compare_bf16_paths(rank: int) -> list[dict]:
+    """bfloat16 logits at TP2 (what GPUs train with): the compiled path against the torch path on
+    the same shards, entry and token clip, the top-k kinds picking the student's bf16 values
+    across ranks."""
+    shard = slice(rank * W, (rank + 1) * W)
+    out = []
+    for kind, clip, clip_mode in [
+        ("jsd", None, "token"),
+        ("topk_tail", 0.02, "entry"),
+        ("topk", 1.0, "token"),
+        ("pg", None, "token"),
+    ]:
+        student, teacher, mask, sampled = _inputs(203, seed=70)
+        student, teacher = (x[:, shard].to(torch.bfloat16).contiguous() for x in (student, teacher))
+        kw = dict(kind=kind, beta=0.5, vocab_size=203, top_k=TOP_K, clip=clip, clip_mode=clip_mode)
+        kw |= dict(sampled_ids_T=sampled, chunk_tokens=CHUNK, mask_T=mask)
+        paths = [
+            _loss_and_grad(student, teacher, dist.group.WORLD, implementation=impl, **kw)
+            for impl in ("torch", "compiled")
+        ]
+        out.append(
+            dict(
+                case=f"{kind} clip={clip} {clip_mode}",
+                paths=[(v.numpy(), g.float().numpy()) for v, g in paths],
+            )
+        )
+    return out
+
+
 def _worker() -> dict:
     torch.set_num_threads(1)
     fused.BACKEND = "eager"
@@ -389,6 +418,7 @@ def _worker() -> dict:
             allocations=_record_allocations(rank),
             rlsd=_compare_rlsd(rank),
             pw_opsd=_compare_pw_opsd(rank),
+            bf16=_compare_bf16_paths(rank),
         )
     finally:
         dist.destroy_process_group()
@@ -516,3 +546,16 @@ def test_position_weighted_opsd_equals_its_float64_formula_at_tp1_and_tp2(rank_r
     # the two reductions differ (responses of unequal length): the test tells them apart
     sequence, token = (c["reference"][0] for c in rank_results[0]["pw_opsd"][:2])
     assert abs(sequence - token) > 1e-3 * abs(token)
+
+
+def test_bf16_tp2_compiled_equals_the_torch_path(rank_results):
+    for rank, result in enumerate(rank_results):
+        assert len(result["bf16"]) == 4
+        for r in result["bf16"]:
+            (vals_t, grad_t), (vals_c, grad_c) = r["paths"]
+            vals_t, vals_c = torch.from_numpy(vals_t), torch.from_numpy(vals_c)
+            assert vals_t[0].item() != 0.0, r["case"]
+            # float32 math on the same bf16 inputs: rounding apart; the gradients are bf16 (one ulp)
+            assert ((vals_c - vals_t).abs() <= 1e-5 * vals_t.abs().clamp_min(1.0)).all(), (rank, r["case"])
+            grad_t, grad_c = torch.from_numpy(grad_t), torch.from_numpy(grad_c)
+            assert (grad_c - grad_t).abs().max() <= 2**-7 * grad_t.abs().max(), (rank, r["case"])
