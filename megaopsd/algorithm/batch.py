@@ -131,6 +131,12 @@ def split_over_data_parallel(rollouts: Sequence[PairedRollout], dp_size: int, dp
     return mine
 
 
+def response_loss_mask(length: int, *, skip_first_tokens: int, in_loss: bool) -> torch.Tensor:
+    """Which of a rollout's ``length`` response tokens the loss scores ([length] bool): all but
+    its first ``skip_first_tokens``, none when the rollout is out of the loss."""
+    return (torch.arange(length) >= skip_first_tokens) & in_loss
+
+
 def build_microbatch(
     rollouts: Sequence[PairedRollout],
     sample_ids: Sequence[int],
@@ -175,7 +181,7 @@ def build_microbatch(
             teacher_index.append(row * teacher_len + len(t_prompt) - 1 + positions)
         targets.append(torch.tensor(response, dtype=torch.long))
         keep = in_loss is None or in_loss[sample]
-        mask.append((positions >= skip_first_tokens) & keep)
+        mask.append(response_loss_mask(len(response), skip_first_tokens=skip_first_tokens, in_loss=keep))
         owner.append(torch.full((len(response),), sample, dtype=torch.long))
         engine.append(getattr(rollout, "engine_logprobs", None))
     return PairedMicrobatch(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from megaopsd.algorithm.batch import response_loss_mask
 from megaopsd.algorithm.loss import PositionWeightedDivergence, make_loss_fn
 from megaopsd.algorithm.methods.base import StepInputs, TrainingBatch
 from megaopsd.algorithm.methods.opsd import Opsd
@@ -19,10 +20,15 @@ from megaopsd.runtime.distributed import dp_sum
 
 
 def loss_token_counts(train: Sequence, in_loss: Sequence[bool] | None, skip_first_tokens: int) -> list[int]:
-    """Each rollout's loss tokens as ``build_microbatch`` masks them (its first
-    ``skip_first_tokens`` tokens and rollouts out of the loss left out)."""
+    """Each rollout's loss tokens: ``build_microbatch``'s mask (``response_loss_mask``), counted."""
     return [
-        max(len(r.response_ids) - skip_first_tokens, 0) if in_loss is None or in_loss[i] else 0
+        int(
+            response_loss_mask(
+                len(r.response_ids),
+                skip_first_tokens=skip_first_tokens,
+                in_loss=in_loss is None or in_loss[i],
+            ).sum()
+        )
         for i, r in enumerate(train)
     ]
 
