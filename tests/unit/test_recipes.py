@@ -311,31 +311,45 @@ def test_qwen3_30b_a3b_recipe_plans_one_node_and_full_parameters_on_two(tmp_path
     assert estimate["optimizer"] == pytest.approx((experts * 12 + dense * 12 / 16) / 2**30)
 
 
-def test_readme_moe_dry_runs_are_what_the_commands_print(tmp_path):
-    """The README's two Qwen3-30B-A3B printouts (one node, two nodes) are the commands' output."""
-    hf = qwen3_config_dir(tmp_path, "qwen3_30b_a3b")
-    readme = (REPO / "README.md").read_text()
-    blocks = [
-        b for b in readme.split("```") if b.startswith("\n$ python -m megaopsd.train recipe=qwen3_30b_a3b")
-    ]
-    assert len(blocks) == 2
+# The model directories the documents' commands name, as the configs the tests write.
+DOC_MODELS = {"/models/Qwen3-30B-A3B": "qwen3_30b_a3b", "/models/Qwen3-8B": "qwen3_8b"}
+
+
+def test_documented_printouts_are_what_the_commands_print(tmp_path):
+    """Every ``$ python -m megaopsd.train recipe=...`` block of README.md and docs/memory.md
+    (dry runs and a config error) ends with what the command prints today; a ``...`` line
+    stands for the lines left out. A change to the memory model fails here until they match."""
+    dirs = {path: qwen3_config_dir(tmp_path / name, name) for path, name in DOC_MODELS.items()}
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "SLURM_"))
     }
-    for block in blocks:
-        lines = block.strip().splitlines()
-        command_lines = [lines[0]] + [line for line in lines[1:] if line.startswith("    ")]
-        command = " ".join(line.strip().rstrip("\\") for line in command_lines).removeprefix("$ ").split()
-        printed = lines[len(command_lines) :]
-        argv = [a.replace("/models/Qwen3-30B-A3B", str(hf)) for a in command[1:]]
-        out = subprocess.run(
-            [sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120, env=env
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
-        got = [
-            line for line in out.stdout.replace(str(hf), "/models/Qwen3-30B-A3B").splitlines() if line.strip()
+    checked = []
+    for doc in ("README.md", "docs/memory.md"):
+        blocks = [
+            b
+            for b in (REPO / doc).read_text().split("```")
+            if b.startswith("\n$ python -m megaopsd.train recipe=")
         ]
-        assert len(printed) > 15 and got[-len(printed) :] == printed, "\n".join(got)
+        for block in blocks:
+            lines = block.strip().splitlines()
+            command_lines = [lines[0]] + [line for line in lines[1:] if line.startswith("    ")]
+            printed = lines[len(command_lines) :]
+            printed = printed[1:] if printed[:1] == ["..."] else printed
+            command = " ".join(line.strip().rstrip("\\") for line in command_lines).removeprefix("$ ").split()
+            path = next(a.split("=", 1)[1] for a in command if a.startswith("model.hf_path="))
+            argv = [a.replace(path, str(dirs[path])) for a in command[1:]]
+            out = subprocess.run(
+                [sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120, env=env
+            )
+            text = out.stdout if out.returncode == 0 else out.stdout + out.stderr
+            got = [line for line in text.replace(str(dirs[path]), path).splitlines() if line.strip()]
+            assert len(printed) >= 1 and got[-len(printed) :] == printed, (
+                doc,
+                command_lines[0],
+                "\n".join(got),
+            )
+            checked.append(doc)
+    assert checked.count("README.md") == 4 and checked.count("docs/memory.md") == 2, checked
 
 
 def test_gpu_recipes_size_the_engine_by_gpu_memory_utilization():
