@@ -313,12 +313,13 @@ def stage_activation_gib(
     act = activation_bytes(cfg)
     tokens = shape.student_tokens
     attention = attention_kind(cfg)
+    on_gpu = cfg.runtime.device != "cpu"
     common = dict(
         act_bytes=act,
         sequence_parallel=par.sequence_parallel,
-        fused_norm=cfg.runtime.device != "cpu",
+        fused_norm=on_gpu,
         attention=attention,
-        fused_swiglu=mc.swiglu_fusion(on_gpu=cfg.runtime.device != "cpu"),
+        fused_swiglu=mc.swiglu_fusion(on_gpu=on_gpu),
     )
     layer = layer_activation_bytes(plan, seq_len=shape.student_len, recompute=None, **common) * tokens
     recomputed = 0.0

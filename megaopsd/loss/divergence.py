@@ -330,11 +330,6 @@ def _logits(sources: dict[str, torch.Tensor], spec: _Spec) -> tuple[torch.Tensor
     return sources["student"][:, : spec.n_cols], sources["teacher"][:, : spec.n_cols]
 
 
-def _local_ids(ids_C: torch.Tensor, spec: _Spec) -> torch.Tensor:
-    """The sampled ids' columns on this rank, -1 where another rank holds them."""
-    return torch.where(in_shard(ids_C, spec.first_id, spec.n_cols), ids_C - spec.first_id, -1)
-
-
 def _compiled_forward(
     sources: dict[str, torch.Tensor], rows_C: torch.Tensor, ids_C: torch.Tensor | None, spec: _Spec
 ) -> _Chunk:
@@ -355,7 +350,7 @@ def _compiled_forward(
         )
         return _topk_chunk(vals_s_CK, top_CK - lse[1][:, None], ids_CK, rows, lse[0], spec)
     if spec.kind == "pg":
-        local_C = _local_ids(ids_C, spec)
+        local_C = spare_column_index(ids_C, spec.first_id, spec.n_cols)
         sums = fused.pg_sums(student_TN, teacher_TN, rows_C, local_C, lse, group=spec.group, **kw)
         return _pg_chunk(*sums, saved={"lse_s": lse[0], "local": local_C})
     sums = fused.kl_sums(

@@ -331,7 +331,7 @@ def pg_sums(
     group: dist.ProcessGroup | None,
 ) -> list[torch.Tensor]:
     """All-reduced [log p_S(y), log p_T(y), -H(student), -H(teacher)]; ``local_C`` is y's column
-    on this rank, or -1 where another rank holds it."""
+    on this rank, or the spare column N where another rank holds it (``sharded.spare_column_index``)."""
     sums = _compiled(_pg_sums)(
         student_TN, teacher_TN, rows_C, local_C, *lse, _scalar(tau, dtype, rows_C.device), dtype
     )
@@ -355,7 +355,7 @@ def pg_grad(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """d loss / d logits = adv (p_S - onehot(y)) per row, times ``coef_C``, in the logits' dtype.
-    ``saved``: "lse_s", "adv" and "local" (y's column on this rank, -1 on the others)."""
+    ``saved``: "lse_s", "adv" and "local" (y's column on this rank, the spare column N on the others)."""
     tau_ = _scalar(tau, dtype, rows_C.device)
     return _compiled(_pg_grad)(
         student_TN, rows_C, saved["local"], saved["lse_s"], saved["adv"], coef_C, tau_, dtype

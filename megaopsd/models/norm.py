@@ -28,12 +28,9 @@ class ActivationDtypeRMSNorm(torch.nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, weight, self.eps)
 
 
-def fuse_norms(model: torch.nn.Module) -> int:
+def fuse_norms(model: torch.nn.Module) -> None:
     """Make every plain ``torch.nn.RMSNorm`` of ``model`` an ``ActivationDtypeRMSNorm`` (same
-    parameters, same state dict); returns how many it changed."""
-    changed = 0
+    parameters, same state dict)."""
     for module in model.modules():
         if type(module) is torch.nn.RMSNorm:
             module.__class__ = ActivationDtypeRMSNorm
-            changed += 1
-    return changed
